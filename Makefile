@@ -1,0 +1,29 @@
+# One command per task, used alike by people, CI and Dockerfiles.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: install proto test lint bench demo clean
+
+install: $(STAMP)   ## .venv with nextchar, the trainer (CPU torch) and the test tools
+
+$(STAMP): pyproject.toml setup.py scripts/install.sh
+	bash scripts/install.sh
+	touch $@
+
+proto: $(STAMP)     ## regenerate the Python protobuf/gRPC code from proto/ (never edit it by hand)
+	$(PY) scripts/gen_proto.py
+
+test: $(STAMP) proto   ## the whole test suite (what CI runs)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench: $(STAMP) proto
+	$(PY) -m bench.run_all
+
+demo: $(STAMP) proto   ## train the default model on the built-in corpus, export, serve, generate
+	bash scripts/demo.sh
+
+clean:
+	rm -rf build *.egg-info .pytest_cache runs models

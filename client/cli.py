@@ -1,0 +1,34 @@
+"""The `nextchar` command line: one entry point; each package registers its own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that expose `register(subparsers)`. They must be cheap to import: anything heavy (torch,
+# onnxruntime, grpc) is imported inside the command functions, so `nextchar serve` never loads torch.
+COMMAND_MODULES = (
+    "nextchar.training.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nextchar",
+        description="Train, export and serve character-level recurrent language models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The online side: onnxruntime + numpy + grpc, never torch."""

@@ -1,0 +1,1 @@
+"""Offline training and ONNX export; the only package of nextchar that imports torch."""
