@@ -1,0 +1,123 @@
+"""Pure-numpy next-character sampling: greedy, temperature, top-k, top-p, with an explicit generator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# An upper bound that still means something: at T=100 every logit gap shrinks 100-fold, which is
+# already indistinguishable from uniform for any trained model; larger values are almost surely typos.
+MAX_TEMPERATURE = 100.0
+
+
+class InvalidParameterError(ValueError):
+    """A request parameter out of its allowed range; `field` names it, the message says the range.
+
+    Shared by every request-level check in the inference core (sampling, generation, vocab), so the
+    gRPC edge maps one class to INVALID_ARGUMENT and can point at the field.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next character from the logits.
+
+    temperature 0 = greedy (argmax, ties to the lowest id; the generator is not consumed);
+    top_k 0 = off; top_p 1.0 = off. Filters apply in the order temperature, top-k, top-p.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InvalidParameterError naming the first field that is out of range."""
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not (
+            0.0 <= t <= MAX_TEMPERATURE
+        ):
+            raise InvalidParameterError(
+                "temperature", f"must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {t!r}")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise InvalidParameterError("top_k", f"must be an integer >= 0 (0 = off), got {k!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not (
+            0.0 < p <= 1.0
+        ):
+            raise InvalidParameterError("top_p", f"must be in (0, 1] (1 = off), got {p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _as_row(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"logits must be a non-empty vector float[V], got shape {x.shape}")
+    if np.isnan(x).any():
+        raise ValueError("logits contain NaN")
+    return x
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Pick one token id from `logits: float[V]`.
+
+    Exactly one `rng.random()` draw per non-greedy call, whatever the filters, so a request's
+    stream of draws depends only on its seed and its step count. Candidates are ordered by logit
+    (descending, ties by id) before filtering and drawing, so the result never depends on how a
+    sort happens to break ties. Arithmetic is float64.
+    """
+    x = _as_row(logits)
+    if params.temperature == 0.0:
+        return int(np.argmax(x))
+    order = np.argsort(-x, kind="stable")
+    scaled = x[order] / params.temperature
+    if params.top_k:
+        scaled = scaled[: params.top_k]
+    probs = np.exp(scaled - scaled[0])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        # The smallest prefix whose mass reaches top_p (always at least the most likely token).
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p, side="left")) + 1
+        probs = probs[: min(keep, probs.size)]
+    cum = np.cumsum(probs)
+    i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+    return int(order[min(i, cum.size - 1)])
+
+
+def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable log-softmax in float64: float[..., V] -> float64[..., V]."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = np.max(x, axis=axis, keepdims=True)
+    z = x - m
+    return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """float[V] -> float64[V] probabilities at `temperature` (> 0)."""
+    if not temperature > 0.0:
+        raise InvalidParameterError("temperature", f"must be > 0 for probabilities, got {temperature!r}")
+    return np.exp(log_softmax(_as_row(logits) / temperature))
+
+
+def top_n(logits: np.ndarray, n: int, temperature: float = 1.0) -> list[tuple[int, float]]:
+    """The `n` most probable ids of `logits: float[V]` as (id, probability), most probable first.
+
+    Probabilities are over the whole vocabulary (not renormalised over the n). Ties go to the lower id.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InvalidParameterError("n", f"must be an integer >= 1, got {n!r}")
+    probs = softmax(logits, temperature)
+    order = np.argsort(-probs, kind="stable")[:n]
+    return [(int(i), float(probs[i])) for i in order]

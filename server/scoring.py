@@ -1,0 +1,99 @@
+"""Next-character prediction and text log-likelihood, each one engine call on the whole text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from nextchar.server.sampling import InvalidParameterError, log_softmax, top_n
+from nextchar.server.vocab import OovPolicy, build_index, encode
+
+MAX_TOP_N = 1_000
+
+
+def _index(engine) -> dict[str, int]:
+    index = getattr(engine, "vocab_index", None)
+    return index if index is not None else build_index(engine.vocab)
+
+
+def predict_next(engine, context: str, n: int, *, temperature: float = 1.0,
+                 oov_policy: OovPolicy = OovPolicy.ERROR,
+                 oov_replacement: str | None = None) -> list[tuple[str, float]]:
+    """The `n` most probable next characters after `context` as (char, probability), most likely first.
+
+    Probabilities are softmax(logits / temperature) over the whole vocabulary; n is capped at its size.
+    """
+    if not isinstance(context, str) or not context:
+        raise InvalidParameterError("context", "must be at least one character")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TOP_N:
+        raise InvalidParameterError("n", f"must be an integer in [1, {MAX_TOP_N}], got {n!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        0.0 < temperature <= 100.0
+    ):
+        raise InvalidParameterError(
+            "temperature", f"must be in (0, 100] for probabilities, got {temperature!r}")
+    tokens = encode(context, _index(engine), oov_policy, oov_replacement, field="context")
+    if tokens.size == 0:
+        raise InvalidParameterError("context", "no character of it is in the model's vocabulary")
+    logits, _ = engine.step(tokens[None, :], engine.initial_state(1))
+    best = top_n(logits[0, -1], min(n, len(engine.vocab)), temperature)
+    return [(engine.vocab[i], p) for i, p in best]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """How likely the model finds a text.
+
+    scored_chars: how many characters were scored; log_likelihood_nats: sum of their natural-log
+    probabilities (<= 0); nats_per_char / bits_per_char: the mean negative log-likelihood;
+    perplexity = exp(nats_per_char); per_char: (char, logprob in nats) per scored char, when asked.
+    """
+
+    scored_chars: int
+    log_likelihood_nats: float
+    nats_per_char: float
+    bits_per_char: float
+    perplexity: float
+    per_char: tuple[tuple[str, float], ...] | None = None
+
+
+def score(engine, text: str, *, context: str = "", per_char: bool = False,
+          oov_policy: OovPolicy = OovPolicy.ERROR, oov_replacement: str | None = None) -> ScoreResult:
+    """Log-likelihood of `text` under the model.
+
+    Convention: the model has no start-of-text token, so something must be given before the first
+    scored character. With a `context`, every character of `text` is scored given the context and
+    the text before it. Without one, the first character of `text` is the condition and
+    text[1:] is scored (so `text` needs at least two characters). One engine call on
+    context + text[:-1] yields the logits for every scored position.
+    """
+    if not isinstance(text, str):
+        raise InvalidParameterError("text", "must be a string")
+    index = _index(engine)
+    ctx = encode(context, index, oov_policy, oov_replacement, field="context")
+    ids = encode(text, index, oov_policy, oov_replacement, field="text")
+    if ctx.size == 0:
+        if ids.size < 2:
+            raise InvalidParameterError(
+                "text", "must have at least two characters when no context is given (the first one is "
+                        "the condition, the rest are scored)")
+        ctx, ids = ids[:1], ids[1:]
+    elif ids.size == 0:
+        raise InvalidParameterError("text", "must have at least one character")
+    inputs = np.concatenate([ctx, ids[:-1]])[None, :]
+    logits, _ = engine.step(inputs, engine.initial_state(1))
+    # The logits at input position t predict input t+1; the scored chars start after the context.
+    rows = log_softmax(logits[0, ctx.size - 1:])
+    logprobs = rows[np.arange(ids.size), ids]
+    total = float(logprobs.sum())
+    nats = -total / ids.size
+    return ScoreResult(
+        scored_chars=int(ids.size),
+        log_likelihood_nats=total,
+        nats_per_char=nats,
+        bits_per_char=nats / math.log(2.0),
+        perplexity=math.exp(nats),
+        per_char=tuple((engine.vocab[t], float(lp)) for t, lp in zip(ids, logprobs, strict=True))
+        if per_char else None,
+    )

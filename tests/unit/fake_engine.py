@@ -1,0 +1,59 @@
+"""Numpy stand-ins for server.engine.Engine: a tiny recurrent model and a scripted one."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class FakeEngine:
+    """A small deterministic recurrent model: h' = tanh(A h + B onehot(tok)); logits = C h'.
+
+    Same interface as Engine (vocab, vocab_size, initial_state, step); records every step's token shape.
+    """
+
+    def __init__(self, vocab: str = "abcdefgh \n", hidden: int = 8, seed: int = 0) -> None:
+        self.vocab = tuple(vocab)
+        self.vocab_size = len(self.vocab)
+        self.vocab_index = {c: i for i, c in enumerate(self.vocab)}
+        rng = np.random.default_rng(seed)
+        self.hidden_size = hidden
+        self.a = rng.normal(0, 0.5, (hidden, hidden)).astype(np.float32)
+        self.b = rng.normal(0, 1.0, (hidden, self.vocab_size)).astype(np.float32)
+        self.c = rng.normal(0, 2.0, (self.vocab_size, hidden)).astype(np.float32)
+        self.calls: list[tuple[int, int]] = []
+
+    def initial_state(self, batch: int) -> tuple[np.ndarray, ...]:
+        return (np.zeros((1, batch, self.hidden_size), np.float32),)
+
+    def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]):
+        assert tokens.dtype == np.int64 and tokens.ndim == 2
+        self.calls.append(tokens.shape)
+        h = state[0][0]
+        out = []
+        for t in range(tokens.shape[1]):
+            h = np.tanh(h @ self.a.T + self.b[:, tokens[:, t]].T)
+            out.append(h @ self.c.T)
+        return np.stack(out, axis=1).astype(np.float32), (h[None].astype(np.float32),)
+
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ "
+
+
+class ScriptedEngine:
+    """Emits `script` one char per call (as overwhelming logits), whatever the input; for stop rules."""
+
+    def __init__(self, script: str, vocab: str = ALPHABET) -> None:
+        self.vocab = tuple(vocab)
+        self.vocab_size = len(self.vocab)
+        self.script = script
+        self.calls: list[tuple[int, int]] = []
+
+    def initial_state(self, batch: int) -> tuple[np.ndarray, ...]:
+        return (np.zeros((1, batch, 1), np.float32),)
+
+    def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]):
+        i = len(self.calls)
+        self.calls.append(tokens.shape)
+        logits = np.zeros((tokens.shape[0], tokens.shape[1], self.vocab_size), np.float32)
+        logits[:, -1, self.vocab.index(self.script[i])] = 100.0
+        return logits, state
