@@ -1,0 +1,151 @@
+"""ServerConfig: the server's settings from flags with NEXTCHAR_* env defaults (the only env reader)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+# The generation core's own ceiling (server.generation.MAX_NEW_CHARS); the server's cap may be lower.
+HARD_MAX_NEW_CHARS = 100_000
+VARIANTS = ("fp32", "int8")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the flag and its env var and the allowed range."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `nextchar serve` can be told. Built once in the entry point and passed down."""
+
+    model_repo: Path
+    host: str = "0.0.0.0"              # every interface: the server runs in a container by default
+    port: int = 50051                  # 0 = pick a free port (tests)
+    max_prompt_chars: int = 10_000     # longer prompts/contexts/texts are INVALID_ARGUMENT
+    max_new_chars: int = 10_000        # the cap on GenerateRequest.max_new_chars
+    max_message_bytes: int = 4 << 20   # gRPC receive/send limit; larger messages are RESOURCE_EXHAUSTED
+    max_concurrent: int = 32           # model calls in flight; more are RESOURCE_EXHAUSTED (also the thread pool)
+    intra_op_threads: int = 1          # onnxruntime threads per session: parallelism comes from requests
+    grace_seconds: float = 10.0        # how long running calls may finish after SIGTERM
+    flush_ms: float = 5.0              # a stream flushes buffered text at least this often under load
+    flush_chars: int = 64              # ... or when this many characters are buffered
+    variant: str = "fp32"              # which ONNX file of each version to serve
+    batching: bool = False             # merge concurrent decode steps (server.batching) when it is on
+    max_batch_size: int = 32           # the batcher's largest batch
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            spec = _SPECS[f.name]
+            problem = spec.check(getattr(self, f.name))
+            if problem:
+                raise ConfigError(f"{spec.flag} (env {spec.env}): {problem}, got {getattr(self, f.name)!r}")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    flag: str
+    parse: Callable[[str], Any]
+    check: Callable[[Any], str | None]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "NEXTCHAR_" + self.flag.removeprefix("--").replace("-", "_").upper()
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be one of 1/0, true/false, yes/no, on/off")
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+        return None if ok else f"must be an integer in [{lo}, {hi}]"
+    return check
+
+
+def _float_range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+        return None if ok else f"must be a number in [{lo:g}, {hi:g}]"
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _repo(v: Any) -> str | None:
+    if not isinstance(v, Path) or not str(v):
+        return "is required (a directory of <name>/<version>/ model artifacts)"
+    return None if v.is_dir() else "must be an existing directory"
+
+
+_SPECS: dict[str, _Spec] = {
+    "model_repo": _Spec("--model-repo", Path, _repo, "model repository: <dir>/<name>/<version>/"),
+    "host": _Spec("--host", str, lambda v: None if v else "must not be empty", "address to bind"),
+    "port": _Spec("--port", int, _int_range(0, 65535), "port to bind (0 = any free port)"),
+    "max_prompt_chars": _Spec("--max-prompt-chars", int, _int_range(1, 10_000_000),
+                              "longest prompt, context or scored text in characters"),
+    "max_new_chars": _Spec("--max-new-chars", int, _int_range(1, HARD_MAX_NEW_CHARS),
+                           "cap on max_new_chars per generation"),
+    "max_message_bytes": _Spec("--max-message-bytes", int, _int_range(1024, 1 << 30),
+                               "largest gRPC message received or sent"),
+    "max_concurrent": _Spec("--max-concurrent", int, _int_range(1, 4096),
+                            "model calls in flight before RESOURCE_EXHAUSTED"),
+    "intra_op_threads": _Spec("--intra-op-threads", int, _int_range(1, 256), "onnxruntime threads per model"),
+    "grace_seconds": _Spec("--grace-seconds", float, _float_range(0.0, 3600.0),
+                           "time running calls get to finish on SIGTERM"),
+    "flush_ms": _Spec("--flush-ms", float, _float_range(0.1, 1000.0), "longest a stream holds back text"),
+    "flush_chars": _Spec("--flush-chars", int, _int_range(1, 65536), "most characters in one stream message"),
+    "variant": _Spec("--variant", str, _one_of(VARIANTS), "model file to serve: fp32 or int8"),
+    "batching": _Spec("--batching", _bool, lambda v: None if isinstance(v, bool) else "must be a boolean",
+                      "merge concurrent decode steps into batched engine calls"),
+    "max_batch_size": _Spec("--max-batch-size", int, _int_range(1, 1024), "largest decode batch"),
+    "log_level": _Spec("--log-level", str.upper, _one_of(LOG_LEVELS), "logging level"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults stay None so `load_config` can tell 'not given' from a value."""
+    defaults = {f.name: f.default for f in fields(ServerConfig)}
+    for name, spec in _SPECS.items():
+        shown = f" (env {spec.env})" if name == "model_repo" else f" (default {defaults[name]}; env {spec.env})"
+        parser.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().split("_")[-1],
+                            help=spec.help + shown)
+
+
+def load_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Flags (strings or None) over NEXTCHAR_* env vars over the defaults -> a validated ServerConfig.
+
+    Raises ConfigError naming the flag and env var of the first bad value.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, spec in _SPECS.items():
+        raw, source = flags.get(name), spec.flag
+        if raw is None and spec.env in env:
+            raw, source = env[spec.env], f"env {spec.env}"
+        if raw is None:
+            continue
+        try:
+            values[name] = spec.parse(raw) if isinstance(raw, str) else raw
+        except ValueError as e:
+            raise ConfigError(f"{source}: cannot parse {raw!r}: {e}") from None
+    if "model_repo" not in values:
+        raise ConfigError(f"--model-repo (env {_SPECS['model_repo'].env}) is required")
+    try:
+        return ServerConfig(**values)
+    except TypeError as e:  # a flag of the wrong Python type passed programmatically
+        raise ConfigError(str(e)) from None
