@@ -175,3 +175,32 @@ def test_request_validation_names_the_field(kwargs, field):
 def test_prompt_with_no_known_char_is_rejected():
     with pytest.raises(InvalidParameterError, match="prompt"):
         Decoder(GenerationRequest("!?", 5, oov_policy=OovPolicy.SKIP), tuple("abc"))
+
+
+@pytest.fixture(scope="module")
+def lstm(model_repo):
+    from nextchar.server.artifact import load_artifact
+    from nextchar.server.engine import Engine
+
+    return Engine.load(load_artifact(model_repo / "lstm" / "1"))
+
+
+def test_real_model_greedy_equals_a_char_by_char_argmax_loop(lstm):
+    chunks, fin = run(lstm, prompt="O say can", max_new_chars=60)
+    state, text = lstm.initial_state(1), "O say can"
+    for c in text:
+        logits, state = lstm.step(np.array([[lstm.vocab_index[c]]]), state)
+    out = ""
+    for _ in range(60):
+        c = lstm.vocab[int(np.argmax(logits[0, -1]))]
+        out += c
+        logits, state = lstm.step(np.array([[lstm.vocab_index[c]]]), state)
+    assert "".join(chunks) == out
+    assert fin.usage.prompt_chars == 9 and fin.usage.generated_chars == 60
+
+
+def test_real_model_seeded_sampling_is_reproducible(lstm):
+    params = SamplingParams(temperature=0.9, top_k=10, top_p=0.95)
+    texts = ["".join(run(lstm, prompt="O say", max_new_chars=80, sampling=params, seed=s)[0])
+             for s in (7, 7, 8)]
+    assert texts[0] == texts[1] != texts[2]

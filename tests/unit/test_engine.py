@@ -1,0 +1,171 @@
+"""The onnxruntime engine on real exported models: graph checks, state handling, batching helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+from nextchar.server.artifact import ArtifactError, load_artifact
+from nextchar.server.engine import Engine
+from nextchar.v1 import manifest_pb2
+
+CELLS = ("lstm", "gru", "rnn")
+
+
+@pytest.fixture(scope="module")
+def engines(model_repo) -> dict[str, Engine]:
+    out = {}
+    for name in CELLS:
+        engine = Engine.load(load_artifact(model_repo / name / "1"))
+        engine.warmup()
+        out[name] = engine
+    return out
+
+
+def ids(engine: Engine, text: str) -> np.ndarray:
+    return np.array([[engine.vocab_index[c] for c in text]], dtype=np.int64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_attributes_follow_the_manifest(engines, cell):
+    e = engines[cell]
+    a = e.artifact.manifest.architecture
+    assert e.vocab == tuple(e.artifact.manifest.vocab) and e.vocab_size == len(e.vocab) == a.vocab_size
+    assert (e.num_layers, e.hidden_size) == (a.num_layers, a.hidden_size)
+    assert e.has_cell_state == (cell == "lstm")
+    state = e.initial_state(3)
+    assert len(state) == (2 if cell == "lstm" else 1)
+    assert all(s.shape == (a.num_layers, 3, a.hidden_size) and s.dtype == np.float32 and not s.any()
+               for s in state)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_prefill_once_equals_char_by_char(engines, cell):
+    e = engines[cell]
+    tokens = ids(e, "O say can you see, by the dawn’s early light")
+    logits, state = e.step(tokens, e.initial_state(1))
+    assert logits.shape == (1, tokens.shape[1], e.vocab_size) and logits.dtype == np.float32
+    s = e.initial_state(1)
+    rows = []
+    for t in range(tokens.shape[1]):
+        out, s = e.step(tokens[:, t:t + 1], s)
+        rows.append(out[0, 0])
+    np.testing.assert_allclose(logits[0], np.stack(rows), atol=1e-4, rtol=1e-4)
+    for a, b in zip(state, s, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_carries_context(engines, cell):
+    e = engines[cell]
+    _, state = e.step(ids(e, "O say can you"), e.initial_state(1))
+    with_context, _ = e.step(ids(e, " "), state)
+    without, _ = e.step(ids(e, " "), e.initial_state(1))
+    assert not np.allclose(with_context, without, atol=1e-3)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_batched_step_equals_the_rows_stepped_alone(engines, cell):
+    e = engines[cell]
+    prompts = ["O say", "What so", "Gave p"]
+    states = [e.step(ids(e, p), e.initial_state(1))[1] for p in prompts]
+    nxt = np.array([[e.vocab_index[c]] for c in "ear"], dtype=np.int64)
+    batch_logits, batch_state = e.step(nxt, Engine.concat_states(states))
+    for i, (s, row_state) in enumerate(zip(states, Engine.split_state(batch_state), strict=True)):
+        alone, alone_state = e.step(nxt[i:i + 1], s)
+        np.testing.assert_allclose(batch_logits[i:i + 1], alone, atol=1e-5)
+        for a, b in zip(row_state, alone_state, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_take_concat_split_round_trip(engines):
+    e = engines["lstm"]
+    _, state = e.step(np.zeros((4, 3), np.int64), e.initial_state(4))
+    picked = Engine.take(state, [2, 0])
+    assert all(p.shape == (e.num_layers, 2, e.hidden_size) for p in picked)
+    np.testing.assert_array_equal(picked[1][:, 0], state[1][:, 2])
+    rows = Engine.split_state(state)
+    assert len(rows) == 4 and all(r[0].shape[1] == 1 for r in rows)
+    for a, b in zip(Engine.concat_states(rows), state, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_step_rejects_bad_inputs(engines):
+    e = engines["gru"]
+    with pytest.raises(ValueError, match="int64"):
+        e.step(np.zeros((1, 2), np.int32), e.initial_state(1))
+    with pytest.raises(ValueError, match="token ids"):
+        e.step(np.array([[e.vocab_size]]), e.initial_state(1))
+    with pytest.raises(ValueError, match="state"):
+        e.step(np.zeros((2, 1), np.int64), e.initial_state(1))
+
+
+def test_int8_variant_loads_and_mostly_agrees(model_repo, engines):
+    e8 = Engine.load(load_artifact(model_repo / "lstm" / "1", variant="int8"))
+    e8.warmup()
+    e = engines["lstm"]
+    tokens = ids(e, "O say can you see")
+    a, _ = e.step(tokens, e.initial_state(1))
+    b, _ = e8.step(tokens, e8.initial_state(1))
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.5
+
+
+def test_embedding_model(export_tiny):
+    e = Engine.load(load_artifact(export_tiny(cell="gru", embedding_dim=8)))
+    e.warmup()
+    logits, _ = e.step(np.array([[1, 2, 3]]), e.initial_state(1))
+    assert logits.shape == (1, 3, e.vocab_size)
+
+
+def _with_manifest(artifact, edit):
+    m = manifest_pb2.ModelManifest()
+    m.CopyFrom(artifact.manifest)
+    edit(m)
+    vocab = tuple(m.vocab)
+    return dataclasses.replace(artifact, manifest=m, vocab=vocab)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: setattr(m.architecture, "hidden_size", 7), "state"),
+    (lambda m: setattr(m.architecture, "num_layers", 3), "state"),
+    (lambda m: setattr(m.io, "tokens", "ids"), "inputs"),
+    (lambda m: setattr(m.io, "hn", "h_out"), "outputs"),
+    (lambda m: m.vocab.append("\t"), "vocab size"),
+    (lambda m: setattr(m.architecture, "cell", manifest_pb2.CELL_TYPE_GRU), "inputs"),
+])
+def test_graph_is_checked_against_the_manifest(model_repo, edit, message):
+    artifact = _with_manifest(load_artifact(model_repo / "lstm" / "1"), edit)
+    with pytest.raises(ArtifactError, match=message):
+        Engine.load(artifact)
+
+
+def test_unloadable_file_is_an_artifact_error(model_repo, tmp_path):
+    artifact = load_artifact(model_repo / "rnn" / "1")
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not an onnx graph")
+    with pytest.raises(ArtifactError, match="onnxruntime cannot load"):
+        Engine.load(dataclasses.replace(artifact, model_path=bad))
+
+
+def test_from_file_reads_manifest_and_vocab_from_metadata(model_repo, engines, tmp_path):
+    lone = tmp_path / "anywhere.onnx"
+    shutil.copy(model_repo / "gru" / "1" / "model.onnx", lone)  # no manifest.json beside it
+    e = Engine.from_file(lone)
+    ref = engines["gru"]
+    assert e.vocab == ref.vocab and e.artifact.name == "gru" and e.artifact.version == 1
+    tokens = ids(ref, "O say")
+    mine, theirs = e.step(tokens, e.initial_state(1))[0], ref.step(tokens, ref.initial_state(1))[0]
+    np.testing.assert_array_equal(mine, theirs)
+
+
+def test_from_file_without_metadata(model_repo, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(model_repo / "rnn" / "1" / "model.onnx"))
+    del graph.metadata_props[:]
+    onnx.save(graph, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ArtifactError, match=r"nextchar\.manifest"):
+        Engine.from_file(tmp_path / "bare.onnx")
+    with pytest.raises(ArtifactError, match="no such"):
+        Engine.from_file(tmp_path / "missing.onnx")
