@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from nextchar.training.config import ModelConfig
 
 FORMAT = "nextchar.checkpoint.v1"
@@ -47,15 +46,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a nextchar checkpoint: {e}") from None
+        # torch's text for a corrupt file runs to many lines of unpickling advice; its first line is enough.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not a nextchar checkpoint: {reason}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a {FORMAT} file")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}")
-    config = ModelConfig.from_dict(ckpt["model_config"])
+    try:
+        config = ModelConfig.from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as e:  # unknown/missing fields, or a value out of range
+        raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model_config: {e}") from None
     if len(ckpt["vocab"]) != config.vocab_size:
         raise CheckpointError(
-            f"checkpoint {str(path)!r}: vocab has {len(ckpt['vocab'])} characters but vocab_size is {config.vocab_size}"
+            f"checkpoint {str(path)!r}: vocab has {len(ckpt['vocab'])} characters "
+            f"but vocab_size is {config.vocab_size}"
         )
     return ckpt

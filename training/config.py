@@ -29,7 +29,9 @@ class ModelConfig:
         if self.cell not in CELLS:
             raise ConfigError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
         if self.vocab_size < 2:
-            raise ConfigError(f"vocab_size must be >= 2 (a model needs two characters to choose), got {self.vocab_size}")
+            raise ConfigError(
+                f"vocab_size must be >= 2 (a model needs two characters to choose), got {self.vocab_size}"
+            )
         if self.hidden_size < 1:
             raise ConfigError(f"hidden_size must be >= 1, got {self.hidden_size}")
         if self.num_layers < 1:
@@ -48,4 +50,103 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(**d)
+
+
+SCHEDULES = ("cosine", "plateau", "constant")
+
+# Field -> command-line flag, so a ConfigError names what the user typed.
+FLAGS = {
+    "corpus": "--corpus", "cell": "--cell", "hidden_size": "--hidden", "num_layers": "--layers",
+    "embedding_dim": "--embedding", "dropout": "--dropout", "batch_size": "--batch", "seq_len": "--seq",
+    "lr": "--lr", "weight_decay": "--weight-decay", "grad_clip": "--grad-clip", "schedule": "--schedule",
+    "warmup_steps": "--warmup", "min_lr_ratio": "--min-lr-ratio", "max_steps": "--max-steps",
+    "max_minutes": "--max-minutes", "eval_every": "--eval-every", "patience": "--patience",
+    "val_fraction": "--val-fraction", "seed": "--seed", "sample_chars": "--sample-chars",
+    "temperature": "--temperature",
+}
+
+
+def _bad(field: str, rule: str, value: object) -> ConfigError:
+    return ConfigError(f"{field} ({FLAGS[field]}) must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One char-rnn style training run: contiguous streams, truncated BPTT, Adam, clipping, schedule.
+
+    Stops at `max_steps` (0 = no step limit), after `max_minutes` of wall time (0 = no limit), or when
+    the validation loss has not improved for `patience` evaluations (0 = never); at least one of the
+    first two must be set so a run always ends.
+    """
+
+    corpus: str
+    cell: str = "lstm"
+    hidden_size: int = 256
+    num_layers: int = 2
+    embedding_dim: int = 0
+    dropout: float = 0.0
+    batch_size: int = 64
+    seq_len: int = 100
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0  # max global grad norm; 0 = no clipping
+    schedule: str = "cosine"  # cosine needs max_steps (its horizon); plateau halves lr on a flat val loss
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
+    max_steps: int = 0
+    max_minutes: float = 0.0
+    eval_every: int = 200
+    patience: int = 10
+    val_fraction: float = 0.1
+    seed: int = 0
+    sample_chars: int = 200
+    temperature: float = 0.8
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("corpus", bool(self.corpus), "a built-in corpus name or a file path"),
+            ("cell", self.cell in CELLS, f"one of {', '.join(CELLS)}"),
+            ("hidden_size", self.hidden_size >= 1, ">= 1"),
+            ("num_layers", self.num_layers >= 1, ">= 1"),
+            ("embedding_dim", self.embedding_dim >= 0, ">= 0 (0 = one-hot input)"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("seq_len", self.seq_len >= 1, ">= 1"),
+            ("lr", self.lr > 0.0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
+            ("grad_clip", self.grad_clip >= 0.0, ">= 0 (0 = no clipping)"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
+            ("max_steps", self.max_steps >= 0, ">= 0 (0 = no step limit)"),
+            ("max_minutes", self.max_minutes >= 0.0, ">= 0 (0 = no time limit)"),
+            ("eval_every", self.eval_every >= 1, ">= 1"),
+            ("patience", self.patience >= 0, ">= 0 (0 = no early stopping)"),
+            ("val_fraction", 0.0 < self.val_fraction < 1.0, "in (0, 1)"),
+            ("seed", self.seed >= 0, ">= 0"),
+            ("sample_chars", self.sample_chars >= 0, ">= 0"),
+            ("temperature", self.temperature > 0.0, "> 0"),
+        ]
+        for field, ok, rule in checks:
+            if not ok:
+                raise _bad(field, rule, getattr(self, field))
+        if self.max_steps == 0 and self.max_minutes == 0.0:
+            raise ConfigError("set --max-steps or --max-minutes (or both): a run needs a limit to end")
+        if self.schedule == "cosine" and self.max_steps == 0:
+            raise ConfigError("--schedule cosine needs --max-steps > 0 (its horizon); or use plateau")
+        if self.warmup_steps and self.max_steps and self.warmup_steps >= self.max_steps:
+            raise _bad("warmup_steps", f"< --max-steps ({self.max_steps})", self.warmup_steps)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden_size, num_layers=self.num_layers,
+            embedding_dim=self.embedding_dim, dropout=self.dropout,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
         return cls(**d)

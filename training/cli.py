@@ -1,0 +1,147 @@
+"""`nextchar train` and `nextchar export`; torch is imported inside the commands, never at import time."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from nextchar.training.config import CELLS, FLAGS, SCHEDULES, ConfigError, TrainConfig
+
+# argparse dest -> TrainConfig field, for the flags that build a TrainConfig (all default to None so
+# that an unset flag takes TrainConfig's own default, and so --preset can refuse flags it would ignore).
+_FIELDS = {flag.lstrip("-").replace("-", "_"): field for field, flag in FLAGS.items()}
+_TYPES = {"lr": float, "dropout": float, "weight_decay": float, "grad_clip": float, "min_lr_ratio": float,
+          "max_minutes": float, "val_fraction": float, "temperature": float, "corpus": str, "cell": str,
+          "schedule": str}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a character model (a seminar preset, or char-rnn style)",
+                       description="Train on a built-in corpus (goethe, anthem) or a UTF-8 file. With "
+                       "--preset, reproduce the seminar's runs exactly; otherwise train on contiguous "
+                       "streams with truncated BPTT, evaluation, checkpoints and --resume.")
+    t.add_argument("--preset", help="seed-rnn (Goethe, RNN, 51 epochs) or seed-lstm (anthem, LSTM, 100)")
+    for dest, field in _FIELDS.items():
+        if field == "seed":
+            continue
+        flag = "--" + dest.replace("_", "-")
+        t.add_argument(flag, dest=dest, type=_TYPES.get(field, int),
+            choices={"schedule": SCHEDULES, "cell": CELLS}.get(field),
+            help="goethe, anthem or a file" if field == "corpus" else f"default {_DEFAULTS[field]}")
+    t.add_argument("--seed", type=int, default=0, help="torch seed: initial weights, dropout, data order")
+    t.add_argument("--out", type=Path, help="run directory (default runs/<preset or corpus>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=train_command)
+
+    e = sub.add_parser("export", help="export a checkpoint to <repo>/<name>/<version>/ (ONNX + manifest)")
+    e.add_argument("--checkpoint", type=Path, required=True, help="a .pt written by `nextchar train`")
+    e.add_argument("--repo", type=Path, required=True, help="model repository directory")
+    e.add_argument("--name", required=True, help="model name in the repository")
+    e.add_argument("--version", type=int, help="version number (default: latest + 1)")
+    e.add_argument("--int8", action="store_true", help="also write a dynamically quantized int8 variant")
+    e.set_defaults(func=export_command)
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    print(f"nextchar {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def train_command(args: argparse.Namespace) -> int:
+    given = {field: getattr(args, dest) for dest, field in _FIELDS.items()
+             if field != "seed" and getattr(args, dest) is not None}
+    if args.threads is not None and args.threads < 1:
+        return _fail("train", f"--threads must be >= 1, got {args.threads}", 2)
+    if args.preset is not None:
+        if given or args.resume:
+            flags = [FLAGS[f] for f in given] + (["--resume"] if args.resume else [])
+            return _fail("train", f"--preset fixes corpus, model and schedule; drop {', '.join(flags)}", 2)
+        return _run_preset(args)
+    if "corpus" not in given:
+        return _fail("train", "give --preset NAME or --corpus NAME|PATH", 2)
+    try:
+        config = TrainConfig(seed=args.seed, **given)
+    except ConfigError as e:
+        return _fail("train", str(e), 2)
+    out = args.out or Path("runs") / Path(config.corpus).stem
+
+    import torch
+    from nextchar.training.checkpoint import CheckpointError
+    from nextchar.training.corpora import CorpusError
+    from nextchar.training.train import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        train(config, out, resume=args.resume, progress=not args.no_progress)
+    except ConfigError as e:
+        return _fail("train", str(e), 2)
+    except (CorpusError, CheckpointError) as e:
+        return _fail("train", str(e), 1)
+    return 0
+
+
+def _run_preset(args: argparse.Namespace) -> int:
+    if args.seed < 0:
+        return _fail("train", f"seed (--seed) must be >= 0, got {args.seed}", 2)
+    import time
+
+    import torch
+    from nextchar.training.checkpoint import save_checkpoint
+    from nextchar.training.corpora import CorpusError
+    from nextchar.training.metrics import plot_losses, write_metrics
+    from nextchar.training.presets import get_preset, train_preset
+    from nextchar.training.train import LAST, corpus_info
+
+    try:
+        preset = get_preset(args.preset)
+    except ConfigError as e:
+        return _fail("train", str(e), 2)
+    out = args.out or Path("runs") / preset.name
+    if (out / LAST).exists():
+        return _fail("train", f"--out {str(out)!r} already holds a run; choose another --out", 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def show(epoch: int, loss: float, text: str) -> None:
+        if epoch % preset.print_every == 0 or epoch == preset.epochs:
+            print(f"------ {epoch} ------")  # the seminar's format
+            print(text)
+
+    t0 = time.perf_counter()
+    try:
+        r = train_preset(preset, args.seed, show)
+    except CorpusError as e:
+        return _fail("train", str(e), 1)
+    seconds = time.perf_counter() - t0
+    history = [*r.history, {"epoch": preset.epochs, "loss": None, "accuracy": r.accuracy}]
+    save_checkpoint(out / LAST, {
+        "model_config": r.model.config.to_dict(), "vocab": r.vocab, "model_state": r.model.state_dict(),
+        "step": preset.epochs, "epoch": preset.epochs, "metrics": history, "corpus": corpus_info(r.corpus),
+        "train_seconds": seconds, "seed": args.seed,
+        "train_config": {"preset": preset.name, **preset.to_dict()},
+        "reconstruction": r.reconstruction, "accuracy": r.accuracy,
+    })
+    write_metrics(out, history)
+    plot_losses(out / "loss.png", history, "epoch", {"loss": "train (all windows)"},
+                f"{preset.name} on {preset.corpus}, seed {args.seed}")
+    print(f"reconstruction accuracy {r.accuracy:.2%} vs text[1:] after {preset.epochs} epochs; "
+          f"checkpoint {out / LAST}")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from nextchar.training.checkpoint import CheckpointError
+    from nextchar.training.export import ExportError, export_checkpoint
+
+    try:
+        path = export_checkpoint(args.checkpoint, args.repo, args.name, version=args.version, int8=args.int8)
+    except (ExportError, CheckpointError) as e:
+        return _fail("export", str(e), 1)
+    print(path)
+    return 0
