@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from nextchar.server.sampling import InvalidParameterError, log_softmax, top_n
+from nextchar.server.sampling import InvalidParameterError, log_softmax
 from nextchar.server.vocab import OovPolicy, build_index, encode
 
 MAX_TOP_N = 1_000
@@ -17,12 +17,19 @@ def _index(engine) -> dict[str, int]:
     return index if index is not None else build_index(engine.vocab)
 
 
-def predict_next(engine, context: str, n: int, *, temperature: float = 1.0,
-                 oov_policy: OovPolicy = OovPolicy.ERROR,
-                 oov_replacement: str | None = None) -> list[tuple[str, float]]:
-    """The `n` most probable next characters after `context` as (char, probability), most likely first.
+@dataclass(frozen=True)
+class Prediction:
+    char: str
+    token_id: int
+    probability: float  # softmax(logits / temperature) over the whole vocabulary
+    logprob: float      # its natural log, computed stably (finite even where probability underflows)
 
-    Probabilities are softmax(logits / temperature) over the whole vocabulary; n is capped at its size.
+
+def predict(engine, context: str, n: int, *, temperature: float = 1.0,
+            oov_policy: OovPolicy = OovPolicy.ERROR, oov_replacement: str | None = None) -> list[Prediction]:
+    """The `n` most probable next characters after `context`, most likely first (ties: lower id).
+
+    n is capped at the vocabulary size. One engine call on the whole context.
     """
     if not isinstance(context, str) or not context:
         raise InvalidParameterError("context", "must be at least one character")
@@ -37,8 +44,18 @@ def predict_next(engine, context: str, n: int, *, temperature: float = 1.0,
     if tokens.size == 0:
         raise InvalidParameterError("context", "no character of it is in the model's vocabulary")
     logits, _ = engine.step(tokens[None, :], engine.initial_state(1))
-    best = top_n(logits[0, -1], min(n, len(engine.vocab)), temperature)
-    return [(engine.vocab[i], p) for i, p in best]
+    logprobs = log_softmax(np.asarray(logits[0, -1], dtype=np.float64) / temperature)
+    order = np.argsort(-logprobs, kind="stable")[: min(n, len(engine.vocab))]
+    return [Prediction(engine.vocab[i], int(i), float(np.exp(logprobs[i])), float(logprobs[i]))
+            for i in order]
+
+
+def predict_next(engine, context: str, n: int, *, temperature: float = 1.0,
+                 oov_policy: OovPolicy = OovPolicy.ERROR,
+                 oov_replacement: str | None = None) -> list[tuple[str, float]]:
+    """`predict` as (char, probability) pairs."""
+    return [(p.char, p.probability) for p in predict(
+        engine, context, n, temperature=temperature, oov_policy=oov_policy, oov_replacement=oov_replacement)]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fake_engine import FakeEngine
 from nextchar.server.sampling import InvalidParameterError, log_softmax
-from nextchar.server.scoring import predict_next, score
+from nextchar.server.scoring import predict, predict_next, score
 from nextchar.server.vocab import OutOfVocabularyError
 
 
@@ -64,3 +64,11 @@ def test_predict_next_returns_the_most_probable_chars():
     assert sum(p for _, p in everything) == pytest.approx(1.0)
     with pytest.raises(InvalidParameterError):
         predict_next(engine, "bad", 0)
+
+
+def test_predict_gives_ids_and_stable_logprobs():
+    engine = FakeEngine()
+    preds = predict(engine, "bad", 3, temperature=0.01)
+    assert [p.token_id for p in preds] == [engine.vocab_index[p.char] for p in preds]
+    assert preds[0].logprob <= 0 and np.isfinite([p.logprob for p in preds]).all()
+    assert preds[2].probability == pytest.approx(np.exp(preds[2].logprob))
