@@ -29,7 +29,7 @@ class ServerConfig:
     max_prompt_chars: int = 10_000     # longer prompts/contexts/texts are INVALID_ARGUMENT
     max_new_chars: int = 10_000        # the cap on GenerateRequest.max_new_chars
     max_message_bytes: int = 4 << 20   # gRPC receive/send limit; larger messages are RESOURCE_EXHAUSTED
-    max_concurrent: int = 32           # model calls in flight; more are RESOURCE_EXHAUSTED (also the thread pool)
+    max_concurrent: int = 32           # calls in flight (and worker threads); more: RESOURCE_EXHAUSTED
     intra_op_threads: int = 1          # onnxruntime threads per session: parallelism comes from requests
     grace_seconds: float = 10.0        # how long running calls may finish after SIGTERM
     flush_ms: float = 5.0              # a stream flushes buffered text at least this often under load
@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field; defaults stay None so `load_config` can tell 'not given' from a value."""
     defaults = {f.name: f.default for f in fields(ServerConfig)}
     for name, spec in _SPECS.items():
-        shown = f" (env {spec.env})" if name == "model_repo" else f" (default {defaults[name]}; env {spec.env})"
+        default = "" if name == "model_repo" else f"default {defaults[name]}; "
+        shown = f" ({default}env {spec.env})"
         parser.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().split("_")[-1],
                             help=spec.help + shown)
 

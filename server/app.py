@@ -1,0 +1,103 @@
+"""The gRPC server: build_server(config) -> (server, port), kept apart from serve(config) and its signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from nextchar.server import wire
+from nextchar.server.config import ServerConfig
+from nextchar.server.registry import Registry, engine_loader
+from nextchar.server.runner import Runner
+from nextchar.server.servicer import NextCharServicer
+from nextchar.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["NextChar"].full_name
+# Time the gRPC layer gets to flush the last messages of calls that already finished their work.
+_FLUSH_SECONDS = 1.0
+
+
+class NextCharServer:
+    """A built, bound server: start(), then shutdown() (health NOT_SERVING, drain, stop)."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, servicer: NextCharServicer,
+                 health: health_aio.HealthServicer, config: ServerConfig) -> None:
+        self.grpc_server, self.servicer, self.health, self.config = grpc_server, servicer, health, config
+
+    @property
+    def runner(self) -> Runner:
+        return self.servicer.runner
+
+    async def start(self) -> None:
+        """Start accepting calls; models were validated and warmed up in build_server, so SERVING is true."""
+        await self.grpc_server.start()
+        for name in ("", SERVICE_NAME, *self.servicer.registry.names()):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def shutdown(self, grace: float | None = None) -> bool:
+        """Health NOT_SERVING at once, new calls UNAVAILABLE, running calls get `grace` s to finish.
+
+        Returns True when every running call finished within the grace period.
+        """
+        grace = self.config.grace_seconds if grace is None else grace
+        started = time.monotonic()
+        await self.health.enter_graceful_shutdown()
+        drained = await self.runner.drain(grace)
+        left = max(0.0, grace - (time.monotonic() - started))
+        await self.grpc_server.stop(min(_FLUSH_SECONDS, left) if drained else 0)
+        self.runner.close()
+        if not drained:
+            log.warning("grace period of %.1fs over; cancelled the calls still running", grace)
+        return drained
+
+
+def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
+    """Load and warm up every model (ArtifactError if one is broken), then build and bind the server.
+
+    Call from inside a running event loop; port 0 picks a free port, which is returned.
+    """
+    registry = Registry(config.model_repo, engine_loader(config.variant, config.intra_op_threads))
+    registry.load_latest()
+    runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars)
+    servicer = NextCharServicer(registry, runner, wire.Limits(config.max_prompt_chars, config.max_new_chars))
+    grpc_server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ])
+    inference_pb2_grpc.add_NextCharServicer_to_server(servicer, grpc_server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        grpc_server,
+    )
+    try:
+        port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as e:  # grpc reports a busy or bad address this way
+        raise OSError(f"cannot bind {config.host}:{config.port}: {e}") from None
+    return NextCharServer(grpc_server, servicer, health, config), port
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; the exit status (0)."""
+    server, port = build_server(config)
+    await server.start()
+    log.info("serving %s on %s:%d (models: %s)", SERVICE_NAME, config.host, port,
+             ", ".join(server.servicer.registry.names()))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining for up to %.1fs", config.grace_seconds)
+    await server.shutdown()
+    log.info("stopped")
+    return 0

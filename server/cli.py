@@ -1,0 +1,44 @@
+"""`nextchar serve`: flags -> ServerConfig -> the gRPC server (nothing heavy is imported until it runs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from nextchar.server.config import add_arguments  # stdlib-only module: cheap
+
+    parser = subparsers.add_parser(
+        "serve", help="serve a model repository over gRPC (onnxruntime, no torch)",
+        description="Serve every model of a repository over gRPC: nextchar.v1.NextChar, grpc.health.v1 and "
+                    "server reflection. Each flag defaults to its NEXTCHAR_* environment variable.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from nextchar.server.artifact import ArtifactError
+    from nextchar.server.config import ConfigError, load_config
+
+    try:
+        config = load_config(vars(args))
+    except ConfigError as e:
+        print(f"nextchar serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from nextchar.server.app import serve  # grpc and numpy enter here; onnxruntime with the first model
+
+    try:
+        return asyncio.run(serve(config))
+    except ArtifactError as e:
+        print(f"nextchar serve: cannot serve {config.model_repo}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"nextchar serve: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,109 @@
+"""Domain errors -> gRPC status codes with google.rpc details, in one table; anything else is a logged bug."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from nextchar.server.artifact import ArtifactError, ModelNameError
+from nextchar.server.registry import ModelNotFoundError
+from nextchar.server.runner import DeadlineError, OverloadedError, ShuttingDownError
+from nextchar.server.sampling import InvalidParameterError
+from nextchar.server.vocab import OutOfVocabularyError
+
+log = logging.getLogger(__name__)
+
+# The one table. Order matters: the first matching class wins, so subclasses come first
+# (OutOfVocabularyError is a ValueError; ModelNameError is an ArtifactError).
+STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (OutOfVocabularyError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidParameterError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNameError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),  # a version on disk that cannot be served
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code of a domain error; None for anything the table does not know (a bug)."""
+    for cls, code in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code
+    return None
+
+
+def _violations(exc: BaseException) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    """BadRequest field violations: one per unknown character, or one for the field at fault."""
+    if isinstance(exc, OutOfVocabularyError):
+        return [
+            error_details_pb2.BadRequest.FieldViolation(
+                field=exc.field, description=f"character {ch!r} at position {pos} is not in the vocabulary")
+            for pos, ch in exc.positions
+        ]
+    if isinstance(exc, ModelNameError):
+        return [error_details_pb2.BadRequest.FieldViolation(field="model.name", description=str(exc))]
+    field = getattr(exc, "field", None)
+    if field and status_code_for(exc) is grpc.StatusCode.INVALID_ARGUMENT:
+        message = str(exc).removeprefix(f"{field}: ")
+        return [error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
+    return []
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """A domain error as a grpc.Status carrying a google.rpc.Status (with BadRequest details if any)."""
+    code = status_code_for(exc)
+    if code is None:
+        raise TypeError(f"{type(exc).__name__} is not a domain error") from exc
+    message = str(exc)
+    if isinstance(exc, ModelNameError):
+        message = f"model.name: {exc}"
+    status = status_pb2.Status(code=code.value[0], message=message)
+    violations = _violations(exc)
+    if violations:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=violations))
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    if status_code_for(exc) is None:
+        log.exception("bug in %s", method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (logged on the server)")
+    await context.abort_with_status(to_status(exc))
+
+
+def mapped(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an aio servicer method (coroutine or async generator) so domain errors become statuses."""
+    name = method.__name__
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:
+                await _abort(context, e, name)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, e, name)
+    return unary

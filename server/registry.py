@@ -1,0 +1,128 @@
+"""The loaded models: (name, version | latest) -> a validated, warmed-up engine; versions load on demand."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nextchar.server import artifact as art
+
+log = logging.getLogger(__name__)
+
+# Artifact -> engine. The default is server.engine.Engine.load; tests may pass their own.
+EngineLoader = Callable[[art.Artifact], Any]
+
+
+class ModelNotFoundError(LookupError):
+    """No such model, or no such version of it; `field` names the request field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One servable model version."""
+
+    artifact: art.Artifact
+    engine: Any  # server.engine.Engine: vocab, vocab_index, initial_state, step
+
+    @property
+    def name(self) -> str:
+        return self.artifact.name
+
+    @property
+    def version(self) -> int:
+        return self.artifact.version
+
+
+def engine_loader(variant: str = "fp32", intra_op_threads: int = 1) -> Callable[[Path], LoadedModel]:
+    """The real loader: validate the files (load_artifact), build the onnxruntime engine, warm it up."""
+
+    def load(version_dir: Path) -> LoadedModel:
+        from nextchar.server.engine import Engine  # onnxruntime enters here, and only here
+
+        artifact = art.load_artifact(version_dir, variant=variant)
+        engine = Engine.load(artifact, intra_op_threads=intra_op_threads)
+        engine.warmup()
+        return LoadedModel(artifact, engine)
+
+    return load
+
+
+class Registry:
+    """Every model of a repository. `load_latest()` loads each model's latest version (fail fast);
+    other versions load the first time a request names them. Thread-safe: requests run in threads.
+    """
+
+    def __init__(self, root: Path, loader: Callable[[Path], LoadedModel]) -> None:
+        self.root = Path(root)
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._versions: dict[str, list[int]] = {}
+        self._latest: dict[str, int] = {}
+        self._loaded: dict[tuple[str, int], LoadedModel] = {}
+
+    def load_latest(self) -> list[LoadedModel]:
+        """Scan the repository and load the latest version of every model; ArtifactError if one is broken."""
+        found = art.scan_repository(self.root)
+        if not found:
+            raise art.ArtifactError(f"model repository {str(self.root)!r} has no <name>/<version>/ models")
+        loaded = []
+        for name, versions in found.items():
+            model = self._loader(self.root / name / str(versions[-1]))
+            log.info("loaded %s v%d from %s", name, model.version, model.artifact.model_path)
+            with self._lock:
+                self._versions[name] = versions
+                self._latest[name] = versions[-1]
+                self._loaded[(name, versions[-1])] = model
+            loaded.append(model)
+        return loaded
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._latest)
+
+    def versions(self, name: str) -> list[int]:
+        with self._lock:
+            return list(self._versions.get(name, ()))
+
+    def cached(self, name: str, version: int | None = None) -> LoadedModel | None:
+        """The model if it is loaded (never blocks); None when `version` must be loaded first (`get`)."""
+        with self._lock:
+            self._check_name(name)
+            return self._loaded.get((name, self._latest[name] if version is None else version))
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        """The model `name` at `version` (None = the latest loaded at start); loads it on first use.
+
+        Blocking (it may read and warm up an ONNX file): call it from a worker thread.
+        """
+        with self._lock:
+            self._check_name(name)
+            version = self._latest[name] if version is None else version
+            hit = self._loaded.get((name, version))
+            if hit is not None:
+                return hit
+            # A version exported after start shows up here: rescan this model's directory.
+            self._versions[name] = art.list_versions(self.root, name)
+            if version not in self._versions[name]:
+                listed = ", ".join(map(str, self._versions[name]))
+                raise ModelNotFoundError(
+                    "model.version", f"model {name!r} has no version {version} (available: {listed})")
+            # Loading under the lock keeps two first requests for one version from loading it twice;
+            # it is rare (once per version) and the latest versions never take this path.
+            model = self._loader(self.root / name / str(version))
+            log.info("loaded %s v%d on demand", name, version)
+            self._loaded[(name, version)] = model
+            return model
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._latest:
+            known = ", ".join(sorted(self._latest)) or "none"
+            raise ModelNotFoundError("model.name", f"no model named {name!r} (available: {known})")

@@ -1,0 +1,69 @@
+"""The nextchar.v1.NextChar RPCs, each thin: validate -> wire.from_pb -> domain -> wire.to_pb."""
+
+from __future__ import annotations
+
+import functools
+
+import grpc
+from nextchar.server import wire
+from nextchar.server.errors import mapped
+from nextchar.server.registry import LoadedModel, Registry
+from nextchar.server.runner import Outcome, Runner
+from nextchar.server.scoring import predict_next, score
+from nextchar.v1 import inference_pb2 as pb
+from nextchar.v1 import inference_pb2_grpc
+
+
+class NextCharServicer(inference_pb2_grpc.NextCharServicer):
+    """Blocking model work runs in the runner's threads, never on the event loop."""
+
+    def __init__(self, registry: Registry, runner: Runner, limits: wire.Limits) -> None:
+        self.registry, self.runner, self.limits = registry, runner, limits
+
+    async def _model(self, ref: pb.ModelRef) -> LoadedModel:
+        self.runner.ensure_open()
+        name, version = wire.model_ref(ref)
+        loaded = self.registry.cached(name, version)
+        return loaded if loaded is not None else await self.runner.call(self.registry.get, name, version)
+
+    @mapped
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+        self.runner.ensure_open()
+        latest = [self.registry.get(name) for name in self.registry.names()]  # loaded at start: no I/O
+        infos = [wire.model_info(m, self.registry.versions(m.name)) for m in latest]
+        return pb.ListModelsResponse(models=infos)
+
+    @mapped
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
+        model = await self._model(request.model)
+        return pb.GetModelResponse(model=wire.model_info(model, self.registry.versions(model.name)))
+
+    @mapped
+    async def PredictNext(self, request: pb.PredictNextRequest, context: grpc.aio.ServicerContext):
+        model = await self._model(request.model)
+        args = wire.predict_args(request, model, self.limits)
+        best = await self.runner.call(functools.partial(predict_next, model.engine, **args))
+        return wire.predict_response(best, model)
+
+    @mapped
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        model = await self._model(request.model)
+        gen = wire.generation_request(request, model, self.limits)
+        items = [item async for item in self.runner.generate(model.engine, gen, context.time_remaining())]
+        outcome = items.pop()  # the runner always ends with exactly one Outcome
+        assert isinstance(outcome, Outcome)
+        return pb.GenerateResponse(text="".join(items), summary=wire.summary(outcome, model))
+
+    @mapped
+    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        model = await self._model(request.model)
+        gen = wire.generation_request(request, model, self.limits)
+        async for item in self.runner.generate(model.engine, gen, context.time_remaining()):
+            yield wire.stream_message(item, model)
+
+    @mapped
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
+        model = await self._model(request.model)
+        args = wire.score_args(request, self.limits)
+        result = await self.runner.call(functools.partial(score, model.engine, **args))
+        return wire.score_response(result, model)

@@ -1,0 +1,181 @@
+"""Every protobuf <-> domain conversion of the inference API, with the API's own limits; nowhere else."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nextchar.server.generation import FinishReason, GenerationRequest
+from nextchar.server.registry import LoadedModel
+from nextchar.server.runner import Outcome
+from nextchar.server.sampling import InvalidParameterError, SamplingParams
+from nextchar.server.scoring import ScoreResult
+from nextchar.server.vocab import OovPolicy
+from nextchar.v1 import inference_pb2 as pb
+
+MAX_STOP_SEQUENCES = 4  # part of the API contract (inference.proto), not a server setting
+
+_OOV = {
+    pb.OOV_POLICY_UNSPECIFIED: OovPolicy.ERROR,
+    pb.OOV_POLICY_ERROR: OovPolicy.ERROR,
+    pb.OOV_POLICY_SKIP: OovPolicy.SKIP,
+    pb.OOV_POLICY_REPLACE: OovPolicy.REPLACE,
+}
+_FINISH = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.DEADLINE: pb.FINISH_REASON_DEADLINE,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's request limits (from ServerConfig)."""
+
+    max_prompt_chars: int
+    max_new_chars: int
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+def model_ref(ref: pb.ModelRef) -> tuple[str, int | None]:
+    """-> (name, version or None for the latest)."""
+    if not ref.name:
+        raise InvalidParameterError("model.name", "is required (ListModels shows the available names)")
+    if not ref.HasField("version") or ref.version == 0:
+        return ref.name, None
+    if ref.version < 0:
+        raise InvalidParameterError("model.version", f"must be >= 1 (0/absent = latest), got {ref.version}")
+    return ref.name, ref.version
+
+
+def _text(value: str, field: str, limit: int, minimum: int = 1) -> str:
+    if not minimum <= len(value) <= limit:
+        raise InvalidParameterError(field, f"must have {minimum} to {limit} characters, got {len(value)}")
+    return value
+
+
+def _oov(policy: int, replacement: str) -> dict[str, Any]:
+    if policy not in _OOV:
+        raise InvalidParameterError("oov_policy", f"unknown value {policy}; use ERROR, SKIP or REPLACE")
+    return {"oov_policy": _OOV[policy], "oov_replacement": replacement or None}
+
+
+def generation_request(req: pb.GenerateRequest, model: LoadedModel, limits: Limits,
+                       draw_seed: Callable[[], int] = lambda: secrets.randbits(64)) -> GenerationRequest:
+    """GenerateRequest -> GenerationRequest; InvalidParameterError names the field and its range."""
+    _text(req.prompt, "prompt", limits.max_prompt_chars)
+    if not 1 <= req.max_new_chars <= limits.max_new_chars:
+        raise InvalidParameterError(
+            "max_new_chars", f"must be in [1, {limits.max_new_chars}], got {req.max_new_chars}")
+    vocab_size = len(model.artifact.vocab)
+    if not 0 <= req.top_k <= vocab_size:
+        raise InvalidParameterError(
+            "top_k", f"must be in [0, {vocab_size}] (0 = off; the vocabulary size), got {req.top_k}")
+    if len(req.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidParameterError(
+            "stop", f"must have at most {MAX_STOP_SEQUENCES} sequences, got {len(req.stop)}")
+    for i, seq in enumerate(req.stop):
+        if not seq:
+            raise InvalidParameterError(f"stop[{i}]", "must not be empty")
+    sampling = SamplingParams(
+        temperature=float(req.temperature),
+        top_k=int(req.top_k),
+        top_p=float(req.top_p) if req.HasField("top_p") else 1.0,
+    )
+    return GenerationRequest(
+        prompt=req.prompt,
+        max_new_chars=int(req.max_new_chars),
+        sampling=sampling,
+        seed=int(req.seed) if req.HasField("seed") else draw_seed(),
+        stop=tuple(req.stop),
+        echo=req.echo,
+        **_oov(req.oov_policy, req.oov_replacement),
+    )
+
+
+def predict_args(req: pb.PredictNextRequest, model: LoadedModel, limits: Limits) -> dict[str, Any]:
+    """PredictNextRequest -> keyword arguments of scoring.predict_next (minus the engine)."""
+    _text(req.context, "context", limits.max_prompt_chars)
+    vocab_size = len(model.artifact.vocab)
+    if not 1 <= req.n <= vocab_size:
+        raise InvalidParameterError("n", f"must be in [1, {vocab_size}] (the vocabulary size), got {req.n}")
+    temperature = float(req.temperature) if req.HasField("temperature") else 1.0
+    if not (math.isfinite(temperature) and 0.0 < temperature <= 100.0):
+        raise InvalidParameterError("temperature", f"must be in (0, 100] (absent = 1), got {temperature}")
+    return {"context": req.context, "n": int(req.n), "temperature": temperature,
+            **_oov(req.oov_policy, req.oov_replacement)}
+
+
+def score_args(req: pb.ScoreRequest, limits: Limits) -> dict[str, Any]:
+    """ScoreRequest -> keyword arguments of scoring.score (minus the engine)."""
+    _text(req.text, "text", limits.max_prompt_chars)
+    _text(req.context, "context", limits.max_prompt_chars, minimum=0)
+    if len(req.context) + len(req.text) > limits.max_prompt_chars:
+        raise InvalidParameterError(
+            "text", f"context + text must have at most {limits.max_prompt_chars} characters, "
+                    f"got {len(req.context) + len(req.text)}")
+    return {"text": req.text, "context": req.context, "per_char": req.per_char,
+            **_oov(req.oov_policy, req.oov_replacement)}
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+def ref_of(model: LoadedModel) -> pb.ModelRef:
+    return pb.ModelRef(name=model.name, version=model.version)
+
+
+def model_info(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
+    return pb.ModelInfo(name=model.name, version=model.version, available_versions=versions,
+                        manifest=model.artifact.manifest)
+
+
+def predict_response(best: list[tuple[str, float]], model: LoadedModel) -> pb.PredictNextResponse:
+    index = {c: i for i, c in enumerate(model.artifact.vocab)}
+    return pb.PredictNextResponse(
+        predictions=[
+            pb.CharProbability(char=c, token_id=index[c], probability=p,
+                               logprob=math.log(p) if p > 0 else -math.inf)
+            for c, p in best
+        ],
+        model=ref_of(model),
+    )
+
+
+def summary(outcome: Outcome, model: LoadedModel) -> pb.GenerationSummary:
+    """The core's Finished event; timings count from the request's arrival, so queueing is included."""
+    f = outcome.finished
+    ttfc = f.timings.time_to_first_char_s
+    return pb.GenerationSummary(
+        finish_reason=_FINISH[f.reason],
+        usage=pb.Usage(prompt_chars=f.usage.prompt_chars, generated_chars=f.usage.generated_chars),
+        seed=f.seed,
+        timings=pb.Timings(
+            time_to_first_char_ms=0.0 if ttfc is None else (outcome.queued_s + ttfc) * 1e3,
+            total_ms=(outcome.queued_s + f.timings.total_s) * 1e3,
+        ),
+        model=ref_of(model),
+        stop_sequence=f.stop_sequence or "",
+    )
+
+
+def stream_message(item: str | Outcome, model: LoadedModel) -> pb.GenerateStreamResponse:
+    if isinstance(item, str):
+        return pb.GenerateStreamResponse(text=item)
+    return pb.GenerateStreamResponse(summary=summary(item, model))
+
+
+def score_response(result: ScoreResult, model: LoadedModel) -> pb.ScoreResponse:
+    chars = [pb.CharLogprob(char=c, logprob=lp) for c, lp in result.per_char or ()]
+    return pb.ScoreResponse(
+        total_logprob=result.log_likelihood_nats,
+        nats_per_char=result.nats_per_char,
+        bits_per_char=result.bits_per_char,
+        scored_chars=result.scored_chars,
+        chars=chars,
+        model=ref_of(model),
+    )
