@@ -10,6 +10,8 @@ import sys
 # onnxruntime, grpc) is imported inside the command functions, so `nextchar serve` never loads torch.
 COMMAND_MODULES = (
     "nextchar.training.cli",
+    "nextchar.server.cli",       # serve
+    "nextchar.client.commands",  # generate, predict, score, models, health
 )
 
 

@@ -9,7 +9,7 @@ from nextchar.server import wire
 from nextchar.server.errors import mapped
 from nextchar.server.registry import LoadedModel, Registry
 from nextchar.server.runner import Outcome, Runner
-from nextchar.server.scoring import predict_next, score
+from nextchar.server.scoring import predict, score
 from nextchar.v1 import inference_pb2 as pb
 from nextchar.v1 import inference_pb2_grpc
 
@@ -42,7 +42,7 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def PredictNext(self, request: pb.PredictNextRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model)
         args = wire.predict_args(request, model, self.limits)
-        best = await self.runner.call(functools.partial(predict_next, model.engine, **args))
+        best = await self.runner.call(functools.partial(predict, model.engine, **args))
         return wire.predict_response(best, model)
 
     @mapped

@@ -12,7 +12,7 @@ from nextchar.server.generation import FinishReason, GenerationRequest
 from nextchar.server.registry import LoadedModel
 from nextchar.server.runner import Outcome
 from nextchar.server.sampling import InvalidParameterError, SamplingParams
-from nextchar.server.scoring import ScoreResult
+from nextchar.server.scoring import Prediction, ScoreResult
 from nextchar.server.vocab import OovPolicy
 from nextchar.v1 import inference_pb2 as pb
 
@@ -99,7 +99,7 @@ def generation_request(req: pb.GenerateRequest, model: LoadedModel, limits: Limi
 
 
 def predict_args(req: pb.PredictNextRequest, model: LoadedModel, limits: Limits) -> dict[str, Any]:
-    """PredictNextRequest -> keyword arguments of scoring.predict_next (minus the engine)."""
+    """PredictNextRequest -> keyword arguments of scoring.predict (minus the engine)."""
     _text(req.context, "context", limits.max_prompt_chars)
     vocab_size = len(model.artifact.vocab)
     if not 1 <= req.n <= vocab_size:
@@ -134,14 +134,10 @@ def model_info(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
                         manifest=model.artifact.manifest)
 
 
-def predict_response(best: list[tuple[str, float]], model: LoadedModel) -> pb.PredictNextResponse:
-    index = {c: i for i, c in enumerate(model.artifact.vocab)}
+def predict_response(best: list[Prediction], model: LoadedModel) -> pb.PredictNextResponse:
     return pb.PredictNextResponse(
-        predictions=[
-            pb.CharProbability(char=c, token_id=index[c], probability=p,
-                               logprob=math.log(p) if p > 0 else -math.inf)
-            for c, p in best
-        ],
+        predictions=[pb.CharProbability(char=p.char, token_id=p.token_id, probability=p.probability,
+                                        logprob=p.logprob) for p in best],
         model=ref_of(model),
     )
 
