@@ -1,0 +1,302 @@
+"""A model file runs without Python: the same greedy text from onnxruntime, the offline client, Node, browser.
+
+Node and the browser page need scripts/install_edge.sh (npm packages, Debian chromium); the session
+fixtures run it, and skip only when node or chromium cannot be had on this machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlencode, urlsplit
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT_DIR = ROOT / "client"
+GENERATE_MJS = CLIENT_DIR / "js" / "generate.mjs"
+INSTALL_EDGE = ROOT / "scripts" / "install_edge.sh"
+CELLS = ("lstm", "gru", "rnn")
+VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+PROMPT = "O say"
+MAX_CHARS = 80
+# Every step below is bounded: a hung node or browser fails the test instead of stalling the suite.
+NODE_TIMEOUT_S = 60
+BROWSER_TIMEOUT_S = 60
+INSTALL_TIMEOUT_S = 900
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tools
+
+def _install_edge(skip_browser: bool) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EDGE_SKIP_BROWSER": "1" if skip_browser else "0"}
+    return subprocess.run(
+        ["bash", str(INSTALL_EDGE)], capture_output=True, text=True, env=env, timeout=INSTALL_TIMEOUT_S,
+        stdin=subprocess.DEVNULL, check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """Path of `node`, with client/js's npm packages installed."""
+    exe = shutil.which("node")
+    if exe is None or shutil.which("npm") is None:
+        pytest.skip("Node.js with npm is not installed on this machine (needed for client/js)")
+    done = _install_edge(skip_browser=True)
+    if done.returncode != 0:
+        # node and npm are here, so a failed `npm ci` is a real problem (lock file, registry), not a skip.
+        pytest.fail(f"scripts/install_edge.sh failed ({done.returncode}):\n{done.stdout[-2000:]}"
+                    f"{done.stderr[-3000:]}")
+    return exe
+
+
+@pytest.fixture(scope="session")
+def chromium(node: str) -> str:
+    """Path of Debian's chromium, installed by scripts/install_edge.sh when missing."""
+    done = _install_edge(skip_browser=False)
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip(f"chromium cannot be installed here (scripts/install_edge.sh exit {done.returncode}): "
+                    f"{done.stderr.strip()[-500:]}")
+    return exe
+
+
+# ------------------------------------------------------------------------------------------------
+# The four runners: the same greedy loop, four implementations.
+
+@functools.cache
+def _python_session(model_file: Path):  # one session per file, shared by the tests that read it
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    manifest = json.loads(meta["nextchar.manifest"])
+    return session, manifest, json.loads(meta["nextchar.vocab"])
+
+
+def _run_python(model_file: Path, tokens: list[int], state: dict | None) -> tuple[np.ndarray, dict]:
+    """tokens: int64[T] from `state` (None: zeros) -> (logits float32[T, V], next state feeds)."""
+    session, manifest, _ = _python_session(model_file)
+    arch, io = manifest["architecture"], manifest["io"]
+    names = [n for n in ("h0", "c0") if io.get(n)]
+    if state is None:
+        shape = (arch["num_layers"], 1, arch["hidden_size"])
+        state = {io[n]: np.zeros(shape, np.float32) for n in names}
+    outputs = [io["logits"]] + [io[{"h0": "hn", "c0": "cn"}[n]] for n in names]
+    logits, *new = session.run(outputs, {io["tokens"]: np.array([tokens], np.int64), **state})
+    return logits[0], {io[n]: s for n, s in zip(names, new, strict=True)}
+
+
+def greedy_python(model_file: Path, prompt: str, max_chars: int) -> str:
+    """The reference: a direct onnxruntime loop, prompt in one run, then one run per char."""
+    _, _, vocab = _python_session(model_file)
+    index = {ch: i for i, ch in enumerate(vocab)}
+    logits, state = _run_python(model_file, [index[ch] for ch in prompt], None)
+    out: list[str] = []
+    while True:
+        token = int(np.argmax(logits[-1]))
+        out.append(vocab[token])
+        if len(out) == max_chars:
+            return "".join(out)
+        logits, state = _run_python(model_file, [token], state)
+
+
+def run_node(node: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [node, str(GENERATE_MJS), *args], capture_output=True, encoding="utf-8", timeout=NODE_TIMEOUT_S,
+        stdin=subprocess.DEVNULL, check=False,
+    )
+
+
+def greedy_node(node: str, model_file: Path, prompt: str, max_chars: int) -> str:
+    done = subprocess.run(
+        [node, str(GENERATE_MJS), "--model", str(model_file), "--prompt", prompt,
+         "--max-chars", str(max_chars), "--json"],
+        capture_output=True, encoding="utf-8", timeout=NODE_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False,
+    )
+    assert done.returncode == 0, f"generate.mjs failed ({done.returncode}): {done.stderr}"
+    return json.loads(done.stdout)["text"]
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Static files from client/, /models/ from the model repository, POST /report into a queue."""
+
+    extensions_map = {  # noqa: RUF012 (the base class's API is a plain dict attribute)
+        ".html": "text/html", ".mjs": "text/javascript", ".js": "text/javascript",
+        ".wasm": "application/wasm", ".onnx": "application/octet-stream", "": "application/octet-stream",
+    }
+
+    def translate_path(self, path: str) -> str:
+        rel = unquote(urlsplit(path).path)
+        if rel.startswith("/models/"):
+            target = (self.server.models_dir / rel.removeprefix("/models/")).resolve()
+            return str(target) if target.is_relative_to(self.server.models_dir) else "/nonexistent"
+        return super().translate_path(path)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.reports.put(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:  # keep the test output readable
+        pass
+
+
+@dataclass(frozen=True)
+class PageServer:
+    url: str
+    reports: queue.Queue
+
+
+@contextmanager
+def serve_page(models_dir: Path) -> Iterator[PageServer]:
+    """client/ and `models_dir` (as /models/) over HTTP on 127.0.0.1, on a free port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(CLIENT_DIR)))
+    server.models_dir = models_dir.resolve()
+    server.reports = queue.Queue()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield PageServer(f"http://127.0.0.1:{server.server_address[1]}", server.reports)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def page_server(model_repo: Path) -> Iterator[PageServer]:
+    with serve_page(model_repo) as server:
+        yield server
+
+
+def greedy_browser(chromium: str, server: PageServer, model_path: str, prompt: str, max_chars: int,
+                   profile: Path) -> str:
+    """Open client/web in headless chromium with auto=1 and wait for the page's POSTed report."""
+    query = urlencode({"model": f"/models/{model_path}", "prompt": prompt, "max": max_chars, "auto": 1,
+                       "report": "/report"})
+    log = profile / "chromium.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"{server.url}/web/index.html?{query}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        )
+    try:
+        report = server.reports.get(timeout=BROWSER_TIMEOUT_S)
+    except queue.Empty:
+        pytest.fail(f"the page reported nothing in {BROWSER_TIMEOUT_S} s; chromium said:\n"
+                    f"{log.read_text()[-3000:]}")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the browser and its helper processes, started above
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert report["state"] == "done", f"the page failed: {report.get('error')}"
+    return report["text"]
+
+
+def first_difference(a: str, b: str) -> int | None:
+    """Index of the first differing character, or None when a == b."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                None if len(a) == len(b) else min(len(a), len(b)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("cell", CELLS)
+def test_same_greedy_text_everywhere(
+    cell: str, variant: str, model_repo: Path, node: str, chromium: str, page_server: PageServer,
+    tmp_path: Path,
+) -> None:
+    model_file = model_repo / cell / "1" / VARIANTS[variant]
+    expected = greedy_python(model_file, PROMPT, MAX_CHARS)
+    assert len(expected) == MAX_CHARS
+
+    assert greedy_node(node, model_file, PROMPT, MAX_CHARS) == expected
+    page = greedy_browser(chromium, page_server, f"{cell}/1/{VARIANTS[variant]}", PROMPT, MAX_CHARS, tmp_path)
+    assert page == expected
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_int8_against_fp32_is_reported(cell: str, model_repo: Path, capsys: pytest.CaptureFixture) -> None:
+    """int8 need not match fp32; how far it does is printed (and recorded in the manifest at export)."""
+    version = model_repo / cell / "1"
+    fp32 = greedy_python(version / VARIANTS["fp32"], PROMPT, MAX_CHARS)
+    int8 = greedy_python(version / VARIANTS["int8"], PROMPT, MAX_CHARS)
+    manifest = json.loads((version / "manifest.json").read_text())
+    agreement = manifest["int8"]["argmax_agreement"]
+    assert 0.0 <= agreement <= 1.0
+    diverges = first_difference(fp32, int8)
+    with capsys.disabled():
+        print(f"\n[edge] {cell} int8 vs fp32: teacher-forced argmax agreement {agreement:.4f} (manifest); "
+              f"greedy {MAX_CHARS} chars from {PROMPT!r}: "
+              + ("identical" if diverges is None else f"first divergence at char {diverges}")
+              + f"\n  fp32: {fp32!r}\n  int8: {int8!r}")
+
+
+def test_characters_are_code_points_not_utf16_units(
+    export_tiny, node: str, chromium: str, tmp_path: Path,
+) -> None:
+    """Astral characters (two UTF-16 units) in the vocab and the prompt: the same text everywhere."""
+    vocab = ("\n", " ", "a", "b", "c", "é", "😀", "𝄞", "’")
+    # Untrained, so mostly one repeated char; this seed's text mixes 😀 and spaces.
+    version = export_tiny(cell="gru", vocab=vocab, hidden_size=16, seed=2)
+    prompt = "a😀b𝄞é"
+    expected = greedy_python(version / "model.onnx", prompt, 40)
+    assert {"😀", "𝄞"} & set(expected), f"pick a seed whose text has astral chars: {expected!r}"
+    assert greedy_node(node, version / "model.onnx", prompt, 40) == expected
+    models_dir = version.parent.parent
+    with serve_page(models_dir) as server:
+        rel = version.relative_to(models_dir).as_posix()
+        assert greedy_browser(chromium, server, f"{rel}/model.onnx", prompt, 40, tmp_path) == expected
+
+
+def test_node_rejects_bad_input_with_a_clear_error(node: str, model_repo: Path, tmp_path: Path) -> None:
+    model = str(model_repo / "lstm" / "1" / "model.onnx")
+    oov = run_node(node, "--model", model, "--prompt", "O say Ω")
+    assert oov.returncode == 2
+    assert "prompt: 1 character(s) not in the model's vocabulary: \"Ω\" at 6" in oov.stderr
+
+    too_many = run_node(node, "--model", model, "--prompt", "O", "--max-chars", "0")
+    assert too_many.returncode == 2
+    assert "--max-chars must be an integer in [1, 100000]" in too_many.stderr
+
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_bytes(b"\x0bnot a protobuf")
+    bad = run_node(node, "--model", str(not_onnx), "--prompt", "O")
+    assert bad.returncode == 2
+    assert "not an ONNX model" in bad.stderr
+
+    import onnx
+
+    plain = onnx.load(model)
+    del plain.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(plain, str(foreign))
+    done = run_node(node, "--model", str(foreign), "--prompt", "O")
+    assert done.returncode == 2
+    assert 'not a nextchar model: ONNX metadata has no "nextchar.manifest"' in done.stderr
