@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 import warnings
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,8 @@ from nextchar.server import artifact as art
 from nextchar.training.checkpoint import CheckpointError, load_checkpoint
 from nextchar.training.config import ModelConfig
 from nextchar.training.corpora import BUILTIN, Corpus
-from nextchar.training.model import CharModel, parameter_count
+from nextchar.training.manifest import build_manifest, without_file_hashes
+from nextchar.training.model import CharModel
 from nextchar.training.onnx_checks import ExportError, check_symbolic_dims, parity_check
 from nextchar.training.quantize import quantize_int8
 from nextchar.v1 import manifest_pb2
@@ -30,9 +29,6 @@ OPSET = 17
 # at opset 17 writes 8. Checked, not assumed, because a newer exporter may raise it.
 MAX_IR_VERSION = 13
 IO_NAMES = {"tokens": "tokens", "h0": "h0", "c0": "c0", "logits": "logits", "hn": "hn", "cn": "cn"}
-_CELL = {
-    "rnn": manifest_pb2.CELL_TYPE_RNN, "lstm": manifest_pb2.CELL_TYPE_LSTM, "gru": manifest_pb2.CELL_TYPE_GRU,
-}
 # Checkpoint keys the trainer writes that become the manifest's TrainingInfo.
 TRAINING_KEYS = ("corpus", "metrics", "step", "train_seconds", "train_config", "seed")
 
@@ -149,7 +145,7 @@ def _write_version(
             f"exporter wrote IR version {graph.ir_version}; edge runtimes read at most {MAX_IR_VERSION}"
         )
 
-    manifest = _manifest(model, vocab, name, version, training, graph.ir_version, io)
+    manifest = build_manifest(model, vocab, name, version, training, OPSET, graph.ir_version, io)
     if int8:
         tokens = _eval_tokens(vocab, eval_text)
         manifest.int8.CopyFrom(
@@ -159,7 +155,7 @@ def _write_version(
 
     # Both files carry the same embedded manifest, with every file hash and size left empty:
     # a file cannot contain its own sha256. manifest.json beside them has the real ones.
-    embedded = _without_file_hashes(manifest)
+    embedded = without_file_hashes(manifest)
     _set_metadata(fp32, embedded, vocab)
     parity_check(fp32, model, io)
     manifest.model_sha256, manifest.model_size_bytes = art.file_sha256(fp32), fp32.stat().st_size
@@ -196,57 +192,6 @@ def _torch_export(model: CharModel, path: Path) -> None:
             _ExportModule(model), (tokens, *state), str(path), dynamo=False, opset_version=OPSET,
             input_names=inputs, output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True,
         )
-
-
-def _manifest(
-    model: CharModel, vocab: list[str], name: str, version: int,
-    training: dict[str, Any] | None, ir_version: int, io: manifest_pb2.IoNames,
-) -> manifest_pb2.ModelManifest:
-    c = model.config
-    m = manifest_pb2.ModelManifest(
-        format=art.FORMAT, name=name, version=version, vocab=vocab, io=io, model_file=art.MODEL_FILE,
-        opset=OPSET, ir_version=ir_version, exporter=f"torch {torch.__version__} (torchscript)",
-        onnx_version=onnx.__version__, created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        architecture=manifest_pb2.Architecture(
-            cell=_CELL[c.cell],
-            input_encoding=manifest_pb2.INPUT_ENCODING_EMBEDDING if c.embedding_dim
-            else manifest_pb2.INPUT_ENCODING_ONE_HOT,
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_layers,
-            embedding_dim=c.embedding_dim, dropout=c.dropout, parameter_count=parameter_count(model),
-        ),
-    )
-    if training:
-        m.training.CopyFrom(_training_info(training))
-    return m
-
-
-def _training_info(t: dict[str, Any]) -> manifest_pb2.TrainingInfo:
-    corpus = t.get("corpus") or {}
-    metrics = t.get("metrics") or {}
-
-    def loss(key: str) -> float:
-        v = metrics.get(key)
-        return math.nan if v is None else float(v)  # NaN: the run had no such figure (e.g. no val split)
-
-    return manifest_pb2.TrainingInfo(
-        corpus_name=str(corpus.get("name", "")), corpus_sha256=str(corpus.get("sha256", "")),
-        corpus_bytes=int(corpus.get("bytes", 0)), corpus_chars=int(corpus.get("chars", 0)),
-        final_train_loss=loss("train_loss"), final_val_loss=loss("val_loss"),
-        steps=int(t.get("step", 0)), train_seconds=float(t.get("train_seconds", 0.0)),
-        config_json=json.dumps(t.get("train_config", {}), sort_keys=True, default=str),
-        seed=int(t.get("seed", 0)),
-    )
-
-
-def _without_file_hashes(m: manifest_pb2.ModelManifest) -> manifest_pb2.ModelManifest:
-    e = manifest_pb2.ModelManifest()
-    e.CopyFrom(m)
-    e.ClearField("model_sha256")
-    e.ClearField("model_size_bytes")
-    if e.HasField("int8"):
-        e.int8.ClearField("sha256")
-        e.int8.ClearField("size_bytes")
-    return e
 
 
 def _set_metadata(path: Path, manifest: manifest_pb2.ModelManifest, vocab: list[str]) -> None:

@@ -321,3 +321,22 @@ def test_export_checkpoint_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="does not describe a loadable model"):
         export_checkpoint(mismatched, repo, "m")
     assert not repo.exists() or scan_repository(repo) == {}
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        ({"train_loss": 1.5, "val_loss": 1.75}, (1.5, 1.75)),
+        ([{"train_loss": 2.0, "val_loss": 2.5}, {"train_loss": 1.0, "val_loss": 1.25}], (1.0, 1.25)),
+        # The seminar presets: "loss" over all windows, no validation, a final record without a loss.
+        ([{"epoch": 0, "loss": 3.0}, {"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": None}], (0.5, math.nan)),
+        ({"train_loss": 0.25, "val_loss": None}, (0.25, math.nan)),
+        (None, (math.nan, math.nan)),
+        ([], (math.nan, math.nan)),
+    ],
+)
+def test_final_losses(metrics, expected: tuple[float, float]) -> None:
+    from nextchar.training.manifest import final_losses
+
+    got = final_losses(metrics)
+    assert all((math.isnan(g) and math.isnan(e)) or g == e for g, e in zip(got, expected, strict=True)), got
