@@ -140,10 +140,7 @@ def _write_version(
     _torch_export(model, fp32)
     graph = onnx.load(str(fp32))
     check_symbolic_dims(graph, config, io)
-    if graph.ir_version > MAX_IR_VERSION:
-        raise ExportError(
-            f"exporter wrote IR version {graph.ir_version}; edge runtimes read at most {MAX_IR_VERSION}"
-        )
+    _check_ir_version(graph, fp32)
 
     manifest = build_manifest(model, vocab, name, version, training, OPSET, graph.ir_version, io)
     if int8:
@@ -152,6 +149,7 @@ def _write_version(
             quantize_int8(fp32, out / art.INT8_FILE, io, (config.num_layers, config.hidden_size), tokens)
         )
         manifest.int8.file = art.INT8_FILE
+        _check_ir_version(onnx.load(str(out / art.INT8_FILE)), out / art.INT8_FILE)
 
     # Both files carry the same embedded manifest, with every file hash and size left empty:
     # a file cannot contain its own sha256. manifest.json beside them has the real ones.
@@ -164,6 +162,13 @@ def _write_version(
         _set_metadata(int8_path, embedded, vocab)
         manifest.int8.sha256, manifest.int8.size_bytes = art.file_sha256(int8_path), int8_path.stat().st_size
     _write_text(out / art.MANIFEST_FILE, art.manifest_to_json(manifest) + "\n")
+
+
+def _check_ir_version(graph: onnx.ModelProto, path: Path) -> None:
+    if graph.ir_version > MAX_IR_VERSION:
+        raise ExportError(
+            f"{path.name} has IR version {graph.ir_version}; edge runtimes read at most {MAX_IR_VERSION}"
+        )
 
 
 def _torch_export(model: CharModel, path: Path) -> None:
