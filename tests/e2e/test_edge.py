@@ -13,6 +13,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,6 +120,26 @@ def greedy_python(model_file: Path, prompt: str, max_chars: int) -> str:
         if len(out) == max_chars:
             return "".join(out)
         logits, state = _run_python(model_file, [token], state)
+
+
+def greedy_offline(model_file: Path, prompt: str, max_chars: int) -> str:
+    """client/offline.py's Python API: the server's own engine and generation code, in-process."""
+    from nextchar.client.offline import OfflineModel
+
+    return OfflineModel.from_file(model_file).generate(prompt, max_chars, temperature=0.0).text
+
+
+def greedy_offline_cli(model_file: Path, prompt: str, max_chars: int) -> str:
+    """`nextchar generate --model-file` (client/offline.py behind the CLI), in a fresh process."""
+    done = subprocess.run(
+        [sys.executable, "-m", "nextchar.client.cli", "generate", "--model-file", str(model_file),
+         "--prompt", prompt, "--max-chars", str(max_chars), "--temperature", "0", "--quiet"],
+        capture_output=True, encoding="utf-8", timeout=NODE_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert done.returncode == 0, f"nextchar generate --model-file failed ({done.returncode}): {done.stderr}"
+    assert done.stdout.endswith("\n")
+    return done.stdout[:-1]  # the command ends its output with one newline of its own
 
 
 def run_node(node: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -236,6 +257,7 @@ def test_same_greedy_text_everywhere(
     expected = greedy_python(model_file, PROMPT, MAX_CHARS)
     assert len(expected) == MAX_CHARS
 
+    assert greedy_offline(model_file, PROMPT, MAX_CHARS) == expected
     assert greedy_node(node, model_file, PROMPT, MAX_CHARS) == expected
     page = greedy_browser(chromium, page_server, f"{cell}/1/{VARIANTS[variant]}", PROMPT, MAX_CHARS, tmp_path)
     assert page == expected
@@ -268,6 +290,7 @@ def test_characters_are_code_points_not_utf16_units(
     prompt = "a😀b𝄞é"
     expected = greedy_python(version / "model.onnx", prompt, 40)
     assert {"😀", "𝄞"} & set(expected), f"pick a seed whose text has astral chars: {expected!r}"
+    assert greedy_offline_cli(version / "model.onnx", prompt, 40) == expected
     assert greedy_node(node, version / "model.onnx", prompt, 40) == expected
     models_dir = version.parent.parent
     with serve_page(models_dir) as server:
