@@ -183,6 +183,20 @@ def test_int8_variant_loads_runs_and_is_measured(model_repo: Path, name: str) ->
     assert shapes[:2] == [(3, 4, len(m.vocab)), (2, 3, 48)]
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_int8_variant_for_every_cell_and_encoding(tmp_path: Path, variant: tuple[str, int]) -> None:
+    cell, emb = variant
+    d = export_model(_model(cell, emb), VOCAB, tmp_path, "m", int8=True)
+    a = load_artifact(d, variant="int8")
+    q = a.manifest.int8
+    assert 0.0 <= q.argmax_agreement <= 1.0 and q.max_abs_logit_diff >= 0.0 and q.quantized_op_types
+    assert ("DynamicQuantizeLSTM" in q.quantized_op_types) == (cell == "lstm")
+    feeds = {"tokens": np.array([[0, 5, 14]]), "h0": np.zeros((2, 1, 12), np.float32)}
+    if cell == "lstm":
+        feeds["c0"] = feeds["h0"]
+    assert _session(a.model_path).run(["logits"], feeds)[0].shape == (1, 3, len(VOCAB))
+
+
 def test_versions_are_numbered_and_immutable(tmp_path: Path) -> None:
     model = _model("gru")
     assert export_model(model, VOCAB, tmp_path, "m") == tmp_path / "m" / "1"
