@@ -50,6 +50,9 @@ class Engine:
         io = m.io
         self._inputs = [io.tokens, io.h0] + ([io.c0] if self.has_cell_state else [])
         self._outputs = [io.logits, io.hn] + ([io.cn] if self.has_cell_state else [])
+        # Set by warmup(): see _probe_batch_invariance.
+        self.pad_single_rows = False
+        self.batch_invariant: bool | None = None
         self._check_graph()
 
     @classmethod
@@ -128,6 +131,12 @@ class Engine:
         if len(state) != len(self._inputs) - 1 or any(s.shape != want for s in state):
             raise ValueError(f"state must be {len(self._inputs) - 1} float32{want}, "
                              f"got {[s.shape for s in state]}")
+        if tokens.shape[0] == 1 and self.pad_single_rows:
+            logits, new = self._run(np.repeat(tokens, 2, axis=0), self.take(state, [0, 0]))
+            return logits[:1], self.take(new, slice(0, 1))
+        return self._run(tokens, state)
+
+    def _run(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         feed = {self._inputs[0]: np.ascontiguousarray(tokens)}
         for name, s in zip(self._inputs[1:], state, strict=True):
             feed[name] = np.ascontiguousarray(s, dtype=np.float32)
@@ -146,6 +155,35 @@ class Engine:
                     f"{self.artifact.model_path}: outputs have shapes {shapes}, expected {want}")
             if not np.isfinite(logits).all():
                 raise ArtifactError(f"{self.artifact.model_path}: warm-up logits are not finite")
+        self._probe_batch_invariance()
+
+    def _probe_batch_invariance(self) -> None:
+        """Decide `pad_single_rows` and `batch_invariant` by experiment, not by cell type.
+
+        onnxruntime (1.32, CPU) computes a batch of one with other kernels than a larger batch for
+        some ops (the ONNX RNN op: ~1e-7 differences), and dynamically quantized (int8) graphs
+        quantize with per-tensor scales, so a row's logits depend on its batch mates. If a lone row
+        differs from the same row in a batch of two, every lone row is run as a pair from then on;
+        `batch_invariant` says whether a row is then bit-identical alone and among any batch mates.
+        """
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, self.vocab_size, (4, 6))
+        state = self.initial_state(4)
+        self.pad_single_rows, invariant = False, True
+        for chunk in (tokens[:, :5], tokens[:, 5:]):  # a prefill, then a one-char step from its state
+            reference = self._rows(chunk, state, [0, 1, 2])
+            if not _same_row0(self._rows(chunk, state, [0]), self._rows(chunk, state, [0, 1])):
+                self.pad_single_rows = True
+            lone = self._rows(chunk, state, [0, 0] if self.pad_single_rows else [0])
+            others = (self._rows(chunk, state, [0, 1]), self._rows(chunk, state, [0, 3, 2]))
+            invariant &= all(_same_row0(r, reference) for r in (lone, *others))
+            state = self._rows(chunk, state, [0, 1, 2, 3])[1]
+        self.batch_invariant = invariant
+        # Pairs only pay when they buy invariance (int8 stays batch-dependent either way).
+        self.pad_single_rows = self.pad_single_rows and invariant
+
+    def _rows(self, tokens: np.ndarray, state: State, rows: list[int]) -> tuple[np.ndarray, State]:
+        return self._run(tokens[rows], self.take(state, rows))
 
     # Batching helpers: a stream is a row (axis 1) of the state tensors.
     @staticmethod
@@ -162,3 +200,9 @@ class Engine:
     def split_state(state: State) -> list[State]:
         """One batch-1 state per row (copies, so a stream does not pin the whole batch's arrays)."""
         return [tuple(s[:, i:i + 1, :].copy() for s in state) for i in range(state[0].shape[1])]
+
+
+def _same_row0(a: tuple[np.ndarray, State], b: tuple[np.ndarray, State]) -> bool:
+    """Are row 0's logits and state bit-identical in the two step results?"""
+    return np.array_equal(a[0][0], b[0][0]) and all(
+        np.array_equal(x[:, 0], y[:, 0]) for x, y in zip(a[1], b[1], strict=True))

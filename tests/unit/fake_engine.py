@@ -31,8 +31,10 @@ class FakeEngine:
         h = state[0][0]
         out = []
         for t in range(tokens.shape[1]):
-            h = np.tanh(h @ self.a.T + self.b[:, tokens[:, t]].T)
-            out.append(h @ self.c.T)
+            # Row by row, so a row never depends on its batch mates (BLAS may pick kernels by batch size).
+            pairs = zip(h, tokens[:, t], strict=True)
+            h = np.stack([np.tanh(self.a @ row + self.b[:, tok]) for row, tok in pairs])
+            out.append(np.stack([self.c @ row for row in h]))
         return np.stack(out, axis=1).astype(np.float32), (h[None].astype(np.float32),)
 
 
@@ -45,6 +47,7 @@ class ScriptedEngine:
     def __init__(self, script: str, vocab: str = ALPHABET) -> None:
         self.vocab = tuple(vocab)
         self.vocab_size = len(self.vocab)
+        self.vocab_index = {c: i for i, c in enumerate(self.vocab)}
         self.script = script
         self.calls: list[tuple[int, int]] = []
 

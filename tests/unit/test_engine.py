@@ -169,3 +169,27 @@ def test_from_file_without_metadata(model_repo, tmp_path):
         Engine.from_file(tmp_path / "bare.onnx")
     with pytest.raises(ArtifactError, match="no such"):
         Engine.from_file(tmp_path / "missing.onnx")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_fp32_rows_are_bit_identical_alone_and_in_any_batch(engines, cell):
+    # The guarantee the batcher relies on: measured by warmup's probe, checked here on other data.
+    e = engines[cell]
+    assert e.batch_invariant is True
+    rng = np.random.default_rng(5)
+    _, state = e.step(rng.integers(0, e.vocab_size, (16, 9)), e.initial_state(16))
+    tokens = rng.integers(0, e.vocab_size, (16, 1))
+    full, full_state = e.step(tokens, state)
+    for rows in ([3], [3, 0], list(range(3, 12))):
+        logits, new = e.step(tokens[rows], Engine.take(state, rows))
+        np.testing.assert_array_equal(logits[0], full[3])
+        for a, b in zip(new, full_state, strict=True):
+            np.testing.assert_array_equal(a[:, 0], b[:, 3])
+
+
+def test_int8_is_reported_batch_dependent(model_repo):
+    # Dynamic quantization scales each tensor by its own range, so batch mates change a row's logits.
+    e8 = Engine.load(load_artifact(model_repo / "gru" / "1", variant="int8"))
+    assert e8.batch_invariant is None
+    e8.warmup()
+    assert e8.batch_invariant is False and e8.pad_single_rows is False

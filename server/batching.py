@@ -1,0 +1,345 @@
+"""Continuous batching: one model's concurrent generations stepped together, one engine call per step.
+
+What is computed stays in `generation.Decoder` (sampling, stop rules); this module only decides
+which streams share an engine call. Per model version, one `Batcher` owns a worker thread:
+
+    batcher = Batcher(engine, BatchingConfig(max_batch_size=32))
+    batcher.submit(request, on_text=..., on_end=..., cancelled=...)   # from any thread
+    async for event in batcher.stream(request): ...                    # or from asyncio
+
+Each tick of the worker: new requests are prefilled (one engine call per group of equal prompt
+length: padding would change a recurrent state), then every active stream advances one char in
+engine calls of at most `max_batch_size` rows (state rows gathered, stepped, scattered back).
+Finished and cancelled streams leave between ticks, new ones join after their prefill; nobody waits
+for anybody else, except that an arrival at an idle batcher waits up to `max_wait_s` for company.
+An engine error fails only the streams of that one call. `BatchCore.tick(now)` is the whole
+scheduling logic, synchronous and driven by the caller's clock, so tests need no threads or sleeps.
+
+Reproducibility: each stream samples with its own seeded generator, and its logits are computed from
+its own state row; whether the text is bit-identical to the unbatched `generate` depends on
+onnxruntime's kernels being batch-invariant (see tests/unit/test_batching.py and the report).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from nextchar.server.engine import Engine, State
+from nextchar.server.generation import (
+    Decoder,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    TextChunk,
+)
+
+log = logging.getLogger(__name__)
+
+OnText = Callable[[str], None]
+OnEnd = Callable[[Finished | BaseException], None]
+
+
+class BatchingConfigError(ValueError):
+    """An invalid batching setting; the message names it and the allowed range."""
+
+
+class CapacityError(RuntimeError):
+    """The batcher is full; `limit` names the setting that refused the request (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 32       # rows per engine call, decode and prefill alike
+    max_wait_s: float = 0.002      # an arrival at an idle batcher waits this long for others to join
+    max_active_streams: int = 256  # streams decoding at once; more arrivals wait in the queue
+    max_queue: int = 256           # arrivals waiting for a free stream slot; beyond: CapacityError
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_batch_size": (self.max_batch_size, 1, 4096),
+            "max_wait_s": (self.max_wait_s, 0.0, 10.0),
+            "max_active_streams": (self.max_active_streams, 1, 1 << 20),
+            "max_queue": (self.max_queue, 0, 1 << 20),
+        }
+        for name, (value, lo, hi) in checks.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise BatchingConfigError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def admit_count(arrivals: Sequence[float], active: int, now: float,
+                config: BatchingConfig) -> tuple[int, float | None]:
+    """The collector: how many waiting arrivals (oldest first) to prefill now, and if none, how long to wait.
+
+    Flush on size (a full batch is waiting, or every free slot would be filled), on time (the oldest
+    has waited max_wait_s), or at once when streams are already active (the loop is running anyway).
+    Returns (n, None) or (0, seconds until the oldest's wait ends); (0, None) when there is no room
+    or nobody is waiting.
+    """
+    free = config.max_active_streams - active
+    if not arrivals or free <= 0:
+        return 0, None
+    n = min(len(arrivals), free)
+    waited = now - arrivals[0]
+    if active > 0 or n >= config.max_batch_size or n == free or waited >= config.max_wait_s:
+        return n, None
+    return 0, config.max_wait_s - waited
+
+
+def prefill_groups(lengths: Sequence[int], max_batch_size: int) -> list[list[int]]:
+    """Indices grouped by equal prompt length (first-come order), each group at most max_batch_size."""
+    by_length: dict[int, list[list[int]]] = {}
+    order: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        groups = by_length.setdefault(n, [])
+        if not groups or len(groups[-1]) >= max_batch_size:
+            groups.append([])
+            order.append(groups[-1])
+        groups[-1].append(i)
+    return order
+
+
+@dataclass(eq=False)
+class _Stream:
+    decoder: Decoder
+    on_text: OnText
+    on_end: OnEnd
+    cancelled: Callable[[], bool] | None
+    arrival: float
+    state: State | None = None
+    done: bool = False
+
+
+@dataclass
+class BatchStats:
+    prefill_calls: int = 0
+    decode_calls: int = 0
+    decode_rows: int = 0           # sum of batch sizes over decode calls
+    engine_seconds: float = 0.0    # time inside engine.step
+    failed_calls: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # decode batch size -> calls
+
+
+class BatchCore:
+    """The scheduler's state and one tick of it; not thread-safe except `submit` (see Batcher)."""
+
+    def __init__(self, engine: Engine, config: BatchingConfig, *, clock: Callable[[], float]) -> None:
+        self.engine, self.config, self.clock = engine, config, clock
+        self._inbox: deque[_Stream] = deque()  # appended by any thread, drained by tick()
+        self._lock = threading.Lock()
+        self.waiting: list[_Stream] = []
+        self.active: list[_Stream] = []
+        self.stats = BatchStats()
+
+    @property
+    def pending(self) -> int:
+        return len(self._inbox) + len(self.waiting)
+
+    @property
+    def has_arrivals(self) -> bool:
+        return bool(self._inbox)
+
+    def submit(self, request: GenerationRequest, *, on_text: OnText, on_end: OnEnd,
+               cancelled: Callable[[], bool] | None = None) -> Decoder:
+        """Queue a request (thread-safe). Raises request errors and CapacityError synchronously."""
+        decoder = Decoder(request, self.engine.vocab, self.engine.vocab_index, clock=self.clock)
+        c = self.config
+        with self._lock:
+            active, queued = len(self.active), self.pending
+            if active + queued >= c.max_active_streams + c.max_queue:
+                limit = "max_queue" if c.max_queue else "max_active_streams"
+                raise CapacityError(limit, (
+                    f"batcher full: {active} streams active (max_active_streams={c.max_active_streams}) and "
+                    f"{queued} waiting (max_queue={c.max_queue}); retry later"))
+            if request.echo:
+                on_text(decoder.echo_text)
+            self._inbox.append(_Stream(decoder, on_text, on_end, cancelled, arrival=self.clock()))
+        return decoder
+
+    def tick(self, now: float) -> float | None:
+        """Admit, prefill, then advance every active stream by one char. Returns seconds until the
+        next tick is due (0 = at once), or None when idle until the next submit."""
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+        self.waiting = [s for s in self.waiting if not self._left(s)]
+        self.active = [s for s in self.active if not self._left(s)]
+        n, _ = admit_count([s.arrival for s in self.waiting], len(self.active), now, self.config)
+        admitted, self.waiting = self.waiting[:n], self.waiting[n:]
+        lengths = [s.decoder.prompt_tokens.size for s in admitted]
+        for group in prefill_groups(lengths, self.config.max_batch_size):
+            self._prefill([admitted[i] for i in group])
+        self.active = [s for s in self.active if not s.done]
+        size = self.config.max_batch_size
+        for start in range(0, len(self.active), size):
+            self._decode(self.active[start:start + size])
+        self.active = [s for s in self.active if not s.done]
+        if self.active:
+            return 0.0
+        if not self.waiting:
+            return None
+        n, wait = admit_count([s.arrival for s in self.waiting], 0, now, self.config)
+        return 0.0 if n else wait
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every stream with `error` (used when the batcher shuts down)."""
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+        for s in self.waiting + self.active:
+            self._end(s, error)
+        self.waiting, self.active = [], []
+
+    def _left(self, s: _Stream) -> bool:
+        if s.done:
+            return True
+        try:
+            gone = s.cancelled is not None and s.cancelled()
+        except Exception as e:  # a broken callback ends only its own stream
+            self._end(s, e)
+            return True
+        if gone:
+            s.decoder.finish(FinishReason.CANCELLED)
+            self._end(s, s.decoder.finished_event())
+        return gone
+
+    def _step(self, streams: list[_Stream], tokens: np.ndarray,
+              state: State) -> tuple[np.ndarray, State] | None:
+        t0 = time.perf_counter()
+        try:
+            out = self.engine.step(tokens, state)
+        except Exception as e:  # the engine failed this call: its streams fail, the others go on
+            log.exception("engine step failed for %d stream(s)", len(streams))
+            self.stats.failed_calls += 1
+            for s in streams:
+                self._end(s, e)
+            return None
+        finally:
+            self.stats.engine_seconds += time.perf_counter() - t0
+        return out
+
+    def _prefill(self, group: list[_Stream]) -> None:
+        self.stats.prefill_calls += 1
+        tokens = np.stack([s.decoder.prompt_tokens for s in group])
+        out = self._step(group, tokens, self.engine.initial_state(len(group)))
+        if out is not None:
+            self._scatter(group, out)
+            self.active.extend(s for s in group if not s.done)
+
+    def _decode(self, chunk: list[_Stream]) -> None:
+        self.stats.decode_calls += 1
+        self.stats.decode_rows += len(chunk)
+        self.stats.batch_sizes[len(chunk)] = self.stats.batch_sizes.get(len(chunk), 0) + 1
+        tokens = np.array([[s.decoder.next_token] for s in chunk], dtype=np.int64)
+        state = Engine.concat_states([s.state for s in chunk])
+        out = self._step(chunk, tokens, state)
+        if out is not None:
+            self._scatter(chunk, out)
+
+    def _scatter(self, streams: list[_Stream], out: tuple[np.ndarray, State]) -> None:
+        logits, state = out
+        rows = Engine.split_state(state)
+        for i, s in enumerate(streams):
+            try:
+                text = s.decoder.feed(logits[i, -1])
+            except Exception as e:  # e.g. non-finite logits: only this stream fails
+                self._end(s, e)
+                continue
+            s.state = rows[i]
+            if text:
+                self._call(s, s.on_text, text)
+            if s.decoder.finished:
+                self._end(s, s.decoder.finished_event())
+
+    def _end(self, s: _Stream, end: Finished | BaseException) -> None:
+        if not s.done:
+            s.done = True
+            s.state = None
+            self._call(s, s.on_end, end)
+
+    def _call(self, s: _Stream, fn: Callable, arg: object) -> None:
+        try:
+            fn(arg)
+        except Exception:  # a consumer's callback must not stop the other streams
+            log.exception("stream callback failed; dropping the stream")
+            s.done = True
+
+
+class Batcher:
+    """A BatchCore driven by its own worker thread; `submit` and `stream` may be called from anywhere."""
+
+    def __init__(self, engine: Engine, config: BatchingConfig = BatchingConfig(), *,
+                 clock: Callable[[], float] = time.perf_counter, name: str = "") -> None:
+        self.core = BatchCore(engine, config, clock=clock)
+        self._clock = clock
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"nextchar-batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest, *, on_text: OnText, on_end: OnEnd,
+               cancelled: Callable[[], bool] | None = None) -> Decoder:
+        """Queue `request`. Callbacks run on the worker thread: on_text(text) per piece (the echo first,
+        on the caller's thread), then exactly one on_end(Finished or the exception that failed it)."""
+        if self._closing:
+            raise CapacityError("closed", "the batcher is shutting down")
+        decoder = self.core.submit(request, on_text=on_text, on_end=on_end, cancelled=cancelled)
+        self.wake()
+        return decoder
+
+    async def stream(self, request: GenerationRequest, *,
+                     cancelled: Callable[[], bool] | None = None) -> AsyncIterator[GenerationEvent]:
+        """TextChunk events then one Finished; raises what failed the stream. Leaving early cancels it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+        left = threading.Event()
+        self.submit(
+            request,
+            on_text=lambda text: loop.call_soon_threadsafe(queue.put_nowait, TextChunk(text)),
+            on_end=lambda end: loop.call_soon_threadsafe(queue.put_nowait, end),
+            cancelled=lambda: left.is_set() or (cancelled is not None and cancelled()),
+        )
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            left.set()
+            self.wake()
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Stop the worker; streams still running end with CapacityError("closed")."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            delay = self.core.tick(self._clock())
+            with self._wake:
+                if self._closing:
+                    break
+                if delay == 0.0 or self.core.has_arrivals:
+                    continue
+                self._wake.wait(delay)  # None: until a submit, a cancel or close notifies us
+        self.core.fail_all(CapacityError("closed", "the batcher shut down before this generation finished"))

@@ -1,0 +1,364 @@
+"""The continuous batcher: the collector, join/leave/cancel/errors on a fake clock, real-model equality."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from fake_engine import FakeEngine, ScriptedEngine
+from nextchar.server.batching import (
+    BatchCore,
+    Batcher,
+    BatchingConfig,
+    BatchingConfigError,
+    CapacityError,
+    admit_count,
+    prefill_groups,
+)
+from nextchar.server.generation import Finished, FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sink:
+    """Collects one stream's callbacks."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.end: Finished | BaseException | None = None
+
+    def text(self, t: str) -> None:
+        assert self.end is None
+        self.texts.append(t)
+
+    def finish(self, end) -> None:
+        assert self.end is None
+        self.end = end
+
+
+def make_core(engine, clock=None, **config) -> BatchCore:
+    config.setdefault("max_wait_s", 0.0)
+    return BatchCore(engine, BatchingConfig(**config), clock=clock or Clock())
+
+
+def submit(core: BatchCore, prompt: str = "ab", n: int = 5, cancelled=None, **kw) -> Sink:
+    sink = Sink()
+    kw.setdefault("sampling", GREEDY)
+    core.submit(GenerationRequest(prompt, n, **kw), on_text=sink.text, on_end=sink.finish,
+                cancelled=cancelled)
+    return sink
+
+
+def drain(core: BatchCore, clock: Clock | None = None, limit: int = 1000) -> None:
+    for _ in range(limit):
+        if core.tick(clock() if clock else 0.0) is None:
+            return
+    raise AssertionError("the batcher did not go idle")
+
+
+# The collector and the grouping, as pure functions.
+
+def test_admit_flushes_on_size_time_or_running_loop():
+    c = BatchingConfig(max_batch_size=3, max_wait_s=1.0, max_active_streams=10)
+    assert admit_count([], 0, 0.0, c) == (0, None)
+    assert admit_count([0.0, 0.1], 0, 0.5, c) == (0, 0.5)     # idle: wait for company
+    assert admit_count([0.0, 0.1], 0, 1.0, c) == (2, None)    # the oldest waited max_wait_s
+    assert admit_count([0.0, 0.1, 0.2], 0, 0.3, c) == (3, None)  # a full batch is waiting
+    assert admit_count([0.4], 2, 0.4, c) == (1, None)         # streams running: join at once
+
+
+def test_admit_respects_free_slots():
+    c = BatchingConfig(max_batch_size=8, max_wait_s=1.0, max_active_streams=4)
+    assert admit_count([0.0] * 5, 4, 9.0, c) == (0, None)
+    assert admit_count([0.0] * 5, 3, 0.0, c) == (1, None)
+    assert admit_count([0.0, 0.0], 2, 0.0, c) == (2, None)
+
+
+def test_prefill_groups_by_equal_length_in_arrival_order():
+    assert prefill_groups([2, 3, 2, 2, 3], 8) == [[0, 2, 3], [1, 4]]
+    assert prefill_groups([5, 5, 5], 2) == [[0, 1], [2]]
+    assert prefill_groups([], 4) == []
+
+
+@pytest.mark.parametrize("kw", [{"max_batch_size": 0}, {"max_wait_s": -1}, {"max_queue": -1},
+                                {"max_active_streams": 0}])
+def test_config_is_validated(kw):
+    with pytest.raises(BatchingConfigError, match=next(iter(kw))):
+        BatchingConfig(**kw)
+
+
+# The core, on a fake clock.
+
+def test_flush_on_time():
+    clock, engine = Clock(), FakeEngine()
+    core = make_core(engine, clock, max_wait_s=1.0, max_batch_size=4)
+    submit(core)
+    assert core.tick(0.0) == pytest.approx(1.0) and engine.calls == []
+    clock.now = 0.5
+    submit(core)
+    assert core.tick(0.5) == pytest.approx(0.5) and engine.calls == []
+    assert core.tick(1.0) == 0.0
+    assert engine.calls[:2] == [(2, 2), (2, 1)]  # one prefill for both, then one decode step for both
+
+
+def test_flush_on_size():
+    engine = FakeEngine()
+    core = make_core(engine, max_wait_s=5.0, max_batch_size=3)
+    for _ in range(3):
+        submit(core)
+    core.tick(0.0)
+    assert engine.calls[0] == (3, 2)
+
+
+def test_join_and_leave_between_steps():
+    engine = FakeEngine()
+    core = make_core(engine)
+    a = submit(core, "abc", 3)
+    core.tick(0.0)
+    b = submit(core, "ab", 4)
+    drain(core)
+    # tick 1: a's prefill (1st char) + a decode (2nd); tick 2: b's prefill, then a (3rd, leaves) and b
+    # share one decode call; ticks 3 and 4: b alone.
+    assert engine.calls == [(1, 3), (1, 1), (1, 2), (2, 1), (1, 1), (1, 1)]
+    assert a.end.reason is FinishReason.LENGTH and b.end.reason is FinishReason.LENGTH
+    assert len("".join(a.texts)) == 3 and len("".join(b.texts)) == 4
+
+
+def test_decode_batches_are_capped_and_prefills_grouped_by_length():
+    engine = FakeEngine()
+    core = make_core(engine, max_batch_size=2)
+    sinks = [submit(core, p, 3) for p in ("ab", "abc", "ba", "cab", "bb")]
+    drain(core)
+    assert engine.calls[:3] == [(2, 2), (2, 3), (1, 2)]  # lengths 2,2 | 3,3 | 2 (groups in arrival order)
+    assert engine.calls[3:6] == [(2, 1), (2, 1), (1, 1)]
+    assert all(isinstance(s.end, Finished) and len("".join(s.texts)) == 3 for s in sinks)
+
+
+def test_batched_text_equals_unbatched_on_the_fake_model():
+    # The fake model is plain numpy; its rows do not depend on batch mates beyond float rounding,
+    # and sampling is per row with its own generator.
+    reqs = [GenerationRequest(p, 30, SamplingParams(0.8, top_k=4), seed=s)
+            for p, s in (("ab", 1), ("ba", 2), ("abc", 3), ("ab", 4))]
+    alone = ["".join(e.text for e in generate(FakeEngine(), r) if isinstance(e, TextChunk)) for r in reqs]
+    core = make_core(FakeEngine())
+    sinks = []
+    for r in reqs:
+        sink = Sink()
+        core.submit(r, on_text=sink.text, on_end=sink.finish)
+        sinks.append(sink)
+    drain(core)
+    assert ["".join(s.texts) for s in sinks] == alone
+
+
+def test_cancel_leaves_between_steps_others_go_on():
+    engine = FakeEngine()
+    core = make_core(engine)
+    flag = {"a": False}
+    a = submit(core, n=50, cancelled=lambda: flag["a"])
+    b = submit(core, n=6)
+    core.tick(0.0)  # prefill + one decode step: two chars each
+    flag["a"] = True
+    drain(core)
+    assert a.end.reason is FinishReason.CANCELLED and a.end.usage.generated_chars == 2
+    assert b.end.reason is FinishReason.LENGTH and len("".join(b.texts)) == 6
+    assert engine.calls[-1] == (1, 1)
+
+
+def test_cancel_while_waiting_for_a_slot():
+    core = make_core(FakeEngine(), max_active_streams=1)
+    a = submit(core, n=4)
+    b = submit(core, n=4, cancelled=lambda: True)
+    drain(core)
+    assert a.end.reason is FinishReason.LENGTH
+    assert b.end.reason is FinishReason.CANCELLED and b.texts == []
+
+
+class FailingEngine(FakeEngine):
+    def __init__(self, fail_calls: set[int]) -> None:
+        super().__init__()
+        self.fail_calls = fail_calls
+
+    def step(self, tokens, state):
+        if len(self.calls) in self.fail_calls:
+            self.calls.append(tokens.shape)
+            raise RuntimeError("boom")
+        return super().step(tokens, state)
+
+
+def test_an_engine_error_fails_only_that_calls_streams():
+    engine = FailingEngine(fail_calls={3})  # calls: prefill, decode [0,1], decode [2,3] (fails), ...
+    core = make_core(engine, max_batch_size=2)
+    sinks = [submit(core, "ab", 5, seed=i) for i in range(4)]
+    drain(core)
+    assert [type(s.end).__name__ for s in sinks] == ["Finished", "Finished", "RuntimeError", "RuntimeError"]
+    assert all(len("".join(s.texts)) == 5 for s in sinks[:2])
+    assert core.stats.failed_calls == 1
+
+
+def test_a_failing_prefill_fails_its_group_only():
+    engine = FailingEngine(fail_calls={0})
+    core = make_core(engine)
+    bad = [submit(core, "ab"), submit(core, "ba")]
+    good = submit(core, "abc")
+    drain(core)
+    assert all(isinstance(s.end, RuntimeError) for s in bad)
+    assert good.end.reason is FinishReason.LENGTH
+
+
+def test_stop_sequences_and_echo_in_a_batch():
+    core = make_core(ScriptedEngine("xyzSTOPabc" * 3))
+    a = submit(core, "ab", 20, stop=("TOP",), echo=True)
+    drain(core)
+    # ScriptedEngine advances its script per call, shared by the batch: prefill x, then y z S T O P.
+    assert a.texts[0] == "ab" and "".join(a.texts) == "abxyzS"
+    assert a.end.reason is FinishReason.STOP_SEQUENCE
+
+
+def test_backpressure_names_the_limit():
+    core = make_core(FakeEngine(), max_active_streams=2, max_queue=1)
+    for _ in range(3):
+        submit(core)
+    with pytest.raises(CapacityError) as e:
+        submit(core)
+    assert e.value.limit == "max_queue" and "max_queue=1" in str(e.value)
+    drain(core)
+    submit(core)  # room again
+    core2 = make_core(FakeEngine(), max_active_streams=1, max_queue=0)
+    submit(core2)
+    with pytest.raises(CapacityError) as e:
+        submit(core2)
+    assert e.value.limit == "max_active_streams"
+
+
+def test_queued_request_joins_when_a_slot_frees():
+    engine = FakeEngine()
+    core = make_core(engine, max_active_streams=1, max_queue=4)
+    a, b = submit(core, "ab", 2), submit(core, "abc", 2)
+    drain(core)
+    assert engine.calls == [(1, 2), (1, 1), (1, 3), (1, 1)]
+    assert isinstance(a.end, Finished) and isinstance(b.end, Finished)
+
+
+def test_a_raising_callback_drops_only_its_stream():
+    core = make_core(FakeEngine())
+
+    def broken(_text: str) -> None:
+        raise ValueError("consumer gone")
+
+    core.submit(GenerationRequest("ab", 5, GREEDY), on_text=broken, on_end=lambda e: None)
+    ok = submit(core, "ab", 5)
+    drain(core)
+    assert ok.end.reason is FinishReason.LENGTH and len(core.active) == 0
+
+
+# Real models: the batched text is exactly the unbatched text (the guarantee for fp32 engines).
+
+@pytest.fixture(scope="module")
+def engines(model_repo):
+    from nextchar.server.artifact import load_artifact
+    from nextchar.server.engine import Engine
+
+    out = {}
+    for name in ("lstm", "gru", "rnn"):
+        out[name] = Engine.load(load_artifact(model_repo / name / "1"))
+        out[name].warmup()
+    return out
+
+
+PROMPTS = ("O say", "What so", "Whose broad", "O say", "And the", "Gave", "O’er the", "O")
+
+
+def requests(n: int) -> list[GenerationRequest]:
+    rng = np.random.default_rng(0)
+    return [GenerationRequest(
+        PROMPTS[i % len(PROMPTS)], int(rng.integers(20, 60)),
+        SamplingParams(temperature=float(rng.choice([0.0, 0.7, 1.0, 1.5])), top_k=int(rng.choice([0, 5])),
+                       top_p=float(rng.choice([1.0, 0.9]))),
+        seed=1000 + i, stop=("\n",) if i % 3 == 0 else ())
+        for i in range(n)]
+
+
+def alone(engine, req: GenerationRequest) -> tuple[str, Finished]:
+    events = list(generate(engine, req))
+    return "".join(e.text for e in events if isinstance(e, TextChunk)), events[-1]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_batched_equals_alone_bit_for_bit(engines, cell):
+    engine = engines[cell]
+    assert engine.batch_invariant
+    reqs = requests(32)
+    core = make_core(engine, max_batch_size=16)
+    sinks = []
+    for r in reqs:
+        sink = Sink()
+        core.submit(r, on_text=sink.text, on_end=sink.finish)
+        sinks.append(sink)
+    drain(core)
+    assert max(core.stats.batch_sizes) == 16
+    for r, s in zip(reqs, sinks, strict=True):
+        text, fin = alone(engine, r)
+        assert "".join(s.texts) == text
+        assert (s.end.reason, s.end.usage) == (fin.reason, fin.usage)
+
+
+def test_async_streams_through_the_worker_thread(engines):
+    engine = engines["gru"]
+    batcher = Batcher(engine, BatchingConfig(max_batch_size=8, max_wait_s=0.01), name="gru")
+    reqs = requests(8)
+
+    async def collect(req: GenerationRequest) -> tuple[str, Finished]:
+        parts, end = [], None
+        async for event in batcher.stream(req):
+            if isinstance(event, TextChunk):
+                parts.append(event.text)
+            else:
+                end = event
+        return "".join(parts), end
+
+    async def cancel_early() -> Finished | None:
+        async for event in batcher.stream(GenerationRequest("O say", 10_000, SamplingParams(), seed=1)):
+            if isinstance(event, TextChunk):
+                break  # leaving the iterator cancels the stream
+        return None
+
+    async def main():
+        return await asyncio.gather(*(collect(r) for r in reqs), cancel_early())
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    for r, (text, fin) in zip(reqs, results[:-1], strict=True):
+        assert (text, fin.reason) == (alone(engine, r)[0], alone(engine, r)[1].reason)
+    assert batcher.core.stats.decode_rows > batcher.core.stats.decode_calls  # steps were shared
+    assert not batcher.core.active and not batcher.core.waiting
+
+
+def test_close_ends_running_streams(engines):
+    batcher = Batcher(engines["lstm"], BatchingConfig(max_wait_s=0.0))
+    ends: list = []
+    import threading
+    done = threading.Event()
+
+    def on_end(end):
+        ends.append(end)
+        done.set()
+
+    batcher.submit(GenerationRequest("O say", 100_000, SamplingParams(), seed=3),
+                   on_text=lambda t: None, on_end=on_end)
+    batcher.close()
+    assert done.wait(10)
+    assert isinstance(ends[0], CapacityError) and ends[0].limit == "closed"
+    with pytest.raises(CapacityError):
+        batcher.submit(GenerationRequest("O", 1), on_text=lambda t: None, on_end=lambda e: None)
