@@ -225,7 +225,8 @@ class Runner:
                         break
             except (asyncio.CancelledError, GeneratorExit):
                 track.stop_requested_at = self._clock()
-                self.cancelled_streams += 1
+                if deadline is None or track.stop_requested_at < deadline:  # else gRPC enforced the deadline
+                    self.cancelled_streams += 1
                 raise
             finally:
                 stop.set()

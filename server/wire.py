@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nextchar.server.artifact import validate_model_name
 from nextchar.server.generation import FinishReason, GenerationRequest
 from nextchar.server.registry import LoadedModel
 from nextchar.server.runner import Outcome
@@ -46,6 +47,7 @@ def model_ref(ref: pb.ModelRef) -> tuple[str, int | None]:
     """-> (name, version or None for the latest)."""
     if not ref.name:
         raise InvalidParameterError("model.name", "is required (ListModels shows the available names)")
+    validate_model_name(ref.name)  # a malformed name is the caller's mistake, not a missing model
     if not ref.HasField("version") or ref.version == 0:
         return ref.name, None
     if ref.version < 0:

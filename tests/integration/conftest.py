@@ -87,7 +87,8 @@ def wait_serving(address: str, service: str = "", timeout: float = START_TIMEOUT
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2, wait_for_ready=True)
+                request = health_pb2.HealthCheckRequest(service=service)
+                reply = stub.Check(request, timeout=2, wait_for_ready=True)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -137,7 +138,9 @@ def nextchar_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "nextchar.client.cli", *args]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+            ) -> subprocess.CompletedProcess:
+    """`nextchar ARGS...` in a subprocess; stdout and stderr captured as text."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(nextchar_cmd(*args), capture_output=True, text=True, env=full_env, timeout=timeout,
                           cwd=ROOT)
