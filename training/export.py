@@ -40,13 +40,17 @@ class _ExportModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None = None):
+    def forward(
+        self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """tokens int64[B, T], h0 (, c0) float32[L, B, H] -> logits float32[B, T, V], hn (, cn)."""
         state = (h0, c0) if c0 is not None else (h0,)
         logits, new = self.model(tokens, state)
         return (logits, *new)
 
 
 def io_names(config: ModelConfig) -> manifest_pb2.IoNames:
+    """The graph's input/output names; c0/cn are empty unless the cell is an LSTM."""
     names = dict(IO_NAMES)
     if not config.has_cell_state:
         names["c0"] = names["cn"] = ""
@@ -200,15 +204,12 @@ def _torch_export(model: CharModel, path: Path) -> None:
 
 
 def _set_metadata(path: Path, manifest: manifest_pb2.ModelManifest, vocab: list[str]) -> None:
+    """Embed the manifest (proto3 JSON) and the vocabulary (a JSON array) in the ONNX file's metadata."""
     graph = onnx.load(str(path))
-    keep = [p for p in graph.metadata_props if p.key not in (art.META_MANIFEST, art.META_VOCAB)]
-    del graph.metadata_props[:]
-    graph.metadata_props.extend(keep)
-    onnx.helper.set_model_props(graph, {
-        **{p.key: p.value for p in keep},
-        art.META_MANIFEST: art.manifest_to_json(manifest),
-        art.META_VOCAB: json.dumps(vocab, ensure_ascii=False),
-    })
+    props = {p.key: p.value for p in graph.metadata_props}
+    props[art.META_MANIFEST] = art.manifest_to_json(manifest)
+    props[art.META_VOCAB] = json.dumps(vocab, ensure_ascii=False)
+    onnx.helper.set_model_props(graph, props)  # replaces all props: no duplicate keys on a rewrite
     onnx.save(graph, str(path))
     _fsync(path)
 
@@ -219,7 +220,7 @@ def _eval_tokens(vocab: list[str], text: str | None, seq: int = 64, max_windows:
     ids = [index[ch] for ch in (text or "") if ch in index]
     if len(ids) < seq:
         return np.random.default_rng(0).integers(0, len(vocab), size=(16, seq), dtype=np.int64)
-    starts = range(0, len(ids) - seq + 1, max(1, (len(ids) - seq) // max_windows or 1))
+    starts = range(0, len(ids) - seq + 1, max(1, (len(ids) - seq) // max_windows))
     return np.array([ids[s:s + seq] for s in list(starts)[:max_windows]], dtype=np.int64)
 
 

@@ -17,6 +17,7 @@ CELL_TYPES = {
     "rnn": manifest_pb2.CELL_TYPE_RNN, "lstm": manifest_pb2.CELL_TYPE_LSTM, "gru": manifest_pb2.CELL_TYPE_GRU,
 }
 
+
 def build_manifest(
     model: CharModel, vocab: list[str], name: str, version: int,
     training: dict[str, Any] | None, opset: int, ir_version: int, io: manifest_pb2.IoNames,
