@@ -136,7 +136,7 @@ def load_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = No
     values: dict[str, Any] = {}
     for name, spec in _SPECS.items():
         raw, source = flags.get(name), spec.flag
-        if raw is None and spec.env in env:
+        if raw is None and env.get(spec.env):  # an empty variable counts as unset
             raw, source = env[spec.env], f"env {spec.env}"
         if raw is None:
             continue
