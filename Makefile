@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install proto test lint bench demo clean
+.PHONY: install proto test lint bench demo clean compose-smoke
 
 install: $(STAMP)   ## .venv with nextchar, the trainer (CPU torch) and the test tools
 
@@ -24,6 +24,9 @@ bench: $(STAMP) proto
 
 demo: $(STAMP) proto   ## train the default model on the built-in corpus, export, serve, generate
 	bash scripts/demo.sh
+
+compose-smoke: $(STAMP) proto   ## the real deployment with podman (root): build, compose up, scale out, kill a replica
+	bash scripts/compose_smoke.sh
 
 clean:
 	rm -rf build *.egg-info .pytest_cache runs models

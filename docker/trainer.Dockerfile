@@ -1,0 +1,34 @@
+# nextchar trainer: CPU torch + the trainer and exporter; runs once, writing models to /models.
+#
+# BASE: a Debian-based image with python3 3.11 (the CPU torch wheel's ABI) and its venv module.
+# torch 2.13.0 on PyPI is the CUDA build (GBs): stage the CPU wheel first (scripts/deploy/stage-wheels.sh
+# puts the host's into docker/wheels/), or pass TORCH_INDEX_URL, an index that serves the CPU build.
+ARG BASE=python:3.11-slim-bookworm
+
+FROM ${BASE} AS build
+ARG TORCH_INDEX_URL=""
+WORKDIR /src
+COPY docker/wheels/ /wheels/
+COPY pyproject.toml setup.py README.md ./
+COPY scripts/gen_proto.py scripts/gen_proto.py
+COPY proto/ proto/
+COPY training/ training/
+COPY server/ server/
+COPY client/ client/
+# A staged torch-2.13.0+cpu wheel wins over PyPI's 2.13.0 (a local version sorts higher).
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheels \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[train]" \
+    && /opt/venv/bin/python -c "import torch; assert not torch.cuda.is_available(), torch.__version__"
+
+FROM ${BASE}
+COPY --from=build /opt/venv /opt/venv
+COPY scripts/deploy/train-models.sh /usr/local/bin/nextchar-train-models
+RUN mkdir -p /models /work && chown 10001:10001 /models /work
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MPLCONFIGDIR=/tmp/matplotlib
+USER 10001:10001
+WORKDIR /work
+CMD ["nextchar-train-models"]
