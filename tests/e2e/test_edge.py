@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ INSTALL_TIMEOUT_S = 900
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+    "--enable-logging=stderr", "--v=0",  # the page's console messages land in the log shown on failure
 )
 
 
@@ -160,7 +163,7 @@ def greedy_node(node: str, model_file: Path, prompt: str, max_chars: int) -> str
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """Static files from client/, /models/ from the model repository, POST /report into a queue."""
+    """Static files from client/, /models/ from the model repository; POST /report/<id> into a queue."""
 
     extensions_map = {  # noqa: RUF012 (the base class's API is a plain dict attribute)
         ".html": "text/html", ".mjs": "text/javascript", ".js": "text/javascript",
@@ -176,7 +179,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.server.reports.put(json.loads(body))
+        self.server.reports.put((self.path.removeprefix("/report/"), json.loads(body)))
         self.send_response(204)
         self.end_headers()
 
@@ -214,16 +217,21 @@ def page_server(model_repo: Path) -> Iterator[PageServer]:
 def greedy_browser(chromium: str, server: PageServer, model_path: str, prompt: str, max_chars: int,
                    profile: Path) -> str:
     """Open client/web in headless chromium with auto=1 and wait for the page's POSTed report."""
+    run_id = uuid.uuid4().hex  # a report from an earlier page (late, after its test gave up) is ignored
     query = urlencode({"model": f"/models/{model_path}", "prompt": prompt, "max": max_chars, "auto": 1,
-                       "report": "/report"})
+                       "report": f"/report/{run_id}"})
     log = profile / "chromium.log"
     with log.open("w") as err:
         proc = subprocess.Popen(
             [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"{server.url}/web/index.html?{query}"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
         )
+    deadline = time.monotonic() + BROWSER_TIMEOUT_S
     try:
-        report = server.reports.get(timeout=BROWSER_TIMEOUT_S)
+        while True:
+            got, report = server.reports.get(timeout=max(0.0, deadline - time.monotonic()))
+            if got == run_id:
+                break
     except queue.Empty:
         pytest.fail(f"the page reported nothing in {BROWSER_TIMEOUT_S} s; chromium said:\n"
                     f"{log.read_text()[-3000:]}")
