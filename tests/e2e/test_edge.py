@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -331,3 +332,15 @@ def test_node_rejects_bad_input_with_a_clear_error(node: str, model_repo: Path, 
     done = run_node(node, "--model", str(foreign), "--prompt", "O")
     assert done.returncode == 2
     assert 'not a nextchar model: ONNX metadata has no "nextchar.manifest"' in done.stderr
+
+
+def test_js_library_unit_tests(node: str) -> None:
+    """client/js/test/*.test.mjs with node's own test runner: metadata reader, manifest checks, argmax."""
+    done = subprocess.run(
+        [node, "--test", str(CLIENT_DIR / "js" / "test")], capture_output=True, encoding="utf-8",
+        timeout=NODE_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "# fail 0" in done.stdout
+    passed = re.search(r"^# pass (\d+)$", done.stdout, re.MULTILINE)
+    assert passed is not None and int(passed.group(1)) > 0, done.stdout[-2000:]
