@@ -53,7 +53,9 @@ class ModelConfig:
         return cls(**d)
 
 
-SCHEDULES = ("cosine", "plateau", "constant")
+# cosine: over --max-steps (exactly resumable); cosine-time: over --max-minutes of wall time, which
+# fits a time budget on a busy machine but depends on the clock, so its resume is not bit-exact.
+SCHEDULES = ("cosine", "cosine-time", "plateau", "constant")
 
 # Field -> command-line flag, so a ConfigError names what the user typed.
 FLAGS = {
@@ -91,7 +93,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     grad_clip: float = 5.0  # max global grad norm; 0 = no clipping
-    schedule: str = "cosine"  # cosine needs max_steps (its horizon); plateau halves lr on a flat val loss
+    schedule: str = "cosine"  # see SCHEDULES; plateau halves lr after a flat val loss
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
     max_steps: int = 0
@@ -135,6 +137,8 @@ class TrainConfig:
             raise ConfigError("set --max-steps or --max-minutes (or both): a run needs a limit to end")
         if self.schedule == "cosine" and self.max_steps == 0:
             raise ConfigError("--schedule cosine needs --max-steps > 0 (its horizon); or use plateau")
+        if self.schedule == "cosine-time" and self.max_minutes == 0.0:
+            raise ConfigError("--schedule cosine-time needs --max-minutes > 0 (its horizon)")
         if self.warmup_steps and self.max_steps and self.warmup_steps >= self.max_steps:
             raise _bad("warmup_steps", f"< --max-steps ({self.max_steps})", self.warmup_steps)
 

@@ -26,13 +26,19 @@ def corpus_info(corpus: Corpus) -> dict:
             "chars": len(corpus.text)}
 
 
-def lr_at(config: TrainConfig, step: int, scale: float) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule, times `scale`."""
+def lr_at(config: TrainConfig, step: int, scale: float, elapsed_s: float = 0.0) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule, times `scale`.
+
+    `elapsed_s` (wall seconds so far) is the clock of the cosine-time schedule.
+    """
     if step < config.warmup_steps:
         return config.lr * scale * (step + 1) / config.warmup_steps
-    if config.schedule != "cosine":
+    if config.schedule == "cosine":
+        t = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    elif config.schedule == "cosine-time":
+        t = elapsed_s / (config.max_minutes * 60.0)
+    else:
         return config.lr * scale
-    t = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
     ratio = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
     return config.lr * scale * ratio
 
@@ -180,7 +186,7 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
             state = None  # a new epoch starts the streams at a new offset: no state to carry
         x, y = streams.batch_at(p.step)
         for g in opt.param_groups:
-            g["lr"] = lr_at(config, p.step, p.lr_scale)
+            g["lr"] = lr_at(config, p.step, p.lr_scale, p.train_seconds + time.perf_counter() - seg_start)
         logits, state = model(x, state)
         state = tuple(s.detach() for s in state)  # truncated BPTT: keep the values, drop the graph
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
