@@ -65,22 +65,28 @@ def _as_row(logits: np.ndarray) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"logits must be a non-empty vector float[V], got shape {x.shape}")
-    if np.isnan(x).any():
-        raise ValueError("logits contain NaN")
     return x
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Pick one token id from `logits: float[V]`.
+    """Pick one token id from `logits: float[V]` (float64 arithmetic).
 
-    Exactly one `rng.random()` draw per non-greedy call, whatever the filters, so a request's
-    stream of draws depends only on its seed and its step count. Candidates are ordered by logit
-    (descending, ties by id) before filtering and drawing, so the result never depends on how a
-    sort happens to break ties. Arithmetic is float64.
+    Greedy: argmax, ties to the lowest id, no draw. Otherwise exactly one `rng.random()` draw per
+    call whatever the filters, so a request's draws depend only on its seed and step count; the draw
+    is mapped through the cumulative distribution over candidates in id order, or, when top-k or
+    top-p filter them, in descending logit order (ties by id). Either order is fixed by the logits
+    alone, so equal logits give equal tokens. This runs once per generated char per stream, so the
+    plain-temperature path uses as few numpy calls as it can.
     """
     x = _as_row(logits)
+    top = x.max()
+    if top != top:  # max propagates NaN
+        raise ValueError("logits contain NaN")
     if params.temperature == 0.0:
         return int(np.argmax(x))
+    if not params.top_k and params.top_p >= 1.0:
+        cum = np.exp((x - top) / params.temperature).cumsum()
+        return min(int(cum.searchsorted(rng.random() * cum[-1], side="right")), x.size - 1)
     order = np.argsort(-x, kind="stable")
     scaled = x[order] / params.temperature
     if params.top_k:
