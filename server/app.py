@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from nextchar.server import wire
+from nextchar.server.batching import BatchingConfig
 from nextchar.server.config import ServerConfig
 from nextchar.server.registry import Registry, engine_loader
 from nextchar.server.runner import Runner
@@ -66,7 +67,8 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     """
     registry = Registry(config.model_repo, engine_loader(config.variant, config.intra_op_threads))
     registry.load_latest()
-    runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars)
+    batching = BatchingConfig(max_batch_size=config.max_batch_size) if config.batching else None
+    runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars, batching=batching)
     servicer = NextCharServicer(registry, runner, wire.Limits(config.max_prompt_chars, config.max_new_chars))
     grpc_server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -13,6 +13,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from nextchar.server.artifact import ArtifactError, ModelNameError
+from nextchar.server.batching import CapacityError
 from nextchar.server.registry import ModelNotFoundError
 from nextchar.server.runner import DeadlineError, OverloadedError, ShuttingDownError
 from nextchar.server.sampling import InvalidParameterError
@@ -29,6 +30,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),  # a version on disk that cannot be served
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),   # the batcher's queue is full
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
 )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+from nextchar.server.batching import Batcher, BatchingConfig
 from nextchar.server.generation import Finished, FinishReason, GenerationRequest, TextChunk, generate
 
 T = TypeVar("T")
@@ -132,12 +133,63 @@ class _Channel:
                 self._waiter = None
 
 
+class _Job:
+    """One generation's worker side: the stop flag, the deadline, the step count, the end."""
+
+    def __init__(self, track: GenerationTrack, channel: _Channel, deadline: float | None,
+                 clock: Clock) -> None:
+        self.track, self.channel, self.deadline, self._clock = track, channel, deadline, clock
+        self.stop = threading.Event()
+        self.started: float | None = None
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and self._clock() >= self.deadline
+
+    def stopped(self) -> bool:
+        """Polled before every engine call: the caller left, or the deadline passed."""
+        if self.stop.is_set():
+            return True
+        if self.past_deadline():
+            self.track.stop_requested_at = self._clock()
+            return True
+        return False
+
+    def counted_stop(self) -> bool:
+        """`stopped` for the batcher, which polls it once per stream per step: so it counts steps too."""
+        self.track.steps += 1
+        return self.stopped()
+
+    def finish(self, end: Finished | BaseException) -> None:
+        self.track.finished_at = self._clock()
+        if isinstance(end, Finished):
+            timed_out = end.reason is FinishReason.CANCELLED and not self.stop.is_set()
+            self.track.reason = FinishReason.DEADLINE if timed_out else end.reason
+        self.channel.close(end)
+
+    def run(self, engine: Any, request: GenerationRequest) -> None:
+        """The unbatched loop, on a worker thread: prefill once, then one engine call per char."""
+        self.started = self._clock()
+        end: Finished | BaseException
+        try:
+            counting = _Counting(engine, self.track)
+            for event in generate(counting, request, clock=self._clock, cancelled=self.stopped):
+                if isinstance(event, TextChunk):
+                    self.channel.put(event.text)
+                else:
+                    end = event
+        except BaseException as e:  # handed to the event loop, which raises it for the caller
+            end = e
+        self.finish(end)
+
+
 class Runner:
     """Where requests meet threads. Every call holds one of `max_concurrent` slots (more are
-    OverloadedError); while draining every new call is ShuttingDownError."""
+    OverloadedError); while draining every new call is ShuttingDownError. Generations run either
+    each on its own worker thread, or (with `batching`) through one Batcher per model version."""
 
     def __init__(self, max_concurrent: int, flush_s: float, flush_chars: int, *,
-                 clock: Clock = time.perf_counter, track_history: int = 256) -> None:
+                 batching: BatchingConfig | None = None, clock: Clock = time.perf_counter,
+                 track_history: int = 256) -> None:
         self.max_concurrent = max_concurrent
         self.flush_s, self.flush_chars = flush_s, flush_chars
         self._clock = clock
@@ -148,6 +200,8 @@ class Runner:
         self.cancelled_streams = 0  # generations stopped because the caller went away
         self.tracks: deque[GenerationTrack] = deque(maxlen=track_history)
         self._idle: asyncio.Event | None = None
+        self._batching = batching  # None: every generation loops on its own worker thread
+        self._batchers: dict[int, Batcher] = {}  # id(engine) -> its batcher
 
     def ensure_open(self) -> None:
         if self.draining:
@@ -175,68 +229,58 @@ class Runner:
     async def generate(self, engine: Any, request: GenerationRequest,
                        deadline_s: float | None = None) -> AsyncIterator[str | Outcome]:
         """Stream one generation: text pieces (coalesced: at most every flush_s or flush_chars once the
-        first char is out), then one Outcome. Stops the worker at once when the caller goes away."""
+        first char is out), then one Outcome. Stops the work at once when the caller goes away."""
         with self._admit():
             loop = asyncio.get_running_loop()
             arrived = self._clock()
-            deadline = None if deadline_s is None else arrived + deadline_s
             track = GenerationTrack(next(self._ids), request.max_new_chars, started_at=arrived)
             self.tracks.append(track)
-            stop = threading.Event()
-            channel = _Channel(loop)
-            started: list[float] = []
-
-            def stopped() -> bool:
-                if stop.is_set():
-                    return True
-                if deadline is not None and self._clock() >= deadline:
-                    track.stop_requested_at = self._clock()
-                    return True
-                return False
-
-            def work() -> None:
-                started.append(self._clock())
-                end: Finished | BaseException
-                try:
-                    events = generate(_Counting(engine, track), request, clock=self._clock, cancelled=stopped)
-                    for event in events:
-                        if isinstance(event, TextChunk):
-                            channel.put(event.text)
-                        else:
-                            end = event
-                except BaseException as e:  # handed to the event loop, which raises it for the caller
-                    end = e
-                track.finished_at = self._clock()
-                if isinstance(end, Finished):
-                    timed_out = end.reason is FinishReason.CANCELLED and not stop.is_set()
-                    track.reason = FinishReason.DEADLINE if timed_out else end.reason
-                channel.close(end)
-
-            loop.run_in_executor(self._executor, work)
+            deadline = None if deadline_s is None else arrived + deadline_s
+            job = _Job(track, _Channel(loop), deadline, self._clock)
+            if self._batching is not None:
+                # Decoder errors (bad prompt) raise here, before anything was streamed.
+                self._batcher(engine).submit(request, on_text=job.channel.put, on_end=job.finish,
+                                             cancelled=job.counted_stop)
+                job.started = self._clock()
+            else:
+                loop.run_in_executor(self._executor, job.run, engine, request)
             first = True
             try:
                 while True:
-                    text, end = await channel.take(1 if first else self.flush_chars,
-                                                   None if first else self.flush_s)
+                    text, end = await job.channel.take(1 if first else self.flush_chars,
+                                                       None if first else self.flush_s)
                     if text:
                         first = False
                         yield text
                     if end is not None:
                         break
             except (asyncio.CancelledError, GeneratorExit):
-                track.stop_requested_at = self._clock()
-                if deadline is None or track.stop_requested_at < deadline:  # else gRPC enforced the deadline
+                if not job.past_deadline():  # else gRPC itself ended the call at its deadline
                     self.cancelled_streams += 1
+                track.stop_requested_at = self._clock()
                 raise
             finally:
-                stop.set()
+                job.stop.set()
             if isinstance(end, BaseException):
                 raise end
-            if end.reason is FinishReason.CANCELLED and deadline is not None and self._clock() >= deadline:
+            if end.reason is FinishReason.CANCELLED and job.past_deadline():
                 raise DeadlineError(
                     f"deadline of {deadline_s:.3f}s passed after {end.usage.generated_chars} of "
                     f"max_new_chars={request.max_new_chars} characters; generation stopped")
-            yield Outcome(end, started[0] - arrived)
+            yield Outcome(end, (job.started or arrived) - arrived)
+
+    @property
+    def batchers(self) -> list[Batcher]:
+        """The batchers started so far (one per model version used), e.g. for their `core.stats`."""
+        return list(self._batchers.values())
+
+    def _batcher(self, engine: Any) -> Batcher:
+        batcher = self._batchers.get(id(engine))
+        if batcher is None:
+            name = getattr(getattr(engine, "artifact", None), "name", "")
+            batcher = Batcher(engine, self._batching, clock=self._clock, name=name)
+            self._batchers[id(engine)] = batcher
+        return batcher
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new calls; wait up to `timeout` s for running ones. True if all finished in time."""
@@ -251,4 +295,6 @@ class Runner:
             return False
 
     def close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,68 @@
+"""The server with continuous batching on: same text as unbatched, concurrent streams share engine calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from nextchar.client.client import AsyncNextCharClient, NextCharClient
+from nextchar.server.artifact import load_artifact
+from nextchar.server.engine import Engine
+from nextchar.server.generation import FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.sampling import SamplingParams
+
+PROMPT = "O say can you see"
+
+
+@pytest.fixture(scope="module")
+def batched(make_server):
+    return make_server(batching=True, max_batch_size=8, max_new_chars=100_000)
+
+
+def in_process(repo: Path, name: str, n: int, seed: int, temperature: float) -> str:
+    engine = Engine.load(load_artifact(repo / name / "1"))
+    sampling = SamplingParams(temperature=temperature)
+    request = GenerationRequest(prompt=PROMPT, max_new_chars=n, sampling=sampling, seed=seed)
+    return "".join(e.text for e in generate(engine, request) if isinstance(e, TextChunk))
+
+
+def test_one_batched_stream_equals_in_process_greedy(batched, model_repo: Path) -> None:
+    with NextCharClient(batched.address) as c:
+        assert c.generate("lstm", PROMPT, 300).text == in_process(model_repo, "lstm", 300, 0, 0.0)
+        assert "".join(c.generate_stream("lstm", PROMPT, 300)) == in_process(model_repo, "lstm", 300, 0, 0.0)
+
+
+def test_concurrent_streams_are_batched_and_keep_their_seeded_text(batched, model_repo: Path) -> None:
+    seeds = list(range(8))
+
+    async def main() -> list[str]:
+        async with AsyncNextCharClient(batched.address, timeout=60) as c:
+            return list(await asyncio.gather(*(
+                c.generate("gru", PROMPT, 400, temperature=1.0, seed=s) for s in seeds)))
+
+    results = asyncio.run(main())
+    stats = [b.core.stats for b in batched.runner.batchers if b.core.engine.artifact.name == "gru"]
+    assert stats and max(stats[0].batch_sizes) > 1, stats  # some decode calls served several streams
+    for seed, result in zip(seeds, results, strict=True):
+        assert result.summary.seed == seed and result.summary.generated_chars == 400
+        assert result.text == in_process(model_repo, "gru", 400, seed, 1.0), f"seed {seed}"
+
+
+def test_cancel_stops_a_batched_stream_within_100ms(batched) -> None:
+    runner = batched.runner
+    with NextCharClient(batched.address, timeout=60) as c:
+        stream = c.generate_stream("rnn", PROMPT, 100_000, temperature=1.0)
+        pieces = iter(stream)
+        next(pieces)
+        next(pieces)
+        track = runner.tracks[-1]
+        cancelled_at = time.perf_counter()
+        stream.cancel()
+        deadline = time.monotonic() + 10
+        while track.finished_at is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    assert track.reason is FinishReason.CANCELLED
+    assert track.finished_at - cancelled_at < 0.100
