@@ -300,7 +300,11 @@ class Batcher:
 
     async def stream(self, request: GenerationRequest, *,
                      cancelled: Callable[[], bool] | None = None) -> AsyncIterator[GenerationEvent]:
-        """TextChunk events then one Finished; raises what failed the stream. Leaving early cancels it."""
+        """TextChunk events then one Finished; raises what failed the stream.
+
+        Leaving early cancels the stream at the next step once the generator is closed: wrap it in
+        `contextlib.aclosing(...)` so that happens at once rather than when it is garbage collected.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         left = threading.Event()

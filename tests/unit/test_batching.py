@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 
 import numpy as np
 import pytest
@@ -316,6 +318,7 @@ def test_async_streams_through_the_worker_thread(engines):
     engine = engines["gru"]
     batcher = Batcher(engine, BatchingConfig(max_batch_size=8, max_wait_s=0.01), name="gru")
     reqs = requests(8)
+    long_request = GenerationRequest("O say", 100_000, SamplingParams(), seed=1)
 
     async def collect(req: GenerationRequest) -> tuple[str, Finished]:
         parts, end = [], None
@@ -326,11 +329,11 @@ def test_async_streams_through_the_worker_thread(engines):
                 end = event
         return "".join(parts), end
 
-    async def cancel_early() -> Finished | None:
-        async for event in batcher.stream(GenerationRequest("O say", 10_000, SamplingParams(), seed=1)):
-            if isinstance(event, TextChunk):
-                break  # leaving the iterator cancels the stream
-        return None
+    async def cancel_early() -> None:
+        async with contextlib.aclosing(batcher.stream(long_request)) as events:
+            async for event in events:
+                if isinstance(event, TextChunk):
+                    break  # closing the stream cancels it between two steps
 
     async def main():
         return await asyncio.gather(*(collect(r) for r in reqs), cancel_early())
@@ -342,13 +345,31 @@ def test_async_streams_through_the_worker_thread(engines):
     for r, (text, fin) in zip(reqs, results[:-1], strict=True):
         assert (text, fin.reason) == (alone(engine, r)[0], alone(engine, r)[1].reason)
     assert batcher.core.stats.decode_rows > batcher.core.stats.decode_calls  # steps were shared
-    assert not batcher.core.active and not batcher.core.waiting
+
+
+def test_cancel_from_another_thread_ends_the_stream(engines):
+    batcher = Batcher(engines["lstm"], BatchingConfig(max_wait_s=0.0))
+    gone, done, ends = threading.Event(), threading.Event(), []
+
+    def on_text(_text: str) -> None:
+        gone.set()  # the caller leaves as soon as the first text arrives
+
+    def on_end(end) -> None:
+        ends.append(end)
+        done.set()
+
+    try:
+        batcher.submit(GenerationRequest("O say", 100_000, SamplingParams(), seed=3),
+                       on_text=on_text, on_end=on_end, cancelled=gone.is_set)
+        assert done.wait(30)
+    finally:
+        batcher.close()
+    assert ends[0].reason is FinishReason.CANCELLED and ends[0].usage.generated_chars < 100_000
 
 
 def test_close_ends_running_streams(engines):
     batcher = Batcher(engines["lstm"], BatchingConfig(max_wait_s=0.0))
     ends: list = []
-    import threading
     done = threading.Event()
 
     def on_end(end):
