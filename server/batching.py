@@ -15,9 +15,10 @@ for anybody else, except that an arrival at an idle batcher waits up to `max_wai
 An engine error fails only the streams of that one call. `BatchCore.tick(now)` is the whole
 scheduling logic, synchronous and driven by the caller's clock, so tests need no threads or sleeps.
 
-Reproducibility: each stream samples with its own seeded generator, and its logits are computed from
-its own state row; whether the text is bit-identical to the unbatched `generate` depends on
-onnxruntime's kernels being batch-invariant (see tests/unit/test_batching.py and the report).
+Reproducibility: each stream samples with its own seeded generator from its own logits row. When
+`engine.batch_invariant` (measured by Engine.warmup; true for fp32 LSTM/GRU/RNN on onnxruntime 1.32
+CPU) a stream's text is bit-identical alone, batched, or via the unbatched `generate`; int8 engines
+are batch-dependent (per-tensor dynamic quantization), so their text may vary with batch mates.
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ class CapacityError(RuntimeError):
     def __init__(self, limit: str, message: str) -> None:
         super().__init__(message)
         self.limit = limit
+
+
+class BatcherClosedError(CapacityError):
+    """The batcher is shutting down (UNAVAILABLE rather than RESOURCE_EXHAUSTED, where told apart)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("closed", message)
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,7 @@ class Batcher:
         """Queue `request`. Callbacks run on the worker thread: on_text(text) per piece (the echo first,
         on the caller's thread), then exactly one on_end(Finished or the exception that failed it)."""
         if self._closing:
-            raise CapacityError("closed", "the batcher is shutting down")
+            raise BatcherClosedError("the batcher is shutting down")
         decoder = self.core.submit(request, on_text=on_text, on_end=on_end, cancelled=cancelled)
         self.wake()
         return decoder
@@ -331,7 +339,7 @@ class Batcher:
             self._wake.notify()
 
     def close(self, timeout: float | None = 5.0) -> None:
-        """Stop the worker; streams still running end with CapacityError("closed")."""
+        """Stop the worker; streams still running end with BatcherClosedError."""
         with self._wake:
             self._closing = True
             self._wake.notify()
@@ -346,4 +354,4 @@ class Batcher:
                 if delay == 0.0 or self.core.has_arrivals:
                     continue
                 self._wake.wait(delay)  # None: until a submit, a cancel or close notifies us
-        self.core.fail_all(CapacityError("closed", "the batcher shut down before this generation finished"))
+        self.core.fail_all(BatcherClosedError("the batcher shut down before this generation finished"))

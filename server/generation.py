@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from nextchar.server.sampling import InvalidParameterError, SamplingParams, sample
-from nextchar.server.vocab import OovPolicy, build_index, check_replacement, decode, encode
+from nextchar.server.vocab import OovPolicy, build_index, decode, encode
 
 MAX_NEW_CHARS = 100_000
 MAX_STOP_SEQUENCES = 16
@@ -117,8 +117,6 @@ class Decoder:
         self.request = request
         self.vocab = vocab
         index = vocab_index if vocab_index is not None else build_index(vocab)
-        if request.oov_policy is OovPolicy.REPLACE:
-            check_replacement(request.oov_replacement, index)
         self.prompt_tokens: np.ndarray = encode(
             request.prompt, index, request.oov_policy, request.oov_replacement, field="prompt")
         if self.prompt_tokens.size == 0:

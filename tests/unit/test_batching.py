@@ -12,6 +12,7 @@ from fake_engine import FakeEngine, ScriptedEngine
 from nextchar.server.batching import (
     BatchCore,
     Batcher,
+    BatcherClosedError,
     BatchingConfig,
     BatchingConfigError,
     CapacityError,
@@ -380,6 +381,6 @@ def test_close_ends_running_streams(engines):
                    on_text=lambda t: None, on_end=on_end)
     batcher.close()
     assert done.wait(10)
-    assert isinstance(ends[0], CapacityError) and ends[0].limit == "closed"
-    with pytest.raises(CapacityError):
+    assert isinstance(ends[0], BatcherClosedError) and ends[0].limit == "closed"
+    with pytest.raises(BatcherClosedError):
         batcher.submit(GenerationRequest("O", 1), on_text=lambda t: None, on_end=lambda e: None)
