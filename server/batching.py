@@ -291,6 +291,9 @@ class Batcher:
                  clock: Callable[[], float] = time.perf_counter, name: str = "") -> None:
         self.core = BatchCore(engine, config, clock=clock)
         self._clock = clock
+        if getattr(engine, "batch_invariant", None) is False:
+            log.warning("batcher %s: the engine is not batch-invariant (e.g. int8): a seeded text may "
+                        "differ with its batch mates", name)
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"nextchar-batcher-{name}", daemon=True)
