@@ -257,7 +257,7 @@ class BatchCore:
 
     def _scatter(self, streams: list[_Stream], out: tuple[np.ndarray, State]) -> None:
         logits, state = out
-        rows = Engine.split_state(state)
+        rows = Engine.split_state(state, copy=False)  # every row is replaced at its next step
         for i, s in enumerate(streams):
             try:
                 text = s.decoder.feed(logits[i, -1])

@@ -88,18 +88,15 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         cum = np.exp((x - top) / params.temperature).cumsum()
         return min(int(cum.searchsorted(rng.random() * cum[-1], side="right")), x.size - 1)
     order = np.argsort(-x, kind="stable")
-    scaled = x[order] / params.temperature
     if params.top_k:
-        scaled = scaled[: params.top_k]
-    probs = np.exp(scaled - scaled[0])
-    probs /= probs.sum()
+        order = order[: params.top_k]
+    cum = np.exp((x[order] - top) / params.temperature).cumsum()  # unnormalised, most likely first
+    last = cum.size - 1
     if params.top_p < 1.0:
         # The smallest prefix whose mass reaches top_p (always at least the most likely token).
-        keep = int(np.searchsorted(np.cumsum(probs), params.top_p, side="left")) + 1
-        probs = probs[: min(keep, probs.size)]
-    cum = np.cumsum(probs)
-    i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
-    return int(order[min(i, cum.size - 1)])
+        last = min(int(cum.searchsorted(params.top_p * cum[-1], side="left")), last)
+    i = int(cum.searchsorted(rng.random() * cum[last], side="right"))
+    return int(order[min(i, last)])
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
