@@ -193,3 +193,16 @@ def test_int8_is_reported_batch_dependent(model_repo):
     assert e8.batch_invariant is None
     e8.warmup()
     assert e8.batch_invariant is False and e8.pad_single_rows is False
+
+
+def test_thread_count_does_not_change_the_numbers(model_repo, engines):
+    # onnxruntime splits work across threads without splitting sums, so results are bit-identical.
+    e2 = Engine.load(load_artifact(model_repo / "lstm" / "1"), intra_op_threads=2)
+    e2.warmup()
+    e1 = engines["lstm"]
+    tokens = np.random.default_rng(9).integers(0, e1.vocab_size, (8, 12))
+    a, sa = e1.step(tokens, e1.initial_state(8))
+    b, sb = e2.step(tokens, e2.initial_state(8))
+    np.testing.assert_array_equal(a, b)
+    for x, y in zip(sa, sb, strict=True):
+        np.testing.assert_array_equal(x, y)
