@@ -149,6 +149,7 @@ class BatchCore:
         self.waiting: list[_Stream] = []
         self.active: list[_Stream] = []
         self.stats = BatchStats()
+        self.closed: BaseException | None = None  # set by fail_all: later submits are refused
 
     @property
     def pending(self) -> int:
@@ -164,6 +165,8 @@ class BatchCore:
         decoder = Decoder(request, self.engine.vocab, self.engine.vocab_index, clock=self.clock)
         c = self.config
         with self._lock:
+            if self.closed is not None:
+                raise BatcherClosedError(f"the batcher is shut down: {self.closed}")
             active, queued = len(self.active), self.pending
             if active + queued >= c.max_active_streams + c.max_queue:
                 limit = "max_queue" if c.max_queue else "max_active_streams"
@@ -201,8 +204,9 @@ class BatchCore:
         return 0.0 if n else wait
 
     def fail_all(self, error: BaseException) -> None:
-        """End every stream with `error` (used when the batcher shuts down)."""
+        """End every stream with `error` and refuse later submits (the batcher shuts down)."""
         with self._lock:
+            self.closed = error
             self.waiting.extend(self._inbox)
             self._inbox.clear()
         for s in self.waiting + self.active:
@@ -303,7 +307,7 @@ class Batcher:
                cancelled: Callable[[], bool] | None = None) -> Decoder:
         """Queue `request`. Callbacks run on the worker thread: on_text(text) per piece (the echo first,
         on the caller's thread), then exactly one on_end(Finished or the exception that failed it)."""
-        if self._closing:
+        if self._closing:  # the core also refuses once closed; this is the early, common case
             raise BatcherClosedError("the batcher is shutting down")
         decoder = self.core.submit(request, on_text=on_text, on_end=on_end, cancelled=cancelled)
         self.wake()

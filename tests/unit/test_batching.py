@@ -243,6 +243,15 @@ def test_backpressure_names_the_limit():
     assert e.value.limit == "max_active_streams"
 
 
+def test_a_closed_core_refuses_submits():
+    core = make_core(FakeEngine())
+    pending = submit(core)
+    core.fail_all(BatcherClosedError("closing"))
+    assert isinstance(pending.end, BatcherClosedError)
+    with pytest.raises(BatcherClosedError):
+        submit(core)
+
+
 def test_queued_request_joins_when_a_slot_frees():
     engine = FakeEngine()
     core = make_core(engine, max_active_streams=1, max_queue=4)
