@@ -6,7 +6,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from nextchar.client.client import NextCharClient, generate_request
-from nextchar.client.errors import InvalidArgument, NotFound, ResourceExhausted
+from nextchar.client.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from nextchar.v1 import inference_pb2_grpc
 
 # The module's server (conftest.server) runs with max_prompt_chars=2000 and max_new_chars=5000.
@@ -153,3 +153,27 @@ def test_a_message_over_the_size_limit_is_resource_exhausted(make_server) -> Non
         with pytest.raises(ResourceExhausted):
             c.generate("lstm", "O say " * 2000, 5)
         assert c.generate("lstm", "O say", 5).summary.generated_chars == 5
+
+
+def test_a_damaged_older_version_is_failed_precondition(make_server, model_repo, trained_models,
+                                                        tmp_path) -> None:
+    """The latest versions load at start; a damaged older one fails only when a request names it."""
+    import json
+    import shutil
+
+    from nextchar.training.export import export_model
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    model, vocab, training = trained_models["rnn"]
+    export_model(model, vocab, repo, "rnn", version=2, training=training)
+    manifest = repo / "rnn" / "1" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["model_sha256"] = "f" * 64
+    manifest.write_text(json.dumps(data))
+    s = make_server(repo)
+    with NextCharClient(s.address) as c:
+        assert c.generate("rnn", "O say", 5).summary.version == 2
+        wanted = r"rnn/1/model.onnx: sha256 is .* \(corrupt or replaced\)"
+        with pytest.raises(FailedPrecondition, match=wanted):
+            c.generate("rnn", "O say", 5, version=1)
