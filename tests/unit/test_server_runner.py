@@ -1,0 +1,152 @@
+"""server.runner with a numpy fake engine: coalescing rules, admission, draining, deadlines, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from fake_engine import FakeEngine
+from nextchar.server.generation import FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.runner import (
+    DeadlineError,
+    Outcome,
+    OverloadedError,
+    Runner,
+    ShuttingDownError,
+    _Channel,
+)
+from nextchar.server.sampling import SamplingParams
+
+
+def _request(n: int = 50, seed: int = 3) -> GenerationRequest:
+    return GenerationRequest("abc", n, SamplingParams(temperature=1.0), seed=seed)
+
+
+def _expected(engine: FakeEngine, request: GenerationRequest) -> str:
+    return "".join(e.text for e in generate(engine, request) if isinstance(e, TextChunk))
+
+
+def test_channel_wakes_at_the_first_char_when_asked_for_one() -> None:
+    async def main() -> tuple[str, object]:
+        channel = _Channel(asyncio.get_running_loop())
+        threading.Thread(target=channel.put, args=("x",)).start()
+        return await channel.take(1, None)
+
+    assert asyncio.run(main()) == ("x", None)
+
+
+def test_channel_waits_for_enough_chars_then_takes_them_all() -> None:
+    async def main() -> list[str]:
+        channel = _Channel(asyncio.get_running_loop())
+
+        def produce() -> None:
+            for ch in "abcdefgh":
+                channel.put(ch)
+
+        threading.Thread(target=produce).start()
+        pieces = []
+        while sum(map(len, pieces)) < 8:
+            text, end = await channel.take(5 if not pieces else 1, None)
+            assert end is None
+            pieces.append(text)
+        return pieces
+
+    pieces = asyncio.run(main())
+    assert "".join(pieces) == "abcdefgh" and len(pieces[0]) >= 5
+
+
+def test_channel_flushes_what_it_has_when_the_wait_expires() -> None:
+    async def main() -> tuple[str, object]:
+        channel = _Channel(asyncio.get_running_loop())
+        channel.put("ab")
+        return await channel.take(1000, 0.001)  # never 1000 chars: the timer releases the two
+
+    assert asyncio.run(main()) == ("ab", None)
+
+
+def test_channel_returns_at_once_on_the_end() -> None:
+    async def main() -> tuple[str, object]:
+        channel = _Channel(asyncio.get_running_loop())
+        channel.put("ab")
+        channel.close(KeyError("boom"))
+        return await channel.take(1000, None)
+
+    text, end = asyncio.run(main())
+    assert text == "ab" and isinstance(end, KeyError)
+
+
+@pytest.mark.parametrize("flush_chars", [1, 7, 1000])
+def test_generate_streams_the_same_text_as_the_core(flush_chars: int) -> None:
+    engine, request = FakeEngine(), _request(200)
+
+    async def main() -> list:
+        runner = Runner(2, flush_s=0.001, flush_chars=flush_chars)
+        try:
+            return [item async for item in runner.generate(engine, request)]
+        finally:
+            runner.close()
+
+    items = asyncio.run(main())
+    *texts, outcome = items
+    assert "".join(texts) == _expected(FakeEngine(), request)
+    assert isinstance(outcome, Outcome) and outcome.finished.reason is FinishReason.LENGTH
+    assert outcome.finished.usage.generated_chars == 200 and outcome.queued_s >= 0
+
+
+def test_admission_limit_draining_and_tracks() -> None:
+    engine = FakeEngine()
+
+    async def main() -> None:
+        runner = Runner(1, flush_s=0.001, flush_chars=8)
+        try:
+            stream = runner.generate(engine, _request(10_000))
+            first = await stream.__anext__()
+            assert first
+            with pytest.raises(OverloadedError, match="max_concurrent=1"):
+                await runner.call(len, "x")
+            await stream.aclose()  # the caller leaving: the worker stops
+            assert runner.cancelled_streams == 1
+            assert await runner.call(len, "xy") == 2
+            assert await runner.drain(1.0) is True
+            with pytest.raises(ShuttingDownError):
+                await runner.call(len, "x")
+            track = runner.tracks[-1]
+            for _ in range(1000):
+                if track.finished_at is not None:
+                    break
+                await asyncio.sleep(0.005)
+            assert track.reason is FinishReason.CANCELLED and track.steps < 10_000
+        finally:
+            runner.close()
+
+    asyncio.run(main())
+
+
+def test_a_passed_deadline_is_deadline_error() -> None:
+    async def main() -> None:
+        runner = Runner(1, flush_s=0.001, flush_chars=8)
+        try:
+            with pytest.raises(DeadlineError, match=r"deadline of 0\.000s passed"):
+                async for _ in runner.generate(FakeEngine(), _request(100_000), deadline_s=0.0):
+                    pass
+            assert runner.tracks[-1].reason is FinishReason.DEADLINE
+        finally:
+            runner.close()
+
+    asyncio.run(main())
+
+
+def test_request_errors_surface_to_the_caller() -> None:
+    async def main() -> None:
+        runner = Runner(1, flush_s=0.001, flush_chars=8)
+        try:
+            request = GenerationRequest("abc#", 5)
+            with pytest.raises(ValueError, match="prompt: 1 character"):
+                async for _ in runner.generate(FakeEngine(), request):
+                    pass
+            assert runner.in_flight == 0
+        finally:
+            runner.close()
+
+    asyncio.run(main())
