@@ -29,7 +29,8 @@ def hosts() -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for line in _get("/clusters").splitlines():
         parts = line.split("::")
-        if len(parts) == 4 and parts[0] == CLUSTER:
+        # host:port rows only (the cluster's circuit-breaker and outlier rows share the prefix).
+        if len(parts) == 4 and parts[0] == CLUSTER and ":" in parts[1]:
             out.setdefault(parts[1], {})[parts[2]] = parts[3]
     return out
 

@@ -13,6 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+
 from nextchar.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                        "p99": round(lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))], 1),
                        "max": round(lat_ms[-1], 1)},
     }
+    lat = report["latency_ms"]
+    print(f"load: {ok}/{args.requests} OK, {args.requests - ok} failed, {len(texts)} distinct text(s), "
+          f"{report['rps']} calls/s, p50 {lat['p50']} ms, p99 {lat['p99']} ms")
     print(json.dumps(report))
     return 0 if ok == args.requests and len(texts) == 1 else 1
 

@@ -144,6 +144,14 @@ def test_server_image_has_no_torch_and_a_grpc_healthcheck() -> None:
     assert "nextchar health --server 127.0.0.1:${NEXTCHAR_PORT}" in healthcheck
 
 
+def test_trainer_image_pins_the_same_torch_as_the_train_extra() -> None:
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
+    (pin,) = [r for r in extra if r.startswith("torch")]
+    assert f'"{pin}"' in (ROOT / "docker" / "trainer.Dockerfile").read_text()
+
+
 # --- Envoy ---------------------------------------------------------------------------------------------
 
 def test_envoy_config_validates() -> None:
