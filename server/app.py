@@ -67,7 +67,10 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     """
     registry = Registry(config.model_repo, engine_loader(config.variant, config.intra_op_threads))
     registry.load_latest()
-    batching = BatchingConfig(max_batch_size=config.max_batch_size) if config.batching else None
+    batching = BatchingConfig(
+        max_batch_size=config.max_batch_size, max_wait_s=config.max_wait_ms / 1e3,
+        max_active_streams=config.max_active_streams, max_queue=config.max_queue,
+    ) if config.batching else None
     runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars, batching=batching)
     servicer = NextCharServicer(registry, runner, wire.Limits(config.max_prompt_chars, config.max_new_chars))
     grpc_server = grpc.aio.server(options=[

@@ -37,6 +37,9 @@ class ServerConfig:
     variant: str = "fp32"              # which ONNX file of each version to serve
     batching: bool = False             # merge concurrent decode steps (server.batching) when it is on
     max_batch_size: int = 32           # the batcher's largest batch
+    max_wait_ms: float = 2.0           # an arrival at an idle batcher waits this long for company
+    max_active_streams: int = 256      # batched streams decoding at once per model; more wait in the queue
+    max_queue: int = 256               # streams waiting per model; beyond: RESOURCE_EXHAUSTED
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -113,6 +116,12 @@ _SPECS: dict[str, _Spec] = {
     "batching": _Spec("--batching", _bool, lambda v: None if isinstance(v, bool) else "must be a boolean",
                       "merge concurrent decode steps into batched engine calls"),
     "max_batch_size": _Spec("--max-batch-size", int, _int_range(1, 1024), "largest decode batch"),
+    "max_wait_ms": _Spec("--max-wait-ms", float, _float_range(0.0, 1000.0),
+                         "longest an arrival at an idle batcher waits for others"),
+    "max_active_streams": _Spec("--max-active-streams", int, _int_range(1, 1 << 20),
+                                "batched streams decoding at once per model"),
+    "max_queue": _Spec("--max-queue", int, _int_range(0, 1 << 20),
+                       "batched streams waiting per model before RESOURCE_EXHAUSTED"),
     "log_level": _Spec("--log-level", str.upper, _one_of(LOG_LEVELS), "logging level"),
 }
 
