@@ -67,6 +67,12 @@ class Registry:
         self._versions: dict[str, list[int]] = {}
         self._latest: dict[str, int] = {}
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
+        # Lifecycle (server.reload drives it): refused versions, calls in flight per loaded version,
+        # and replaced defaults that unload once their last call ends.
+        self._errors: dict[str, dict[int, str]] = {}
+        self._in_flight: dict[tuple[str, int], int] = {}
+        self._retiring: set[tuple[str, int]] = set()
+        self.on_unload: Callable[[LoadedModel], None] = lambda model: None
 
     def load_latest(self) -> list[LoadedModel]:
         """Scan the repository and load the latest version of every model; ArtifactError if one is broken."""
@@ -126,3 +132,86 @@ class Registry:
         if name not in self._latest:
             known = ", ".join(sorted(self._latest)) or "none"
             raise ModelNotFoundError("model.name", f"no model named {name!r} (available: {known})")
+
+    # --- lifecycle: hot reload, unload, and the in-flight count that decides when a version unloads ---
+
+    def load(self, name: str, version: int) -> LoadedModel:
+        """Validate and warm up `<root>/<name>/<version>/` without serving it (ArtifactError if broken)."""
+        return self._loader(self.root / art.validate_model_name(name) / str(version))
+
+    def publish(self, model: LoadedModel, versions: list[int]) -> int | None:
+        """Serve `model` as its name's default version; returns the default it replaced (None: a new name).
+
+        The replaced version unloads once its last call in flight ends (`release`).
+        """
+        key = (model.name, model.version)
+        with self._lock:
+            old = self._latest.get(model.name)
+            self._versions[model.name] = versions
+            self._latest[model.name] = model.version
+            self._loaded[key] = model
+            self._retiring.discard(key)
+            self._errors.get(model.name, {}).pop(model.version, None)
+            dropped = self._retire([(model.name, old)] if old not in (None, model.version) else [])
+        self._unloaded(dropped)
+        return old
+
+    def remove(self, name: str) -> None:
+        """Stop serving `name`: new requests get NOT_FOUND; its versions unload once their calls end."""
+        with self._lock:
+            self._latest.pop(name, None)
+            self._versions.pop(name, None)
+            self._errors.pop(name, None)
+            dropped = self._retire([k for k in self._loaded if k[0] == name])
+        self._unloaded(dropped)
+
+    def record_error(self, name: str, version: int, reason: str) -> None:
+        with self._lock:
+            self._errors.setdefault(name, {})[version] = reason
+
+    def load_errors(self, name: str) -> dict[int, str]:
+        """Versions of `name` that were refused, with the reason, ascending."""
+        with self._lock:
+            return dict(sorted(self._errors.get(name, {}).items()))
+
+    def loaded_versions(self) -> dict[tuple[str, int], int]:
+        """(name, version) -> calls in flight, for every loaded version (served or draining)."""
+        with self._lock:
+            return {key: self._in_flight.get(key, 0) for key in self._loaded}
+
+    def acquire(self, name: str, version: int | None) -> LoadedModel | None:
+        """The loaded model a call will use, counted as in flight until `release`; None if not loaded."""
+        with self._lock:
+            key = (name, self._latest.get(name) if version is None else version)
+            model = self._loaded.get(key)  # type: ignore[arg-type]
+            if model is not None:
+                self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            return model
+
+    def release(self, model: LoadedModel) -> None:
+        key = (model.name, model.version)
+        with self._lock:
+            left = self._in_flight.get(key, 1) - 1
+            if left > 0:
+                self._in_flight[key] = left
+                dropped = []
+            else:
+                self._in_flight.pop(key, None)
+                dropped = self._retire([key]) if key in self._retiring else []
+        self._unloaded(dropped)
+
+    def _retire(self, keys: list[tuple[str, int]]) -> list[LoadedModel]:
+        """Under the lock: drop idle versions now, mark busy ones to drop when their last call ends."""
+        dropped = []
+        for key in keys:
+            if self._in_flight.get(key, 0) > 0:
+                self._retiring.add(key)
+            elif key in self._loaded:
+                self._retiring.discard(key)
+                dropped.append(self._loaded.pop(key))
+        return dropped
+
+    def _unloaded(self, dropped: list[LoadedModel]) -> None:
+        for model in dropped:
+            log.info("unloaded %s v%d", model.name, model.version)
+            self.on_unload(model)
