@@ -30,13 +30,15 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
         self.runner.ensure_open()
         latest = [self.registry.get(name) for name in self.registry.names()]  # loaded at start: no I/O
-        infos = [wire.model_info(m, self.registry.versions(m.name)) for m in latest]
+        infos = [wire.model_info(m, self.registry.versions(m.name), self.registry.load_errors(m.name))
+                 for m in latest]
         return pb.ListModelsResponse(models=infos)
 
     @mapped
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model)
-        return pb.GetModelResponse(model=wire.model_info(model, self.registry.versions(model.name)))
+        versions, errors = self.registry.versions(model.name), self.registry.load_errors(model.name)
+        return pb.GetModelResponse(model=wire.model_info(model, versions, errors))
 
     @mapped
     async def PredictNext(self, request: pb.PredictNextRequest, context: grpc.aio.ServicerContext):

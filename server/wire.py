@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,9 +131,12 @@ def ref_of(model: LoadedModel) -> pb.ModelRef:
     return pb.ModelRef(name=model.name, version=model.version)
 
 
-def model_info(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
+def model_info(model: LoadedModel, versions: list[int],
+               load_errors: Mapping[int, str] | None = None) -> pb.ModelInfo:
+    """`load_errors`: versions the server refused to load -> why (Registry.load_errors)."""
+    errors = [pb.VersionLoadError(version=v, reason=r) for v, r in sorted((load_errors or {}).items())]
     return pb.ModelInfo(name=model.name, version=model.version, available_versions=versions,
-                        manifest=model.artifact.manifest)
+                        manifest=model.artifact.manifest, load_errors=errors)
 
 
 def predict_response(best: list[Prediction], model: LoadedModel) -> pb.PredictNextResponse:
