@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from typing import Any
 HARD_MAX_NEW_CHARS = 100_000
 VARIANTS = ("fp32", "int8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -41,13 +42,35 @@ class ServerConfig:
     max_active_streams: int = 256      # batched streams decoding at once per model; more wait in the queue
     max_queue: int = 256               # streams waiting per model; beyond: RESOURCE_EXHAUSTED
     log_level: str = "INFO"
+    # Operations (server.reload, server.metrics, server.reqlog, server.security):
+    reload_interval: float = 0.0       # seconds between repository scans for new/removed versions; 0 = off
+    metrics_port: int = 0              # Prometheus /metrics over HTTP on host:metrics_port; 0 = off
+    log_format: str = "text"           # "json": one object per line, for log collectors
+    log_prompts: bool = False          # prompts are user data: kept out of the request log unless asked
+    tls_cert: Path | None = None       # PEM certificate chain; with tls_key the server speaks TLS only
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: clients must present a certificate this CA signed
+    auth_token: str | None = field(default=None, repr=False)  # bearer token every call but health needs
+    auth_token_file: Path | None = None  # ... or read from this file (a mounted secret)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             spec = _SPECS[f.name]
             problem = spec.check(getattr(self, f.name))
             if problem:
-                raise ConfigError(f"{spec.flag} (env {spec.env}): {problem}, got {getattr(self, f.name)!r}")
+                shown = "<hidden>" if spec.secret else repr(getattr(self, f.name))
+                raise ConfigError(f"{spec.flag} (env {spec.env}): {problem}, got {shown}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert (env NEXTCHAR_TLS_CERT) and --tls-key (env NEXTCHAR_TLS_KEY) "
+                              "must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca (env NEXTCHAR_TLS_CLIENT_CA) needs --tls-cert and --tls-key")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ConfigError("--auth-token (env NEXTCHAR_AUTH_TOKEN) and --auth-token-file "
+                              "(env NEXTCHAR_AUTH_TOKEN_FILE): give one, not both")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError(f"--metrics-port (env NEXTCHAR_METRICS_PORT): must differ from --port, "
+                              f"got {self.metrics_port}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,7 @@ class _Spec:
     parse: Callable[[str], Any]
     check: Callable[[Any], str | None]
     help: str
+    secret: bool = False  # never echo the value in an error message
 
     @property
     def env(self) -> str:
@@ -87,6 +111,19 @@ def _float_range(lo: float, hi: float) -> Callable[[Any], str | None]:
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _file(v: Any) -> str | None:
+    if v is None:
+        return None
+    return None if isinstance(v, Path) and v.is_file() else "must be an existing file"
+
+
+def _token(v: Any) -> str | None:
+    if v is None:
+        return None
+    ok = isinstance(v, str) and v and all(33 <= ord(c) <= 126 for c in v)
+    return None if ok else "must be non-empty printable ASCII without spaces"
 
 
 def _repo(v: Any) -> str | None:
@@ -123,6 +160,21 @@ _SPECS: dict[str, _Spec] = {
     "max_queue": _Spec("--max-queue", int, _int_range(0, 1 << 20),
                        "batched streams waiting per model before RESOURCE_EXHAUSTED"),
     "log_level": _Spec("--log-level", str.upper, _one_of(LOG_LEVELS), "logging level"),
+    "reload_interval": _Spec("--reload-interval", float, _float_range(0.0, 86400.0),
+                             "seconds between scans of the repository for new or removed versions (0 = off)"),
+    "metrics_port": _Spec("--metrics-port", int, _int_range(0, 65535),
+                          "Prometheus metrics over HTTP at http://HOST:PORT/metrics (0 = off)"),
+    "log_format": _Spec("--log-format", str.lower, _one_of(LOG_FORMATS), "log lines as text or json"),
+    "log_prompts": _Spec("--log-prompts", _bool,
+                         lambda v: None if isinstance(v, bool) else "must be a boolean",
+                         "include prompts/contexts/texts in the per-request log lines"),
+    "tls_cert": _Spec("--tls-cert", Path, _file, "PEM certificate (chain): serve TLS (needs --tls-key)"),
+    "tls_key": _Spec("--tls-key", Path, _file, "PEM private key of --tls-cert"),
+    "tls_client_ca": _Spec("--tls-client-ca", Path, _file,
+                           "PEM CA bundle: require client certificates it signed (mutual TLS)"),
+    "auth_token": _Spec("--auth-token", str, _token, secret=True,
+                        help="bearer token required on every call but health (Admin always needs it)"),
+    "auth_token_file": _Spec("--auth-token-file", Path, _file, "read the bearer token from this file"),
 }
 
 
@@ -132,8 +184,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, spec in _SPECS.items():
         default = "" if name == "model_repo" else f"default {defaults[name]}; "
         shown = f" ({default}env {spec.env})"
+        # Booleans work bare (`--log-prompts`) or with a value (`--log-prompts false`).
+        bare = {"nargs": "?", "const": "true"} if spec.parse is _bool else {}
         parser.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().split("_")[-1],
-                            help=spec.help + shown)
+                            help=spec.help + shown, **bare)
 
 
 def load_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServerConfig:
