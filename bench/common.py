@@ -1,0 +1,181 @@
+"""Shared bench helpers: untrained exports (in a torch subprocess), a server subprocess, timing, machine."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CELLS = ("lstm", "gru", "rnn")
+
+
+def export_untrained(repo: Path, cells: Sequence[str] = CELLS, hidden: int = 256, layers: int = 2) -> Path:
+    """Export untrained 2-layer one-hot models over the anthem vocabulary as `<repo>/<cell>256/1`.
+
+    Runs in a subprocess so torch never shares the measuring process (its threads, its memory);
+    untrained weights cost the same per step as trained ones.
+    """
+    cmd = [sys.executable, "-m", "bench.common", "export", str(repo), "--hidden", str(hidden),
+           "--layers", str(layers), *cells]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return repo
+
+
+def model_name(cell: str, hidden: int = 256) -> str:
+    return f"{cell}{hidden}"
+
+
+def _export(repo: Path, cells: Sequence[str], hidden: int, layers: int) -> None:
+    import torch
+
+    from nextchar.training.config import ModelConfig
+    from nextchar.training.corpora import build_vocab, load_corpus
+    from nextchar.training.export import export_model
+    from nextchar.training.model import CharModel
+
+    torch.set_num_threads(1)
+    vocab = build_vocab(load_corpus("anthem").text)
+    for cell in cells:
+        torch.manual_seed(0)
+        config = ModelConfig(vocab_size=len(vocab), cell=cell, hidden_size=hidden, num_layers=layers)
+        export_model(CharModel(config), vocab, repo, model_name(cell, hidden), version=1)
+
+
+def load_engine(repo: Path, name: str, threads: int = 1):
+    """The server's Engine for `<repo>/<name>/1`, warmed up, with `threads` intra-op threads."""
+    from nextchar.server.artifact import load_artifact
+    from nextchar.server.engine import Engine
+
+    engine = Engine.load(load_artifact(repo / name / "1"), intra_op_threads=threads)
+    engine.warmup()
+    return engine
+
+
+def prompt_text(n: int) -> str:
+    """`n` characters of the anthem, repeated as needed (every char is in the models' vocabulary)."""
+    from nextchar.training.corpora import load_corpus
+
+    text = load_corpus("anthem").text
+    return (text * (n // len(text) + 1))[:n]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repo: Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """`nextchar serve` on 127.0.0.1 in its own process; returns once health says SERVING."""
+    from nextchar.client.client import NextCharClient
+    from nextchar.client.errors import NextCharError
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "nextchar.client.cli", "serve", "--model-repo", str(repo),
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING", *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    with NextCharClient(address, timeout=2) as c:
+        while True:
+            try:
+                if c.health() == "SERVING":
+                    return proc, address
+            except NextCharError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise SystemExit(f"the server ({' '.join(flags)}) did not become SERVING")
+            time.sleep(0.1)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def best_of(fn: Callable[[], object], repeats: int, min_s: float = 0.05) -> float:
+    """Median seconds per call of `fn` over `repeats` rounds of >= min_s each (calls per round adapt)."""
+    fn()
+    calls = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if time.perf_counter() - t0 >= min_s:
+            break
+        calls *= 2
+    rounds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - t0) / calls)
+    return statistics.median(rounds)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; nan for no values."""
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> str:
+    """One line: CPUs, CPU model, memory, load, and the versions that matter for these figures."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines()
+                          if x.startswith("MemTotal")).split()[1])
+        mem = f"{mem_kb / 2**20:.1f} GiB"
+    except (OSError, StopIteration, ValueError):
+        mem = "unknown memory"
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    versions = ", ".join(f"{d} {_version(d)}" for d in ("onnxruntime", "numpy", "grpcio", "torch"))
+    return (f"{os.cpu_count()} CPUs ({model}), {mem}; Python {platform.python_version()}, {versions}; "
+            f"load average {load}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="bench helper subprocess entry points")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export")
+    e.add_argument("repo", type=Path)
+    e.add_argument("cells", nargs="+")
+    e.add_argument("--hidden", type=int, default=256)
+    e.add_argument("--layers", type=int, default=2)
+    a = p.parse_args()
+    _export(a.repo, a.cells, a.hidden, a.layers)
+
+
+if __name__ == "__main__":
+    main()
