@@ -165,3 +165,17 @@ def test_generate_greedy_is_deterministic_and_sampling_follows_the_generator() -
     s1 = generate(model, vocab, "a", 30, 1.0, torch.Generator().manual_seed(1))
     s2 = generate(model, vocab, "a", 30, 1.0, torch.Generator().manual_seed(1))
     assert s1 == s2 and len(s1) == 30 and set(s1) <= set(vocab)
+
+
+SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} is absent (the long-run corpus)")
+def test_tinyshakespeare_trains_briefly(tmp_path: Path) -> None:
+    config = TrainConfig(corpus=str(SHAKESPEARE), hidden_size=16, num_layers=1, embedding_dim=8,
+                         batch_size=16, seq_len=32, lr=1e-2, max_steps=30, eval_every=30, schedule="constant",
+                         sample_chars=8)
+    p = train(config, tmp_path / "run", progress=False, log=quiet)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert len(ckpt["vocab"]) == 65 and ckpt["corpus"]["chars"] == 1_115_394
+    assert p.metrics[-1]["val_loss"] < math.log(65)  # better than uniform after 30 steps
