@@ -14,6 +14,8 @@ from grpc_reflection.v1alpha import reflection
 from nextchar.server import wire
 from nextchar.server.batching import BatchingConfig
 from nextchar.server.config import ServerConfig
+from nextchar.server.metrics import Metrics
+from nextchar.server.operations import Operations
 from nextchar.server.registry import Registry, engine_loader
 from nextchar.server.runner import Runner
 from nextchar.server.servicer import NextCharServicer
@@ -30,8 +32,9 @@ class NextCharServer:
     """A built, bound server: start(), then shutdown() (health NOT_SERVING, drain, stop)."""
 
     def __init__(self, grpc_server: grpc.aio.Server, servicer: NextCharServicer,
-                 health: health_aio.HealthServicer, config: ServerConfig) -> None:
+                 health: health_aio.HealthServicer, config: ServerConfig, ops: Operations) -> None:
         self.grpc_server, self.servicer, self.health, self.config = grpc_server, servicer, health, config
+        self.ops = ops  # reload, metrics, auth, request log (server.operations)
 
     @property
     def runner(self) -> Runner:
@@ -42,6 +45,7 @@ class NextCharServer:
         await self.grpc_server.start()
         for name in ("", SERVICE_NAME, *self.servicer.registry.names()):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.ops.start()
 
     async def shutdown(self, grace: float | None = None) -> bool:
         """Health NOT_SERVING at once, new calls UNAVAILABLE, running calls get `grace` s to finish.
@@ -51,10 +55,12 @@ class NextCharServer:
         grace = self.config.grace_seconds if grace is None else grace
         started = time.monotonic()
         await self.health.enter_graceful_shutdown()
+        await self.ops.stop_changes()
         drained = await self.runner.drain(grace)
         left = max(0.0, grace - (time.monotonic() - started))
         await self.grpc_server.stop(min(_FLUSH_SECONDS, left) if drained else 0)
         self.runner.close()
+        self.ops.close()
         if not drained:
             log.warning("grace period of %.1fs over; cancelled the calls still running", grace)
         return drained
@@ -65,7 +71,9 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
 
     Call from inside a running event loop; port 0 picks a free port, which is returned.
     """
-    registry = Registry(config.model_repo, engine_loader(config.variant, config.intra_op_threads))
+    metrics = Metrics()  # per server, so tests can run several in one process
+    loader = metrics.metered(engine_loader(config.variant, config.intra_op_threads))
+    registry = Registry(config.model_repo, loader)
     registry.load_latest()
     batching = BatchingConfig(
         max_batch_size=config.max_batch_size, max_wait_s=config.max_wait_ms / 1e3,
@@ -73,22 +81,22 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     ) if config.batching else None
     runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars, batching=batching)
     servicer = NextCharServicer(registry, runner, wire.Limits(config.max_prompt_chars, config.max_new_chars))
-    grpc_server = grpc.aio.server(options=[
+    health = health_aio.HealthServicer()
+    ops = Operations(config, metrics, registry, runner, health)
+    grpc_server = grpc.aio.server(interceptors=ops.interceptors, options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ])
     inference_pb2_grpc.add_NextCharServicer_to_server(servicer, grpc_server)
-    health = health_aio.HealthServicer()
+    ops.add_to_server(grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (SERVICE_NAME, *ops.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
         grpc_server,
     )
-    try:
-        port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
-    except RuntimeError as e:  # grpc reports a busy or bad address this way
-        raise OSError(f"cannot bind {config.host}:{config.port}: {e}") from None
-    return NextCharServer(grpc_server, servicer, health, config), port
+    port = ops.bind(grpc_server)  # TLS when configured; OSError if the address is busy or bad
+    return NextCharServer(grpc_server, servicer, health, config, ops), port
 
 
 async def serve(config: ServerConfig) -> int:

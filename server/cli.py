@@ -20,7 +20,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from nextchar.server.artifact import ArtifactError
     from nextchar.server.config import ConfigError, load_config
@@ -30,12 +29,17 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"nextchar serve: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
     from nextchar.server.app import serve  # grpc and numpy enter here; onnxruntime with the first model
+    from nextchar.server.reqlog import configure_logging
+    from nextchar.server.security import TokenError
+
+    configure_logging(config.log_level, config.log_format)
 
     try:
         return asyncio.run(serve(config))
+    except TokenError as e:
+        print(f"nextchar serve: {e}", file=sys.stderr)
+        return 2
     except ArtifactError as e:
         print(f"nextchar serve: cannot serve {config.model_repo}: {e}", file=sys.stderr)
         return 1

@@ -282,6 +282,12 @@ class Runner:
             self._batchers[id(engine)] = batcher
         return batcher
 
+    def forget(self, engine: Any) -> None:
+        """`engine`'s model version was unloaded after its last call ended: stop its batcher, if any."""
+        batcher = self._batchers.pop(id(engine), None)
+        if batcher is not None:
+            batcher.close()
+
     async def drain(self, timeout: float) -> bool:
         """Refuse new calls; wait up to `timeout` s for running ones. True if all finished in time."""
         self.draining = True

@@ -1,0 +1,74 @@
+"""The operations layer of one server, attached from outside: interceptors, Admin, reload, metrics, TLS."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+from nextchar.server.admin import SERVICE_NAME as ADMIN_SERVICE
+from nextchar.server.admin import AdminServicer
+from nextchar.server.config import ServerConfig
+from nextchar.server.metrics import Metrics, MetricsEndpoint
+from nextchar.server.registry import Registry
+from nextchar.server.reload import Reloader
+from nextchar.server.reqlog import ObservingInterceptor
+from nextchar.server.runner import Runner
+from nextchar.server.security import AuthInterceptor, read_token, server_credentials
+from nextchar.v1 import admin_pb2_grpc
+
+
+class Operations:
+    """Built with the server (build_server), started with it, stopped first on shutdown."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics, registry: Registry, runner: Runner,
+                 health: health_aio.HealthServicer) -> None:
+        self.config, self.metrics, self.registry, self.health = config, metrics, registry, health
+        token = config.auth_token
+        if config.auth_token_file is not None:
+            token = read_token(config.auth_token_file)
+        self.auth_required = token is not None
+        metrics.watch(registry, runner)
+        # A version replaced by a reload unloads when its last call ends; its batcher goes with it.
+        registry.on_unload = lambda model: runner.forget(model.engine)
+        # Outermost first: a refused call (UNAUTHENTICATED) is still logged and counted.
+        self.interceptors = [ObservingInterceptor(metrics, registry, config.log_prompts),
+                             AuthInterceptor(token)]
+        self.reloader = Reloader(registry, self._set_health, config.reload_interval)
+        self.endpoint: MetricsEndpoint | None = None
+
+    service_names = (ADMIN_SERVICE,)
+
+    def add_to_server(self, grpc_server: grpc.aio.Server) -> None:
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.registry, self.reloader), grpc_server)
+
+    def bind(self, grpc_server: grpc.aio.Server) -> int:
+        """Bind host:port, with TLS when a certificate is configured; the port (0 picks one)."""
+        c = self.config
+        address = f"{c.host}:{c.port}"
+        try:
+            if c.tls_cert is not None and c.tls_key is not None:
+                creds = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)
+                return grpc_server.add_secure_port(address, creds)
+            return grpc_server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc reports a busy or bad address this way
+            raise OSError(f"cannot bind {address}: {e}") from None
+
+    async def start(self) -> None:
+        """The metrics endpoint and the repository watcher (each only when configured)."""
+        if self.config.metrics_port:
+            self.endpoint = MetricsEndpoint(self.metrics, self.config.host, self.config.metrics_port)
+        self.reloader.start()
+
+    async def stop_changes(self) -> None:
+        """Shutdown, first step: no more reloads while calls drain."""
+        await self.reloader.stop()
+
+    def close(self) -> None:
+        """Shutdown, last step: the metrics endpoint (it stays up while calls drain)."""
+        if self.endpoint is not None:
+            self.endpoint.stop()
+            self.endpoint = None
+
+    async def _set_health(self, name: str, serving: bool) -> None:
+        statuses = health_pb2.HealthCheckResponse
+        await self.health.set(name, statuses.SERVING if serving else statuses.NOT_SERVING)

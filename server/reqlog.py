@@ -1,0 +1,193 @@
+"""One log line and one metrics record per RPC, from a gRPC interceptor; text or JSON log format."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from nextchar.server.metrics import Metrics, RequestRecord
+from nextchar.server.registry import Registry
+
+log = logging.getLogger("nextchar.requests")
+
+# Only calls of these services are observed: health probes and reflection would drown the log.
+OBSERVED_SERVICES = ("/nextchar.v1.NextChar/", "/nextchar.v1.Admin/")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_PROMPT_FIELDS = ("prompt", "context", "text")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, plus a request line's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """The process's logging: `fmt` "text" (human) or "json" (one object per line, UTC)."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        formatter: logging.Formatter = JsonFormatter()
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+class _Call:
+    """One observed call: what it asked for, what it got, how long it took."""
+
+    def __init__(self, method: str, request: Any, context: grpc.aio.ServicerContext, registry: Registry,
+                 log_prompts: bool) -> None:
+        self.started = time.perf_counter()
+        self.method = method.rsplit("/", 1)[-1]
+        metadata = dict(context.invocation_metadata() or ())
+        given = metadata.get("x-request-id", "")
+        self.id = given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        ref = getattr(request, "model", None) if hasattr(request, "DESCRIPTOR") else None
+        ref = ref if ref is not None and ref.DESCRIPTOR.name == "ModelRef" else None
+        name = ref.name if ref is not None else getattr(request, "name", "")
+        # Only names the server knows become labels: a caller cannot grow the metrics without bound.
+        self.model = name if name in registry.names() else ""
+        self.version = 0
+        self.held = None
+        if ref is not None and self.model:
+            self.held = registry.acquire(self.model, ref.version or None)
+            self.version = self.held.version if self.held is not None else ref.version
+        self.prompt = next((getattr(request, f) for f in _PROMPT_FIELDS
+                            if log_prompts and isinstance(getattr(request, f, None), str)), None)
+        self.code = "OK"
+        self.chars = 0
+        self.messages = 0
+        self.ttfc_s: float | None = None
+        self.last_message: float | None = None
+
+    def summary(self, s: Any) -> None:
+        self.chars = s.usage.generated_chars
+        self.version = s.model.version or self.version
+        if s.usage.generated_chars:
+            self.ttfc_s = s.timings.time_to_first_char_ms / 1e3
+
+    def response(self, reply: Any) -> None:
+        if hasattr(reply, "summary") and reply.HasField("summary"):
+            self.summary(reply.summary)
+        elif getattr(reply, "model", None) is not None and hasattr(reply.model, "version"):
+            self.version = reply.model.version or self.version
+
+    def fields(self, duration_s: float) -> dict[str, Any]:
+        f: dict[str, Any] = {"request_id": self.id, "method": self.method, "model": self.model,
+                             "version": self.version, "code": self.code, "chars": self.chars,
+                             "duration_ms": round(duration_s * 1e3, 3)}
+        if self.ttfc_s is not None:
+            f["ttfc_ms"] = round(self.ttfc_s * 1e3, 3)
+        if self.prompt is not None:
+            f["prompt"] = self.prompt
+        return f
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every NextChar and Admin method: request id, status code, characters, timings -> log + metrics.
+
+    It also holds the model version a call uses (Registry.acquire/release), so that a version replaced
+    by a hot reload unloads only once its last call has ended.
+    """
+
+    def __init__(self, metrics: Metrics, registry: Registry, log_prompts: bool) -> None:
+        self._metrics, self._registry, self._log_prompts = metrics, registry, log_prompts
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or not method.startswith(OBSERVED_SERVICES) or handler.request_streaming:
+            return handler
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(method, request, context, self._registry, self._log_prompts)
+            try:
+                reply = await behavior(request, context)
+                call.response(reply)
+                return reply
+            except BaseException as e:
+                call.code = _code(e, context)
+                raise
+            finally:
+                self._finish(call)
+        return unary
+
+    def _stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(method, request, context, self._registry, self._log_prompts)
+            self._metrics.active_streams.inc()
+            try:
+                # aclosing: a call that ends early stops the generation at once, not at garbage collection.
+                async with contextlib.aclosing(behavior(request, context)) as messages:
+                    async for message in messages:
+                        self._message(call, message)
+                        yield message
+            except BaseException as e:
+                call.code = _code(e, context)
+                raise
+            finally:
+                self._metrics.active_streams.dec()
+                self._finish(call)
+        return stream
+
+    def _message(self, call: _Call, message: Any) -> None:
+        if message.HasField("summary"):
+            call.summary(message.summary)
+            return
+        now = time.perf_counter()
+        call.messages += 1
+        if call.last_message is not None and message.text and call.model:
+            gap = (now - call.last_message) / len(message.text)
+            self._metrics.inter_char.labels(call.model).observe(gap)
+        call.last_message = now
+
+    def _finish(self, call: _Call) -> None:
+        if call.held is not None:
+            self._registry.release(call.held)
+        duration = time.perf_counter() - call.started
+        self._metrics.observe(RequestRecord(call.method, call.model, call.code, duration, call.chars,
+                                            call.ttfc_s))
+        fields = call.fields(duration)
+        text = " ".join(f"{k}={json.dumps(v, ensure_ascii=False) if k == 'prompt' else v}"
+                        for k, v in fields.items())
+        log.info("request %s", text, extra={"fields": fields})
+
+
+def _code(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
+    """The status a failed call ended with: what it aborted with, CANCELLED when the caller left."""
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        left = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+    return "UNKNOWN"
