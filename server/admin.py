@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+
 from nextchar.server import wire
 from nextchar.server.errors import mapped
 from nextchar.server.registry import Registry

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from nextchar.server.artifact import ArtifactError
-from nextchar.server.registry import LoadedModel, Registry
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+
+from nextchar.server.artifact import ArtifactError
+from nextchar.server.registry import LoadedModel, Registry
 
 log = logging.getLogger(__name__)
 

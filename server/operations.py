@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
+
 from nextchar.server.admin import SERVICE_NAME as ADMIN_SERVICE
 from nextchar.server.admin import AdminServicer
 from nextchar.server.config import ServerConfig

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from nextchar.server.metrics import Metrics, RequestRecord
 from nextchar.server.registry import Registry
 
