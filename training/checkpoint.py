@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from nextchar.training.config import ModelConfig
 
 FORMAT = "nextchar.checkpoint.v1"

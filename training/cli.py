@@ -71,6 +71,7 @@ def train_command(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / Path(config.corpus).stem
 
     import torch
+
     from nextchar.training.checkpoint import CheckpointError
     from nextchar.training.corpora import CorpusError
     from nextchar.training.train import train
@@ -81,8 +82,11 @@ def train_command(args: argparse.Namespace) -> int:
         train(config, out, resume=args.resume, progress=not args.no_progress)
     except ConfigError as e:
         return _fail("train", str(e), 2)
-    except (CorpusError, CheckpointError) as e:
+    except (CorpusError, CheckpointError, OSError) as e:
         return _fail("train", str(e), 1)
+    except KeyboardInterrupt:
+        # last.pt is always whole (atomic writes), so the run can continue from it
+        return _fail("train", f"interrupted; continue with the same flags and --resume (--out {out})", 130)
     return 0
 
 
@@ -92,6 +96,7 @@ def _run_preset(args: argparse.Namespace) -> int:
     import time
 
     import torch
+
     from nextchar.training.checkpoint import save_checkpoint
     from nextchar.training.corpora import CorpusError
     from nextchar.training.metrics import plot_losses, write_metrics
@@ -141,7 +146,7 @@ def export_command(args: argparse.Namespace) -> int:
 
     try:
         path = export_checkpoint(args.checkpoint, args.repo, args.name, version=args.version, int8=args.int8)
-    except (ExportError, CheckpointError) as e:
+    except (ExportError, CheckpointError, OSError) as e:
         return _fail("export", str(e), 1)
     print(path)
     return 0

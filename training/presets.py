@@ -6,11 +6,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
+
 from nextchar.training.config import ConfigError, ModelConfig
 from nextchar.training.corpora import Corpus, build_vocab, load_corpus
 from nextchar.training.data import check_trainable, encode, sliding_windows
 from nextchar.training.model import CharModel
-from torch import nn
 
 
 @dataclass(frozen=True)

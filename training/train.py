@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
+
 from nextchar.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nextchar.training.config import ConfigError, TrainConfig
 from nextchar.training.corpora import Corpus, CorpusError, build_vocab, load_corpus
 from nextchar.training.data import Streams, check_trainable, encode, mix_seed, split
 from nextchar.training.metrics import bits, plot_losses, write_metrics
 from nextchar.training.model import CharModel, State
-from torch.nn import functional as F
 
 PLATEAU_PATIENCE = 2  # evaluations without a new best val loss before the plateau schedule halves lr
 LAST, BEST = "last.pt", "best.pt"

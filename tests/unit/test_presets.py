@@ -7,10 +7,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch import nn, optim  # noqa: E402
+
 from nextchar.training.config import ConfigError  # noqa: E402
 from nextchar.training.corpora import BUILTIN  # noqa: E402
 from nextchar.training.presets import PRESETS, accuracy, get_preset, textimize, train_preset  # noqa: E402
-from torch import nn, optim  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

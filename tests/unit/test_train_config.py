@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from nextchar.training.config import ConfigError, TrainConfig
 
 BASE = {"corpus": "goethe", "max_steps": 100}
