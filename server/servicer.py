@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 
 import grpc
+
 from nextchar.server import wire
 from nextchar.server.errors import mapped
 from nextchar.server.registry import LoadedModel, Registry
-from nextchar.server.runner import Outcome, Runner
+from nextchar.server.runner import DeadlineError, Outcome, Runner
 from nextchar.server.scoring import predict, score
 from nextchar.v1 import inference_pb2 as pb
 from nextchar.v1 import inference_pb2_grpc
@@ -20,8 +21,12 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     def __init__(self, registry: Registry, runner: Runner, limits: wire.Limits) -> None:
         self.registry, self.runner, self.limits = registry, runner, limits
 
-    async def _model(self, ref: pb.ModelRef) -> LoadedModel:
+    async def _model(self, ref: pb.ModelRef, context: grpc.aio.ServicerContext) -> LoadedModel:
+        """The model a request names; first, refuse calls that are shutting out or already late."""
         self.runner.ensure_open()
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineError("the call's deadline had passed when it arrived; nothing was computed")
         name, version = wire.model_ref(ref)
         loaded = self.registry.cached(name, version)
         return loaded if loaded is not None else await self.runner.call(self.registry.get, name, version)
@@ -36,20 +41,20 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
 
     @mapped
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):
-        model = await self._model(request.model)
+        model = await self._model(request.model, context)
         versions, errors = self.registry.versions(model.name), self.registry.load_errors(model.name)
         return pb.GetModelResponse(model=wire.model_info(model, versions, errors))
 
     @mapped
     async def PredictNext(self, request: pb.PredictNextRequest, context: grpc.aio.ServicerContext):
-        model = await self._model(request.model)
+        model = await self._model(request.model, context)
         args = wire.predict_args(request, model, self.limits)
         best = await self.runner.call(functools.partial(predict, model.engine, **args))
         return wire.predict_response(best, model)
 
     @mapped
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        model = await self._model(request.model)
+        model = await self._model(request.model, context)
         gen = wire.generation_request(request, model, self.limits)
         items = [item async for item in self.runner.generate(model.engine, gen, context.time_remaining())]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
@@ -58,14 +63,14 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
 
     @mapped
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        model = await self._model(request.model)
+        model = await self._model(request.model, context)
         gen = wire.generation_request(request, model, self.limits)
         async for item in self.runner.generate(model.engine, gen, context.time_remaining()):
             yield wire.stream_message(item, model)
 
     @mapped
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
-        model = await self._model(request.model)
+        model = await self._model(request.model, context)
         args = wire.score_args(request, self.limits)
         result = await self.runner.call(functools.partial(score, model.engine, **args))
         return wire.score_response(result, model)

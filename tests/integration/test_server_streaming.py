@@ -97,7 +97,9 @@ def test_an_already_expired_deadline(long_server) -> None:
         with pytest.raises(DeadlineExceeded):
             c.generate("gru", "O say", 10, timeout=0.0)
         with pytest.raises(DeadlineExceeded):
-            c.predict_next("gru", "O say", 3, timeout=1e-6)
+            c.predict_next("gru", "O say", 3, timeout=0.0)
+        with pytest.raises(DeadlineExceeded):
+            list(c.generate_stream("gru", "O say", 10, timeout=0.0))
 
 
 def test_shutdown_goes_not_serving_refuses_new_calls_and_lets_running_streams_finish(make_server) -> None:
