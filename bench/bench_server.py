@@ -38,6 +38,7 @@ SEED = 1234
 def export(repo: Path) -> None:
     """Runs in a subprocess (see main): torch must not share the measuring process's cores and threads."""
     import torch
+
     from nextchar.training.config import ModelConfig
     from nextchar.training.corpora import build_vocab, load_corpus
     from nextchar.training.export import export_model

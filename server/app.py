@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
 from nextchar.server import wire
 from nextchar.server.batching import BatchingConfig
 from nextchar.server.config import ServerConfig

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from nextchar.server.artifact import ArtifactError, ModelNameError
 from nextchar.server.batching import CapacityError
 from nextchar.server.registry import ModelNotFoundError

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+
 from nextchar.server.batching import Batcher, BatchingConfig
 from nextchar.server.generation import Finished, FinishReason, GenerationRequest, TextChunk, generate
 

@@ -6,8 +6,9 @@ import json
 import subprocess
 from pathlib import Path
 
-from nextchar.client.client import NextCharClient
 from server_harness import ROOT, free_port, nextchar_cmd, run_cli
+
+from nextchar.client.client import NextCharClient
 
 PROMPT = "O say can you see"
 

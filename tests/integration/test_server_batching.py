@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from nextchar.client.client import AsyncNextCharClient, NextCharClient
 from nextchar.server.artifact import load_artifact
 from nextchar.server.engine import Engine

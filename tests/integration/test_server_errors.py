@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+
 from nextchar.client.client import NextCharClient, generate_request
 from nextchar.client.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from nextchar.v1 import inference_pb2_grpc

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from nextchar.client.client import NextCharClient
 from nextchar.server.artifact import load_artifact
 from nextchar.server.engine import Engine

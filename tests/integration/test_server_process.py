@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from server_harness import ROOT, free_port, run_cli, wait_serving
+
 from nextchar.client.client import NextCharClient
 from nextchar.client.errors import Unavailable
-from server_harness import ROOT, free_port, run_cli, wait_serving
 
 # Runs the real console entry point and reports, at exit, which heavy modules the process loaded.
 _SERVE = """

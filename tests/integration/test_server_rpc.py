@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from nextchar.client.client import AsyncNextCharClient, NextCharClient
 from nextchar.client.errors import NotFound
 

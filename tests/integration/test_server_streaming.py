@@ -7,6 +7,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from nextchar.client.client import NextCharClient
 from nextchar.client.errors import Cancelled, DeadlineExceeded, Unavailable
 from nextchar.server.generation import FinishReason

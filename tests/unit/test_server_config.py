@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+
 from nextchar.server.config import ConfigError, ServerConfig, add_arguments, load_config
 
 

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from fake_engine import FakeEngine
+
 from nextchar.server.generation import FinishReason, GenerationRequest, TextChunk, generate
 from nextchar.server.runner import (
     DeadlineError,
