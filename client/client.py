@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from nextchar.client.credentials import Credentials, open_channel
 from nextchar.client.errors import from_rpc_error
 from nextchar.v1 import inference_pb2 as pb
 from nextchar.v1 import inference_pb2_grpc, manifest_pb2
@@ -169,15 +170,17 @@ class NextCharClient:
     """Blocking client. Every call has a deadline: `timeout` seconds, the client's default unless given."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, credentials: Credentials | None = None) -> None:
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(target)
+        self._channel = channel or open_channel(target, credentials)
+        self._metadata = credentials.metadata() if credentials is not None else ()
         self._stub = inference_pb2_grpc.NextCharStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout,
+                          metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -205,7 +208,8 @@ class NextCharClient:
     def generate_stream(self, model: str, prompt: str, max_new_chars: int, *, timeout: float | None = None,
                         **options: Any) -> GenerationStream:
         req = generate_request(model, prompt, max_new_chars, **options)
-        call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout)
+        call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout,
+                                         metadata=self._metadata)
         return GenerationStream(call)
 
     def score(self, model: str, text: str, *, context: str = "", per_char: bool = False,
@@ -256,15 +260,17 @@ class AsyncNextCharClient:
     """The same calls as NextCharClient, awaitable, on a grpc.aio channel."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = DEFAULT_TIMEOUT_S,
-                 channel: grpc.aio.Channel | None = None) -> None:
+                 channel: grpc.aio.Channel | None = None, credentials: Credentials | None = None) -> None:
         self.timeout = timeout
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._channel = channel or open_channel(target, credentials, aio=True)
+        self._metadata = credentials.metadata() if credentials is not None else ()
         self._stub = inference_pb2_grpc.NextCharStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(request, timeout=self.timeout if timeout is None else timeout,
+                                metadata=self._metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -292,7 +298,8 @@ class AsyncNextCharClient:
     def generate_stream(self, model: str, prompt: str, max_new_chars: int, *, timeout: float | None = None,
                         **options: Any) -> AsyncGenerationStream:
         req = generate_request(model, prompt, max_new_chars, **options)
-        call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout)
+        call = self._stub.GenerateStream(req, timeout=self.timeout if timeout is None else timeout,
+                                         metadata=self._metadata)
         return AsyncGenerationStream(call)
 
     async def score(self, model: str, text: str, *, context: str = "", per_char: bool = False,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 SERVER_ENV = "NEXTCHAR_SERVER"
+TOKEN_ENV = "NEXTCHAR_TOKEN"
 DEFAULT_SERVER = "localhost:50051"
 OOV_CHOICES = ("error", "skip", "replace")
 
@@ -63,6 +64,11 @@ def _server_args(p: argparse.ArgumentParser, timeout: float = 30.0) -> None:
                    help=f"host:port (default ${SERVER_ENV}, else {DEFAULT_SERVER})")
     p.add_argument("--timeout", type=float, default=timeout,
                    help=f"deadline in seconds (default {timeout:g})")
+    p.add_argument("--token", default=None, help=f"bearer token for the server (default ${TOKEN_ENV})")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    p.add_argument("--tls-ca", default=None, help="connect with TLS, trusting this PEM CA certificate")
+    p.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS; with --tls-key")
+    p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
 
 
 def _model_args(p: argparse.ArgumentParser, offline: bool) -> None:
@@ -100,9 +106,19 @@ def _run(name: str, func: Callable[[argparse.Namespace], int], args: argparse.Na
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from nextchar.client.client import NextCharClient
+    from pathlib import Path
 
-    return NextCharClient(args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER, timeout=args.timeout)
+    from nextchar.client.client import NextCharClient
+    from nextchar.client.credentials import Credentials
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    credentials = Credentials(token=args.token or os.environ.get(TOKEN_ENV) or None, tls=args.tls,
+                              tls_ca=path(args.tls_ca), tls_cert=path(args.tls_cert),
+                              tls_key=path(args.tls_key))
+    return NextCharClient(args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER, timeout=args.timeout,
+                          credentials=credentials)
 
 
 def _oov_offline(args: argparse.Namespace) -> dict[str, Any]:
