@@ -1,0 +1,155 @@
+"""Backpressure of the batching server: per-model stream and queue limits, queued deadlines, queued cancels.
+
+Fills the gaps left by tests/unit/test_batching.py (the core's limits on a fake engine) and
+test_server_errors.py (the runner's max_concurrent): here the batcher's limits are reached through
+gRPC on a real server, and what happens to a queued request is observed through server-side counters
+(the batcher's queue length and prefill count, the runner's cancelled-stream count and tracks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+
+from nextchar.client.client import NextCharClient
+from nextchar.client.errors import DeadlineExceeded, ResourceExhausted
+from nextchar.server.generation import FinishReason, GenerationRequest
+from nextchar.server.runner import DeadlineError
+
+PROMPT = "O say can you see"
+LONG = 100_000  # a generation that runs until the test cancels it
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a server-side condition (no log reading); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "server-side condition not reached"
+        time.sleep(0.002)
+
+
+def core_of(server, name: str):
+    """The batching core serving model `name` (the runner starts one per model version on first use)."""
+    wait_until(lambda: any(b.core.engine.artifact.name == name for b in server.runner.batchers))
+    return next(b.core for b in server.runner.batchers if b.core.engine.artifact.name == name)
+
+
+def start_running(client: NextCharClient, n: int, name: str = "rnn") -> list:
+    """n long streams that have produced their first text (so they hold active slots)."""
+    streams = [client.generate_stream(name, PROMPT, LONG, temperature=1.0, seed=i) for i in range(n)]
+    for s in streams:
+        assert next(iter(s))
+    return streams
+
+
+@pytest.fixture(scope="module")
+def small(make_server):
+    """Batching on, 2 active streams and 1 queued per model; max_concurrent well above both."""
+    return make_server(batching=True, max_active_streams=2, max_queue=1, max_new_chars=LONG,
+                       max_concurrent=64, grace_seconds=1.0)
+
+
+def test_past_active_and_queue_limits_resource_exhausted_at_once_naming_the_limit(small) -> None:
+    with NextCharClient(small.address, timeout=60) as c:
+        running = start_running(c, 2)
+        core = core_of(small, "rnn")
+        queued = c.generate_stream("rnn", PROMPT, 7)
+        wait_until(lambda: core.pending == 1)
+        with pytest.raises(ResourceExhausted, match=r"max_queue=1") as refused:
+            c.generate("rnn", PROMPT, 5)
+        assert "max_active_streams=2" in refused.value.details
+        # Refused at once: both long streams are still decoding and the queued one still waits.
+        assert len(core.active) == 2 and core.pending == 1
+        # The limits are per model: another model serves normally meanwhile.
+        assert c.generate("gru", PROMPT, 5).summary.generated_chars == 5
+        for s in running:
+            s.cancel()
+        assert len("".join(queued)) == 7  # the queued request gets its slot and full service
+        assert queued.summary.generated_chars == 7
+
+
+def test_without_a_queue_the_active_limit_is_named(make_server) -> None:
+    s = make_server(batching=True, max_active_streams=1, max_queue=0, max_new_chars=LONG, max_concurrent=64)
+    with NextCharClient(s.address, timeout=60) as c:
+        running = start_running(c, 1)
+        with pytest.raises(ResourceExhausted, match=r"max_active_streams=1"):
+            c.generate("rnn", PROMPT, 5)
+        running[0].cancel()
+        core = core_of(s, "rnn")
+        wait_until(lambda: not core.active)
+        assert c.generate("rnn", PROMPT, 5).summary.generated_chars == 5
+
+
+def test_time_spent_queued_counts_against_the_deadline(small) -> None:
+    runner = small.runner
+    with NextCharClient(small.address, timeout=60) as c:
+        running = start_running(c, 2)
+        core = core_of(small, "rnn")
+        prefills = core.stats.prefill_calls
+        # Through gRPC: the queued call fails at its deadline and leaves the queue while the slots
+        # stay busy, so its queue place is free again before any stream finished.
+        with pytest.raises(DeadlineExceeded):
+            c.generate("rnn", PROMPT, 5, timeout=0.3)
+        wait_until(lambda: core.pending == 0)
+        assert len(core.active) == 2
+        # The same through the runner itself (no gRPC deadline racing the server's): DeadlineError
+        # after 0 generated chars, the track says DEADLINE, and nothing was prefilled for it.
+        engine = small.server.servicer.registry.get("rnn").engine
+
+        async def queued_call() -> None:
+            async for _ in runner.generate(engine, GenerationRequest(PROMPT, 5), deadline_s=0.3):
+                pass
+
+        t0 = time.perf_counter()
+        with pytest.raises(DeadlineError, match=r"after 0 of max_new_chars=5"):
+            small.run(queued_call())
+        track = runner.tracks[-1]
+        assert track.reason is FinishReason.DEADLINE and track.max_new_chars == 5
+        assert track.finished_at - track.started_at >= 0.3 - 1e-3 and time.perf_counter() - t0 >= 0.3
+        assert core.stats.prefill_calls == prefills and len(core.active) == 2
+        for s in running:
+            s.cancel()
+
+
+def test_a_cancelled_queued_request_never_runs(small) -> None:
+    runner = small.runner
+    with NextCharClient(small.address, timeout=60) as c:
+        running = start_running(c, 2)
+        core = core_of(small, "rnn")
+        prefills, decode_rows = core.stats.prefill_calls, core.stats.decode_rows
+        cancelled = runner.cancelled_streams
+        queued = c.generate_stream("rnn", PROMPT, 50)
+        wait_until(lambda: core.pending == 1)
+        track = runner.tracks[-1]
+        queued.cancel()
+        wait_until(lambda: runner.cancelled_streams == cancelled + 1 and core.pending == 0)
+        for s in running:
+            s.cancel()
+        wait_until(lambda: not core.active)
+        wait_until(lambda: track.finished_at is not None)
+    assert track.reason is FinishReason.CANCELLED
+    assert core.stats.prefill_calls == prefills  # no prefill for it: it never ran
+    # Every decode row since then belongs to the two running streams: rows added <= calls x 2.
+    calls = sum(core.stats.batch_sizes.values())
+    assert core.stats.decode_rows - decode_rows <= 2 * calls
+
+
+def test_async_burst_over_the_queue_limit(small) -> None:
+    """Many calls at once: exactly the excess is refused, naming the limit; the rest get full service."""
+    from nextchar.client.client import AsyncNextCharClient
+
+    async def main() -> list:
+        async with AsyncNextCharClient(small.address, timeout=60) as c:
+            return await asyncio.gather(*(c.generate("lstm", PROMPT, 2000, temperature=1.0, seed=i)
+                                          for i in range(6)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, ResourceExhausted)]
+    served = [r for r in results if not isinstance(r, BaseException)]
+    # 2 active + 1 queued fit; the 2,000-char generations outlast the burst's arrival by far.
+    assert len(refused) == 3 and len(served) == 3, results
+    assert all("max_queue=1" in r.details for r in refused)
+    assert all(r.summary.generated_chars == 2000 for r in served)
