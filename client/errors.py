@@ -57,6 +57,14 @@ class Cancelled(NextCharError):
     """The call was cancelled."""
 
 
+class Unauthenticated(NextCharError):
+    """The server wants a bearer token (--token / NEXTCHAR_TOKEN), or the one sent is wrong."""
+
+
+class PermissionDenied(NextCharError):
+    """The caller may not make this call (e.g. Admin from another host without a token)."""
+
+
 class Internal(NextCharError):
     """A server bug (or another unexpected status)."""
 
@@ -69,6 +77,8 @@ _BY_CODE: dict[grpc.StatusCode, type[NextCharError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 
