@@ -1,0 +1,98 @@
+"""The /metrics endpoint of a real server process: it parses, and counters move by exactly the calls made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from ops_harness import ServerProcess, scrape, value, wait_until
+from server_harness import free_port
+
+from nextchar.v1 import inference_pb2 as pb
+
+
+@pytest.fixture(scope="module")
+def metered(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("metrics") / "server.log"
+    server = ServerProcess(model_repo, "--metrics-port", str(port), "--log-format", "json", log_path=log)
+    yield server, port
+    server.close()
+
+
+def _ref(name: str) -> pb.ModelRef:
+    return pb.ModelRef(name=name)
+
+
+def test_counters_move_by_exactly_the_calls_made(metered) -> None:
+    server, port = metered
+    before = scrape(port)
+    stub = server.stub
+    for seed in range(3):
+        reply = stub.Generate(pb.GenerateRequest(model=_ref("lstm"), prompt="O say", max_new_chars=20,
+                                                 temperature=1.0, seed=seed), timeout=30)
+        assert reply.summary.usage.generated_chars == 20
+    for seed in range(2):
+        messages = list(stub.GenerateStream(pb.GenerateRequest(model=_ref("gru"), prompt="O say",
+                                                               max_new_chars=30, temperature=1.0, seed=seed),
+                                            timeout=30))
+        assert messages[-1].summary.usage.generated_chars == 30
+    stub.PredictNext(pb.PredictNextRequest(model=_ref("rnn"), context="O say", n=3), timeout=30)
+    stub.Score(pb.ScoreRequest(model=_ref("rnn"), text="O say can you see"), timeout=30)
+    with pytest.raises(grpc.RpcError) as missing:
+        stub.Generate(pb.GenerateRequest(model=_ref("nope"), prompt="O", max_new_chars=5), timeout=30)
+    assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as bad:
+        stub.Generate(pb.GenerateRequest(model=_ref("lstm"), prompt="O", max_new_chars=0), timeout=30)
+    assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    after = scrape(port)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    expected = {
+        ("Generate", "lstm", "OK"): 3, ("GenerateStream", "gru", "OK"): 2, ("PredictNext", "rnn", "OK"): 1,
+        ("Score", "rnn", "OK"): 1, ("Generate", "", "NOT_FOUND"): 1,
+        ("Generate", "lstm", "INVALID_ARGUMENT"): 1,
+    }
+    for (method, model, code), n in expected.items():
+        assert moved("nextchar_requests_total", method=method, model=model, code=code) == n, (method, code)
+    total = sum(v for (name, _), v in after.items() if name == "nextchar_requests_total")
+    total -= sum(v for (name, _), v in before.items() if name == "nextchar_requests_total")
+    assert total == sum(expected.values())  # nothing else was counted (health probes are not requests)
+
+    assert moved("nextchar_generated_chars_total", model="lstm") == 60
+    assert moved("nextchar_generated_chars_total", model="gru") == 60
+    assert moved("nextchar_time_to_first_char_seconds_count", model="lstm") == 3
+    assert moved("nextchar_time_to_first_char_seconds_count", model="gru") == 2
+    assert moved("nextchar_request_duration_seconds_count", method="Generate") == 5
+    # n chars take n engine steps (the prompt's prefill yields the first); PredictNext and Score one each.
+    assert moved("nextchar_engine_step_duration_seconds_count", model="lstm") == 3 * 20
+    assert moved("nextchar_engine_step_duration_seconds_count", model="rnn") == 2
+    assert moved("nextchar_batch_size_count", model="gru") == 2 * 30
+    assert moved("nextchar_batch_size_bucket", model="gru", le="1.0") == 2 * 30  # unbatched: rows of 1
+    for name in ("lstm", "gru", "rnn"):
+        assert value(after, "nextchar_model_loads_total", model=name, result="success") == 1
+        assert value(after, "nextchar_model_loaded", model=name, version=1) == 1
+    assert value(after, "nextchar_active_streams") == 0
+    assert ("nextchar_queue_depth", ()) in after and ("nextchar_calls_in_flight", ()) in after
+
+
+def test_one_json_log_line_per_request_without_the_prompt(metered) -> None:
+    server, _ = metered
+    server.stub.Generate(pb.GenerateRequest(model=_ref("lstm"), prompt="O say secret", max_new_chars=7),
+                         timeout=30, metadata=(("x-request-id", "trace-42"),))
+    server.stub.ListModels(pb.ListModelsRequest(), timeout=30)  # a later line proves the first was flushed
+
+    def lines() -> list[dict]:
+        return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+
+    wait_until(lambda: any(e.get("method") == "ListModels" for e in lines()), 10, "the ListModels log line")
+    mine = [e for e in lines() if e.get("request_id") == "trace-42"]
+    assert len(mine) == 1
+    entry = mine[0]
+    assert entry["method"] == "Generate" and entry["model"] == "lstm" and entry["version"] == 1
+    assert entry["code"] == "OK" and entry["chars"] == 7 and entry["duration_ms"] > 0 and "ttfc_ms" in entry
+    assert "prompt" not in entry and "secret" not in server.log()
