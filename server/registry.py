@@ -67,6 +67,7 @@ class Registry:
         self._versions: dict[str, list[int]] = {}
         self._latest: dict[str, int] = {}
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
+        self._loading: dict[tuple[str, int], threading.Lock] = {}  # versions being loaded on demand
         # Lifecycle (server.reload drives it): refused versions, calls in flight per loaded version,
         # and replaced defaults that unload once their last call ends.
         self._errors: dict[str, dict[int, str]] = {}
@@ -111,22 +112,35 @@ class Registry:
         """
         with self._lock:
             self._check_name(name)
-            version = self._latest[name] if version is None else version
-            hit = self._loaded.get((name, version))
+            key = (name, self._latest[name] if version is None else version)
+            hit = self._loaded.get(key)
             if hit is not None:
                 return hit
-            # A version exported after start shows up here: rescan this model's directory.
-            self._versions[name] = art.list_versions(self.root, name)
-            if version not in self._versions[name]:
-                listed = ", ".join(map(str, self._versions[name]))
-                raise ModelNotFoundError(
-                    "model.version", f"model {name!r} has no version {version} (available: {listed})")
-            # Loading under the lock keeps two first requests for one version from loading it twice;
-            # it is rare (once per version) and the latest versions never take this path.
-            model = self._loader(self.root / name / str(version))
-            log.info("loaded %s v%d on demand", name, version)
-            self._loaded[(name, version)] = model
-            return model
+            gate = self._loading.setdefault(key, threading.Lock())
+        # The disk work happens outside the registry lock: `cached` runs on the event loop and must
+        # never wait for it. The per-version gate makes racing first requests load it only once.
+        with gate:
+            with self._lock:
+                hit = self._loaded.get(key)
+            if hit is not None:
+                return hit
+            try:
+                # A version exported after start shows up here: rescan this model's directory.
+                versions = art.list_versions(self.root, name)
+                with self._lock:
+                    self._versions[name] = versions
+                if key[1] not in versions:
+                    listed = ", ".join(map(str, versions))
+                    raise ModelNotFoundError(
+                        "model.version", f"model {name!r} has no version {key[1]} (available: {listed})")
+                model = self._loader(self.root / name / str(key[1]))
+                log.info("loaded %s v%d on demand", name, key[1])
+                with self._lock:
+                    self._loaded[key] = model
+                return model
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
 
     def _check_name(self, name: str) -> None:
         if name not in self._latest:
