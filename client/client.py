@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from nextchar.client.credentials import Credentials, open_channel
 from nextchar.client.errors import from_rpc_error
 from nextchar.v1 import inference_pb2 as pb
