@@ -76,6 +76,12 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
+def _wake(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future) -> None:
+    """From a worker thread; a closed loop (the server stopped past its grace period) has nobody to wake."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_resolve, waiter)
+
+
 class _Channel:
     """Worker thread -> event loop. Text accumulates; the loop is woken only when it waits and
     enough text (or the end) has arrived, so a fast generation costs one wake-up per message."""
@@ -95,14 +101,14 @@ class _Channel:
             self._chars += len(text)
             waiter = self._waiter if self._chars >= self._want else None
         if waiter is not None:
-            self._loop.call_soon_threadsafe(_resolve, waiter)
+            _wake(self._loop, waiter)
 
     def close(self, end: Finished | BaseException) -> None:
         with self._lock:
             self._end = end
             waiter = self._waiter
         if waiter is not None:
-            self._loop.call_soon_threadsafe(_resolve, waiter)
+            _wake(self._loop, waiter)
 
     async def take(self, want: int, max_wait: float | None) -> tuple[str, Finished | BaseException | None]:
         """Wait for `want` characters or the end; once `max_wait` s passed, any text at all will do."""
