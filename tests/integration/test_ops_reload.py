@@ -1,0 +1,215 @@
+"""Hot reload on a real server process: a new version under load, refused versions, removal, Admin calls."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from ops_harness import ServerProcess, scrape, value, wait_until
+from server_harness import free_port
+
+from nextchar.v1 import admin_pb2
+from nextchar.v1 import inference_pb2 as pb
+
+STREAMS = 16
+PROMPT = "o say"  # in the anthem's vocabulary and in the tiny models' (lower case, no capitals)
+RELOAD_S = 0.5
+SHORT, LONG = 400, 3000  # LONG: still running when the swap is seen (~1 s after the export, under load)
+
+
+@dataclass
+class Stream:
+    started: float
+    ended: float
+    version: int
+    chars: int
+
+
+def _stream(stub, seed: int, n: int, done: list[Stream], errors: list[str],
+            first: threading.Event | None = None) -> None:
+    """One stream on the default version of `lstm`, its outcome recorded; `first` set at its first text."""
+    request = pb.GenerateRequest(model=pb.ModelRef(name="lstm"), prompt=PROMPT, max_new_chars=n,
+                                 temperature=1.0, seed=seed)
+    started = time.monotonic()
+    try:
+        messages = []
+        for message in stub.GenerateStream(request, timeout=120):
+            messages.append(message)
+            if first is not None:
+                first.set()
+    except grpc.RpcError as e:
+        errors.append(f"{e.code().name}: {e.details()}")
+        return
+    chars = sum(len(m.text) for m in messages[:-1])
+    done.append(Stream(started, time.monotonic(), messages[-1].summary.model.version, chars))
+
+
+def _stream_forever(stub, seed: int, stop: threading.Event, done: list[Stream], errors: list[str]) -> None:
+    while not stop.is_set():
+        _stream(stub, seed, SHORT, done, errors)
+
+
+def test_new_version_under_16_streams(model_repo_copy: Path, export_tiny, tmp_path: Path) -> None:
+    port = free_port()
+    server = ServerProcess(model_repo_copy, "--reload-interval", str(RELOAD_S), "--metrics-port", str(port),
+                           "--max-concurrent", "64", log_path=tmp_path / "server.log")
+    stop = threading.Event()
+    done: list[Stream] = []
+    errors: list[str] = []
+    threads = [threading.Thread(target=_stream_forever, args=(server.stub, i, stop, done, errors))
+               for i in range(STREAMS)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(done) >= STREAMS, 60, "a first round of streams")
+        long_started = [threading.Event() for _ in range(2)]
+        threads += [threading.Thread(target=_stream, args=(server.stub, 100 + i, LONG, done, errors, ev))
+                    for i, ev in enumerate(long_started)]
+        for t in threads[STREAMS:]:
+            t.start()
+        wait_until(lambda: all(ev.is_set() for ev in long_started), 60, "the long streams' first text")
+        exporting = time.monotonic()  # v2 cannot exist before this: export renames it into place at the end
+        export_tiny("lstm", repo=model_repo_copy, name="lstm", version=2, seed=7)
+        exported = time.monotonic()
+
+        def serving_v2() -> bool:
+            reply = server.stub.GetModel(pb.GetModelRequest(model=pb.ModelRef(name="lstm")), timeout=10)
+            return reply.model.version == 2
+
+        wait_until(serving_v2, 30, "the new version to become the default")
+        seen = time.monotonic()
+        wait_until(lambda: sum(s.started > seen for s in done) >= STREAMS, 60, "a round of streams on v2")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    try:
+        assert errors == []
+        assert sorted(s.chars for s in done)[-2:] == [LONG, LONG]
+        assert all(s.chars in (SHORT, LONG) for s in done)
+        assert all(s.version == 2 for s in done if s.started > seen)  # new requests: the new version
+        straddled = [s for s in done if s.started < exporting and s.ended > seen]
+        assert sum(s.chars == LONG for s in straddled) == 2  # the long ones at least
+        assert all(s.version == 1 for s in straddled)  # streams running at the swap finish on the old one
+        metrics = scrape(port)
+        assert value(metrics, "nextchar_model_loads_total", model="lstm", result="success") == 2
+        assert value(metrics, "nextchar_model_loaded", model="lstm", version=2) == 1
+        # Every stream has ended, so v1 was drained and unloaded.
+        assert ("nextchar_model_loaded", (("model", "lstm"), ("version", "1"))) not in metrics
+        print(f"\nv2 default {seen - exported:.2f}s after the export (reload interval {RELOAD_S}s); "
+              f"{len(done)} streams, {len(straddled)} straddled the swap")
+    finally:
+        assert server.terminate() == 0
+
+
+def _broken_copy(repo: Path, name: str, version: int, damage) -> Path:
+    """Copy `name`/1 as `name`/`version` (manifest renumbered), damage it, then rename it into place."""
+    staging = repo / name / f".staging-{version}"
+    shutil.copytree(repo / name / "1", staging)
+    manifest = staging / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["version"] = str(version)
+    manifest.write_text(json.dumps(data))
+    damage(staging, data)
+    final = repo / name / str(version)
+    staging.rename(final)
+    return final
+
+
+def _truncate(d: Path, data: dict) -> None:
+    onnx = d / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+
+
+def _wrong_sha(d: Path, data: dict) -> None:
+    data["model_sha256"] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(data))
+
+
+def test_corrupt_versions_are_refused_while_the_old_one_serves(model_repo_copy: Path, tmp_path: Path) -> None:
+    port = free_port()
+    server = ServerProcess(model_repo_copy, "--reload-interval", str(RELOAD_S), "--metrics-port", str(port),
+                           log_path=tmp_path / "server.log")
+    stub = server.stub
+    request = pb.GenerateRequest(model=pb.ModelRef(name="gru"), prompt="O say", max_new_chars=10)
+    try:
+        def errors(name: str) -> dict[int, str]:
+            reply = stub.GetModel(pb.GetModelRequest(model=pb.ModelRef(name=name)), timeout=10)
+            return {e.version: e.reason for e in reply.model.load_errors}
+
+        _broken_copy(model_repo_copy, "gru", 2, _truncate)
+        reason = wait_until(lambda: errors("gru").get(2), 30, "gru v2 to be refused")
+        assert "model.onnx: size is" in reason and "truncated" in reason
+        assert stub.Generate(request, timeout=30).summary.model.version == 1
+
+        _broken_copy(model_repo_copy, "gru", 3, _wrong_sha)
+        reason = wait_until(lambda: errors("gru").get(3), 30, "gru v3 to be refused")
+        assert "sha256 is" in reason and "corrupt or replaced" in reason
+        assert stub.Generate(request, timeout=30).summary.model.version == 1
+        listed = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+        assert [e.version for e in listed["gru"].load_errors] == [2, 3] and listed["gru"].version == 1
+        assert list(listed["lstm"].load_errors) == []
+        assert server.health("gru") == health_pb2.HealthCheckResponse.SERVING
+
+        # A refused version is not retried until its files change: an explicit rescan changes nothing.
+        rescan = server.admin.ReloadRepository(admin_pb2.ReloadRepositoryRequest(), timeout=30)
+        assert list(rescan.changes) == []
+        metrics = scrape(port)
+        assert value(metrics, "nextchar_model_loads_total", model="gru", result="failure") == 2
+        assert value(metrics, "nextchar_model_loads_total", model="gru", result="success") == 1
+        assert "refused gru v2" in server.log() and "refused gru v3" in server.log()
+    finally:
+        assert server.terminate() == 0
+
+
+def test_removed_unloaded_and_reloaded_models(model_repo_copy: Path, tmp_path: Path) -> None:
+    """Admin calls from loopback (no token configured); the watcher is off, so rescans are explicit."""
+    server = ServerProcess(model_repo_copy, log_path=tmp_path / "server.log")
+    stub, admin = server.stub, server.admin
+
+    def generate(name: str, version: int = 0):
+        ref = pb.ModelRef(name=name, version=version) if version else pb.ModelRef(name=name)
+        return stub.Generate(pb.GenerateRequest(model=ref, prompt="O say", max_new_chars=5), timeout=30)
+
+    try:
+        shutil.rmtree(model_repo_copy / "rnn")
+        changes = admin.ReloadRepository(admin_pb2.ReloadRepositoryRequest(), timeout=30).changes
+        assert [(c.name, c.action) for c in changes] == [("rnn", "removed")]
+        with pytest.raises(grpc.RpcError) as gone:
+            generate("rnn")
+        assert gone.value.code() is grpc.StatusCode.NOT_FOUND
+        assert server.health("rnn") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert "rnn" not in [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models]
+
+        admin.UnloadModel(admin_pb2.UnloadModelRequest(name="gru"), timeout=30)
+        with pytest.raises(grpc.RpcError) as unloaded:
+            generate("gru")
+        assert unloaded.value.code() is grpc.StatusCode.NOT_FOUND
+        assert list(admin.ReloadRepository(admin_pb2.ReloadRepositoryRequest(), timeout=30).changes) == []
+        reply = admin.LoadModel(admin_pb2.LoadModelRequest(name="gru"), timeout=60)
+        assert reply.model.version == 1 and generate("gru").summary.model.version == 1
+        assert server.health("gru") == health_pb2.HealthCheckResponse.SERVING
+
+        shutil.copytree(model_repo_copy / "lstm" / "1", model_repo_copy / "lstm" / ".2")
+        manifest = model_repo_copy / "lstm" / ".2" / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"version": "1"', '"version": "2"'))
+        (model_repo_copy / "lstm" / ".2").rename(model_repo_copy / "lstm" / "2")
+        admin.LoadModel(admin_pb2.LoadModelRequest(name="lstm", version=1), timeout=60)  # pinned to v1
+        assert list(admin.ReloadRepository(admin_pb2.ReloadRepositoryRequest(), timeout=30).changes) == []
+        assert generate("lstm").summary.model.version == 1
+        assert admin.LoadModel(admin_pb2.LoadModelRequest(name="lstm"), timeout=60).model.version == 2
+        assert generate("lstm").summary.model.version == 2 and generate("lstm", 1).summary.model.version == 1
+
+        for bad, code in (("../lstm", grpc.StatusCode.INVALID_ARGUMENT), ("nope", grpc.StatusCode.NOT_FOUND)):
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.LoadModel(admin_pb2.LoadModelRequest(name=bad), timeout=30)
+            assert refused.value.code() is code, bad
+    finally:
+        assert server.terminate() == 0
