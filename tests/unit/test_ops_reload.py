@@ -1,0 +1,132 @@
+"""Registry lifecycle and the Reloader's decisions, with a fake loader over real directories (no ONNX)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from nextchar.server.artifact import ArtifactError
+from nextchar.server.registry import LoadedModel, ModelNotFoundError, Registry
+from nextchar.server.reload import Change, Reloader
+
+
+def _loader(calls: list[tuple[str, int]]):
+    def load(version_dir: Path) -> LoadedModel:
+        name, version = version_dir.parent.name, int(version_dir.name)
+        calls.append((name, version))
+        if (version_dir / "BROKEN").exists():
+            raise ArtifactError(f"{version_dir}/model.onnx: size is 3 bytes but the manifest says 9 "
+                                "(truncated or replaced)")
+        artifact = SimpleNamespace(name=name, version=version, model_path=version_dir / "model.onnx")
+        return LoadedModel(artifact, engine=object())
+    return load
+
+
+def _version(repo: Path, name: str, version: int, broken: bool = False) -> Path:
+    d = repo / name / str(version)
+    d.mkdir(parents=True)
+    if broken:
+        (d / "BROKEN").write_text("x")
+    return d
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    _version(tmp_path, "a", 1)
+    _version(tmp_path, "b", 1)
+    calls: list[tuple[str, int]] = []
+    registry = Registry(tmp_path, _loader(calls))
+    registry.load_latest()
+    unloaded: list[tuple[str, int]] = []
+    registry.on_unload = lambda m: unloaded.append((m.name, m.version))
+    health: list[tuple[str, bool]] = []
+
+    async def set_health(name: str, serving: bool) -> None:
+        health.append((name, serving))
+
+    return SimpleNamespace(repo=tmp_path, registry=registry, calls=calls, unloaded=unloaded, health=health,
+                           reloader=Reloader(registry, set_health, interval_s=0))
+
+
+def test_a_busy_version_unloads_only_when_its_last_call_ends(setup) -> None:
+    r = setup.registry
+    v1 = r.acquire("a", None)
+    second = r.acquire("a", 1)
+    _version(setup.repo, "a", 2)
+    assert setup.reloader.rescan() == [Change("a", "loaded", 2)]
+    assert r.cached("a").version == 2 and r.acquire("a", None).version == 2
+    assert r.loaded_versions()[("a", 1)] == 2 and setup.unloaded == []  # draining: still loaded
+    r.release(v1)
+    assert setup.unloaded == []
+    r.release(second)
+    assert setup.unloaded == [("a", 1)] and ("a", 1) not in r.loaded_versions()
+
+
+def test_an_idle_version_unloads_at_once_and_errors_are_recorded_once(setup) -> None:
+    _version(setup.repo, "a", 2, broken=True)
+    _version(setup.repo, "a", 3, broken=True)
+    changes = setup.reloader.rescan()
+    assert [(c.action, c.version) for c in changes] == [("failed", 3), ("failed", 2)]
+    assert "truncated" in changes[0].reason
+    assert sorted(setup.registry.load_errors("a")) == [2, 3] and setup.registry.cached("a").version == 1
+    calls = len(setup.calls)
+    assert setup.reloader.rescan() == [] and len(setup.calls) == calls  # unchanged: not retried
+    (setup.repo / "a" / "3" / "BROKEN").unlink()  # fixed on disk: retried and served
+    assert setup.reloader.rescan() == [Change("a", "loaded", 3)]
+    assert setup.unloaded == [("a", 1)] and sorted(setup.registry.load_errors("a")) == [2]
+
+
+def test_removed_and_unloaded_models_are_not_found_and_health_follows(setup) -> None:
+    shutil.rmtree(setup.repo / "b")
+    changes = asyncio.run(setup.reloader.rescan_async())
+    assert changes == [Change("b", "removed")] and setup.health == [("b", False)]
+    with pytest.raises(ModelNotFoundError):
+        setup.registry.cached("b")
+    setup.reloader.unload("a")
+    assert setup.registry.names() == [] and setup.reloader.rescan() == []  # unload is sticky
+    assert setup.reloader.load("a", None).version == 1 and setup.registry.names() == ["a"]
+    with pytest.raises(ModelNotFoundError):
+        setup.reloader.unload("b")
+
+
+def test_a_pinned_version_stays_until_unpinned(setup) -> None:
+    _version(setup.repo, "a", 2)
+    assert setup.reloader.load("a", 1).version == 1
+    assert setup.reloader.rescan() == []
+    assert setup.reloader.load("a", None).version == 2
+    with pytest.raises(ModelNotFoundError):
+        setup.reloader.load("a", 9)
+    _version(setup.repo, "a", 3, broken=True)
+    with pytest.raises(ArtifactError):
+        setup.reloader.load("a", 3)
+    assert setup.registry.cached("a").version == 2 and 3 in setup.registry.load_errors("a")
+
+
+def test_the_watcher_polls_and_stops() -> None:
+    async def run(tmp: Path) -> list:
+        _version(tmp, "a", 1)
+        registry = Registry(tmp, _loader([]))
+        registry.load_latest()
+        seen: list[tuple[str, bool]] = []
+
+        async def set_health(name: str, serving: bool) -> None:
+            seen.append((name, serving))
+
+        reloader = Reloader(registry, set_health, interval_s=0.01)
+        reloader.start()
+        _version(tmp, "a", 2)
+        for _ in range(500):  # bounded: at most 5 s of 10 ms polls
+            if registry.cached("a").version == 2:
+                break
+            await asyncio.sleep(0.01)
+        await reloader.stop()
+        return seen
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        assert asyncio.run(run(Path(d))) == [("a", True)]
