@@ -20,6 +20,8 @@ from nextchar.server.generation import Finished, FinishReason, GenerationRequest
 
 T = TypeVar("T")
 Clock = Callable[[], float]
+# Up to this many calls in flight, streams flush every flush_s; beyond, proportionally less often.
+STREAMS_PER_FLUSH = 8
 
 
 class OverloadedError(RuntimeError):
@@ -235,8 +237,9 @@ class Runner:
 
     async def generate(self, engine: Any, request: GenerationRequest,
                        deadline_s: float | None = None) -> AsyncIterator[str | Outcome]:
-        """Stream one generation: text pieces (coalesced: at most every flush_s or flush_chars once the
-        first char is out), then one Outcome. Stops the work at once when the caller goes away."""
+        """Stream one generation: text pieces (coalesced: at most every flush_s, stretched past
+        STREAMS_PER_FLUSH calls in flight, or flush_chars once the first char is out), then one
+        Outcome. Stops the work at once when the caller goes away."""
         with self._admit():
             loop = asyncio.get_running_loop()
             arrived = self._clock()
@@ -255,7 +258,7 @@ class Runner:
             try:
                 while True:
                     text, end = await job.channel.take(1 if first else self.flush_chars,
-                                                       None if first else self.flush_s)
+                                                       None if first else self._flush_wait())
                     if text:
                         first = False
                         yield text
@@ -275,6 +278,12 @@ class Runner:
                     f"deadline of {deadline_s:.3f}s passed after {end.usage.generated_chars} of "
                     f"max_new_chars={request.max_new_chars} characters; generation stopped")
             yield Outcome(end, (job.started or arrived) - arrived)
+
+    def _flush_wait(self) -> float:
+        """flush_s, stretched when many calls are in flight: every message costs the event loop (and
+        the GIL the batcher needs) about what a decode row costs, so at 64 streams of 1-char messages
+        the loop, not the model, limited throughput (BENCHMARKS.md). One stream stays as live as before."""
+        return self.flush_s * max(1.0, self.in_flight / STREAMS_PER_FLUSH)
 
     @property
     def batchers(self) -> list[Batcher]:
