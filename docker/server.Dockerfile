@@ -14,9 +14,11 @@ COPY training/ training/
 COPY server/ server/
 COPY client/ client/
 # `pip install .` without extras: the server's dependencies only (the build hook generates the proto code).
+# pip and setuptools are not needed at run time (25 MB).
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check . \
-    && /opt/venv/bin/nextchar --help >/dev/null
+    && /opt/venv/bin/nextchar --help >/dev/null \
+    && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools
 
 FROM ${BASE}
 COPY --from=build /opt/venv /opt/venv

@@ -92,6 +92,9 @@ def test_scale_profile_puts_every_replica_behind_envoy() -> None:
     route = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
         "route_config"]["virtual_hosts"][0]["routes"][0]["route"]
     assert {"reset", "connect-failure", "unavailable"} <= set(route["retry_policy"]["retry_on"].split(","))
+    # Envoy's default of 3 concurrent retries loses calls when a replica dies with more in flight.
+    (breaker,) = cluster["circuit_breakers"]["thresholds"]
+    assert breaker["max_retries"] >= 3 * int(services["server"]["environment"]["NEXTCHAR_MAX_CONCURRENT"])
 
 
 def test_podman_override_uses_only_the_host_network() -> None:
