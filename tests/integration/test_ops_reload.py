@@ -15,6 +15,8 @@ from grpc_health.v1 import health_pb2
 from ops_harness import ServerProcess, scrape, value, wait_until
 from server_harness import free_port
 
+from nextchar.client.client import NextCharClient
+from nextchar.server.reload import Change
 from nextchar.v1 import admin_pb2
 from nextchar.v1 import inference_pb2 as pb
 
@@ -213,3 +215,25 @@ def test_removed_unloaded_and_reloaded_models(model_repo_copy: Path, tmp_path: P
             assert refused.value.code() is code, bad
     finally:
         assert server.terminate() == 0
+
+
+def test_batched_stream_keeps_its_version_and_the_old_batcher_closes(make_server, model_repo_copy: Path,
+                                                                     export_tiny) -> None:
+    """In-process (to see the runner's batchers): a rescan during a batched stream; v1's batcher goes
+    once the stream that used it ends."""
+    server = make_server(model_repo_copy, batching=True, max_new_chars=20_000)
+    registry = server.server.servicer.registry
+    export_tiny("lstm", repo=model_repo_copy, name="lstm", version=2, seed=3)  # not seen: no watcher
+    with NextCharClient(server.address, timeout=120) as c:
+        old = c.generate_stream("lstm", PROMPT, 20_000, temperature=1.0, seed=1)
+        pieces = iter(old)
+        text = next(pieces)
+        assert [b.core.engine.artifact.version for b in server.runner.batchers] == [1]
+        changes = server.run(server.server.ops.reloader.rescan_async(), timeout=60)
+        assert changes == [Change("lstm", "loaded", 2)]
+        assert registry.loaded_versions()[("lstm", 1)] == 1  # v1 drains: the stream still holds it
+        assert c.generate("lstm", PROMPT, 20, temperature=0).summary.version == 2
+        text += "".join(pieces)
+        assert len(text) == 20_000 and old.summary.version == 1
+        wait_until(lambda: ("lstm", 1) not in registry.loaded_versions(), 30, "v1 to unload")
+        assert [b.core.engine.artifact.version for b in server.runner.batchers] == [2]
