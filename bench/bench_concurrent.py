@@ -1,17 +1,18 @@
 """64 concurrent streaming clients: server aggregate chars/s vs an in-process batched loop and no batching.
 
-Usage: .venv/bin/python -m bench.bench_concurrent [--streams 64] [--chars 400] [--repeats 3]
-                                                  [--server-flags "..."] [--out FILE]
+Usage: .venv/bin/python -m bench.bench_concurrent [--streams 64] [--chars 400] [--repeats 3] [--cell lstm]
+                                                  [--threads 1] [--server-flags "..."] [--out FILE]
 
 Three processes besides this one: the in-process loop (server.batching.BatchCore at batch = streams,
 the server's thread settings, no gRPC, ticked as fast as it goes), a server with batching on and a
-server with batching off (both `nextchar serve`, 1 onnxruntime thread, max-concurrent above the
-stream count). This process is the client: `streams` GenerateStream calls at once on one asyncio
-channel, seeded, temperature 1. Repeats interleave the three so machine load hits all alike.
-Aggregate chars/s = all chars / wall time from the first request to the last stream's end. Targets:
-batched server >= 0.6x the in-process loop, >= 5x the unbatched server. Latencies: time to first
-char (request sent -> first text message, client side) and the gap between a stream's consecutive
-text messages (a message carries every char generated since the last one; see chars/message).
+server with batching off (both `nextchar serve` with --intra-op-threads = --threads, max-concurrent
+above the stream count; otherwise default settings). This process is the client: `streams`
+GenerateStream calls at once on one asyncio channel, seeded, temperature 1. Repeats interleave the
+three so machine load hits all alike. Aggregate chars/s = all chars / wall time from the first
+request to the last stream's end. Targets: batched server >= 0.6x the in-process loop, >= 5x the
+unbatched server. Latencies: time to first char (request sent -> first text message, client side)
+and the gap between a stream's consecutive text messages (a message carries every char generated
+since the last one; see chars/message).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pathlib import Path
 
 from bench.common import ROOT, export_untrained, machine, model_name, percentile, start_server, stop_server
 
-MODEL = model_name("lstm")
 PROMPTS = ("O say can you see", "What so proudly we hailed", "And the rocket’s red glare", "O")
 
 
@@ -41,14 +41,14 @@ class Run:
     chars_per_message: float = 0.0
 
 
-def inprocess_worker(repo: Path, streams: int, chars: int) -> None:
+def inprocess_worker(repo: Path, model: str, streams: int, chars: int, threads: int) -> None:
     """Stdin 'go' -> stdout chars/s of `streams` generations in one BatchCore at batch `streams`."""
     from bench.common import load_engine
     from nextchar.server.batching import BatchCore, BatchingConfig
     from nextchar.server.generation import GenerationRequest
     from nextchar.server.sampling import SamplingParams
 
-    engine = load_engine(repo, MODEL)
+    engine = load_engine(repo, model, threads)
     config = BatchingConfig(max_batch_size=streams, max_wait_s=0.0, max_active_streams=streams, max_queue=0)
     for _ in sys.stdin:
         core = BatchCore(engine, config, clock=time.perf_counter)
@@ -62,7 +62,7 @@ def inprocess_worker(repo: Path, streams: int, chars: int) -> None:
         print(sum(map(len, texts)) / (time.perf_counter() - t0), flush=True)
 
 
-async def clients(address: str, streams: int, chars: int, seed0: int) -> Run:
+async def clients(address: str, model: str, streams: int, chars: int, seed0: int) -> Run:
     from nextchar.client.client import AsyncNextCharClient
 
     ttfc: list[float] = []
@@ -72,7 +72,7 @@ async def clients(address: str, streams: int, chars: int, seed0: int) -> Run:
     async def one(i: int, c: AsyncNextCharClient) -> None:
         t0 = last = time.perf_counter()
         first = True
-        stream = c.generate_stream(MODEL, PROMPTS[i % len(PROMPTS)], chars, temperature=1.0, seed=seed0 + i)
+        stream = c.generate_stream(model, PROMPTS[i % len(PROMPTS)], chars, temperature=1.0, seed=seed0 + i)
         async for text in stream:
             now = time.perf_counter()
             (ttfc if first else gaps).append(now - (t0 if first else last))
@@ -90,13 +90,15 @@ async def clients(address: str, streams: int, chars: int, seed0: int) -> Run:
     return Run(counts[0] / wall, ttfc, gaps, counts[0] / counts[1])
 
 
-def measure(streams: int, chars: int, repeats: int, server_flags: list[str],
+def measure(cell: str, streams: int, chars: int, repeats: int, threads: int, server_flags: list[str],
             repo: Path | None = None) -> dict[str, list[Run]]:
-    repo = repo or export_untrained(Path(tempfile.mkdtemp(prefix="bench-concurrent-")), ["lstm"])
+    repo = repo or export_untrained(Path(tempfile.mkdtemp(prefix="bench-concurrent-")), [cell])
+    model = model_name(cell)
     worker = subprocess.Popen([sys.executable, "-m", "bench.bench_concurrent", "--worker", str(repo),
-                               "--streams", str(streams), "--chars", str(chars)],
+                               "--cell", cell, "--streams", str(streams), "--chars", str(chars),
+                               "--threads", str(threads)],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    common = ["--intra-op-threads", "1", "--max-concurrent", str(max(64, 2 * streams)),
+    common = ["--intra-op-threads", str(threads), "--max-concurrent", str(max(64, 2 * streams)),
               "--max-new-chars", str(max(chars, 10_000))]
     servers = {
         "batched": start_server(repo, *common, "--batching", "1", "--max-batch-size", str(streams),
@@ -106,7 +108,7 @@ def measure(streams: int, chars: int, repeats: int, server_flags: list[str],
     runs: dict[str, list[Run]] = {"inprocess": [], "batched": [], "unbatched": []}
     try:
         for _, address in servers.values():  # warm-up: connections, first calls, caches
-            asyncio.run(clients(address, streams, 20, 10_000))
+            asyncio.run(clients(address, model, streams, 20, 10_000))
         worker.stdin.write("go\n")
         worker.stdin.flush()
         worker.stdout.readline()
@@ -115,7 +117,7 @@ def measure(streams: int, chars: int, repeats: int, server_flags: list[str],
             worker.stdin.flush()
             runs["inprocess"].append(Run(float(worker.stdout.readline())))
             for kind, (_, address) in servers.items():
-                runs[kind].append(asyncio.run(clients(address, streams, chars, r * 1000)))
+                runs[kind].append(asyncio.run(clients(address, model, streams, chars, r * 1000)))
     finally:
         worker.stdin.close()
         worker.wait(60)
@@ -124,7 +126,8 @@ def measure(streams: int, chars: int, repeats: int, server_flags: list[str],
     return runs
 
 
-def report(runs: dict[str, list[Run]], streams: int, chars: int, command: str) -> str:
+def report(runs: dict[str, list[Run]], cell: str, streams: int, chars: int, threads: int,
+           command: str) -> str:
     med = statistics.median
     rate = {k: med(r.chars_per_s for r in v) for k, v in runs.items()}
     batched = runs["batched"]
@@ -132,7 +135,8 @@ def report(runs: dict[str, list[Run]], streams: int, chars: int, command: str) -
     ratios_b = [b.chars_per_s / u.chars_per_s for b, u in zip(batched, runs["unbatched"], strict=True)]
     lines = [
         f"Command: `{command}`", f"Machine: {machine()}",
-        f"{streams} concurrent streams x {chars} chars, 2-layer LSTM-256, temperature 1; medians of "
+        f"{streams} concurrent streams x {chars} chars, 2-layer {cell.upper()}-256, temperature 1, "
+        f"{threads} onnxruntime thread(s) everywhere; medians of "
         f"{len(runs['batched'])} interleaved repeats (ratios: median of per-repeat ratios).", "",
         "| | aggregate chars/s | TTFC p50 / p99 ms | inter-message gap p50 / p99 ms | chars/message |",
         "|---|---|---|---|---|",
@@ -156,6 +160,8 @@ def report(runs: dict[str, list[Run]], streams: int, chars: int, command: str) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn"])
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (servers and loop)")
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--chars", type=int, default=400)
     p.add_argument("--repeats", type=int, default=3)
@@ -165,10 +171,11 @@ def main() -> None:
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        inprocess_worker(a.worker, a.streams, a.chars)
+        inprocess_worker(a.worker, model_name(a.cell), a.streams, a.chars, a.threads)
         return
-    runs = measure(a.streams, a.chars, a.repeats, shlex.split(a.server_flags), a.repo)
-    text = report(runs, a.streams, a.chars, "python -m bench.bench_concurrent " + " ".join(sys.argv[1:]))
+    runs = measure(a.cell, a.streams, a.chars, a.repeats, a.threads, shlex.split(a.server_flags), a.repo)
+    command = "python -m bench.bench_concurrent " + " ".join(sys.argv[1:])
+    text = report(runs, a.cell, a.streams, a.chars, a.threads, command)
     print(text)
     if a.out:
         a.out.write_text(text + "\n")

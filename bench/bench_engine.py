@@ -26,7 +26,7 @@ def step_seconds(engine, batch: int, repeats: int) -> float:
 
 def run(repo: Path, batches: list[int], threads: int, repeats: int) -> str:
     lines = [f"Engine ceiling: one decode step (T=1), {threads} onnxruntime thread(s); chars/s = batch / s "
-             "per step; medians.", "",
+             "per step; best of --repeats rounds (other jobs only add time).", "",
              "| model | " + " | ".join(f"B={b}" for b in batches) + " |",
              "|---|" + "---|" * len(batches)]
     for cell in CELLS:

@@ -31,7 +31,7 @@ def run(batches: list[int], repeats: int) -> str:
     vocab = build_vocab(load_corpus("anthem").text)
     repo = Path(tempfile.mkdtemp(prefix="bench-torch-ort-"))
     lines = ["PyTorch eager vs onnxruntime, one decode step (T=1), 1 thread each; chars/s = batch / s per "
-             "step; medians.", "",
+             "step; best of --repeats rounds.", "",
              "| model | batch | torch eager chars/s | onnxruntime chars/s | onnxruntime speed-up "
              "| max abs logit diff |",
              "|---|---|---|---|---|---|"]

@@ -8,7 +8,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -19,14 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CELLS = ("lstm", "gru", "rnn")
 
 
-def export_untrained(repo: Path, cells: Sequence[str] = CELLS, hidden: int = 256, layers: int = 2) -> Path:
-    """Export untrained 2-layer one-hot models over the anthem vocabulary as `<repo>/<cell>256/1`.
+def export_untrained(repo: Path, cells: Sequence[str] = CELLS, hidden: int = 256, layers: int = 2, *,
+                     bare_names: bool = False, int8: bool = False) -> Path:
+    """Export untrained 2-layer one-hot models over the anthem vocabulary as `<repo>/<cell>256/1`
+    (`<repo>/<cell>/1` with bare_names; plus model.int8.onnx with int8).
 
     Runs in a subprocess so torch never shares the measuring process (its threads, its memory);
     untrained weights cost the same per step as trained ones.
     """
     cmd = [sys.executable, "-m", "bench.common", "export", str(repo), "--hidden", str(hidden),
-           "--layers", str(layers), *cells]
+           "--layers", str(layers), *cells, *(["--bare-names"] if bare_names else []),
+           *(["--int8"] if int8 else [])]
     subprocess.run(cmd, cwd=ROOT, check=True)
     return repo
 
@@ -35,7 +37,7 @@ def model_name(cell: str, hidden: int = 256) -> str:
     return f"{cell}{hidden}"
 
 
-def _export(repo: Path, cells: Sequence[str], hidden: int, layers: int) -> None:
+def _export(repo: Path, cells: Sequence[str], hidden: int, layers: int, bare_names: bool, int8: bool) -> None:
     import torch
 
     from nextchar.training.config import ModelConfig
@@ -48,7 +50,8 @@ def _export(repo: Path, cells: Sequence[str], hidden: int, layers: int) -> None:
     for cell in cells:
         torch.manual_seed(0)
         config = ModelConfig(vocab_size=len(vocab), cell=cell, hidden_size=hidden, num_layers=layers)
-        export_model(CharModel(config), vocab, repo, model_name(cell, hidden), version=1)
+        name = cell if bare_names else model_name(cell, hidden)
+        export_model(CharModel(config), vocab, repo, name, version=1, int8=int8)
 
 
 def load_engine(repo: Path, name: str, threads: int = 1):
@@ -109,7 +112,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def best_of(fn: Callable[[], object], repeats: int, min_s: float = 0.05) -> float:
-    """Median seconds per call of `fn` over `repeats` rounds of >= min_s each (calls per round adapt)."""
+    """Fastest seconds per call of `fn` over `repeats` rounds of >= min_s each (calls per round adapt).
+
+    The minimum, not the median: on a shared machine other jobs only ever add time, so the fastest
+    round is the closest to what the code itself costs (the ceiling these benches report)."""
     fn()
     calls = 1
     while True:
@@ -125,7 +131,7 @@ def best_of(fn: Callable[[], object], repeats: int, min_s: float = 0.05) -> floa
         for _ in range(calls):
             fn()
         rounds.append((time.perf_counter() - t0) / calls)
-    return statistics.median(rounds)
+    return min(rounds)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -173,8 +179,10 @@ def main() -> None:
     e.add_argument("cells", nargs="+")
     e.add_argument("--hidden", type=int, default=256)
     e.add_argument("--layers", type=int, default=2)
+    e.add_argument("--bare-names", action="store_true", help="name models <cell> rather than <cell><hidden>")
+    e.add_argument("--int8", action="store_true", help="also export the dynamically quantized variant")
     a = p.parse_args()
-    _export(a.repo, a.cells, a.hidden, a.layers)
+    _export(a.repo, a.cells, a.hidden, a.layers, a.bare_names, a.int8)
 
 
 if __name__ == "__main__":
