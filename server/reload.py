@@ -155,8 +155,10 @@ class Reloader:
             signature = _signature(self.registry.root / name / str(version))
             if self._refused.get((name, version)) == signature:
                 continue  # refused before and unchanged since
+            # A version already loaded (asked for by number earlier) is served as it is, not loaded twice.
+            model = self.registry.cached(name, version) if current is not None else None
             try:
-                model = self._load(name, version)
+                model = model or self._load(name, version)
             except art.ArtifactError as e:
                 self._refused[(name, version)] = signature
                 changes.append(Change(name, "failed", version, str(e)))

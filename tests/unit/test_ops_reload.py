@@ -130,3 +130,14 @@ def test_the_watcher_polls_and_stops() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         assert asyncio.run(run(Path(d))) == [("a", True)]
+
+
+def test_a_version_loaded_on_demand_is_reused_when_it_becomes_the_default(setup) -> None:
+    _version(setup.repo, "a", 2)
+    setup.reloader.rescan()
+    older = setup.registry.get("a", 1)  # loaded again on demand after v2 replaced it
+    calls = len(setup.calls)
+    shutil.rmtree(setup.repo / "a" / "2")  # the default is deleted: fall back to v1, already loaded
+    assert setup.reloader.rescan() == [Change("a", "loaded", 1)]
+    assert setup.registry.cached("a") is older and len(setup.calls) == calls
+    assert ("a", 2) in setup.unloaded
