@@ -43,10 +43,10 @@ class NextCharServer:
 
     async def start(self) -> None:
         """Start accepting calls; models were validated and warmed up in build_server, so SERVING is true."""
+        await self.ops.start()  # first: a busy metrics port fails start-up before any call is accepted
         await self.grpc_server.start()
         for name in ("", SERVICE_NAME, *self.servicer.registry.names()):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        await self.ops.start()
 
     async def shutdown(self, grace: float | None = None) -> bool:
         """Health NOT_SERVING at once, new calls UNAVAILABLE, running calls get `grace` s to finish.

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import grpc
 import pytest
 from ops_harness import ServerProcess, scrape, value, wait_until
-from server_harness import free_port
+from server_harness import free_port, run_cli
 
 from nextchar.v1 import inference_pb2 as pb
 
@@ -96,3 +97,14 @@ def test_one_json_log_line_per_request_without_the_prompt(metered) -> None:
     assert entry["method"] == "Generate" and entry["model"] == "lstm" and entry["version"] == 1
     assert entry["code"] == "OK" and entry["chars"] == 7 and entry["duration_ms"] > 0 and "ttfc_ms" in entry
     assert "prompt" not in entry and "secret" not in server.log()
+
+
+def test_a_busy_metrics_port_stops_start_up_naming_it(model_repo: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--model-repo", str(model_repo), "--host", "127.0.0.1", "--port",
+                         str(free_port()), "--metrics-port", str(port))
+    assert result.returncode == 1
+    assert f"cannot bind the metrics endpoint 127.0.0.1:{port}" in result.stderr, result.stderr
