@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "nextchar.training.cli",
     "nextchar.server.cli",       # serve
     "nextchar.client.commands",  # generate, predict, score, models, health
+    "nextchar.client.admin_commands",  # admin reload | load | unload
 )
 
 

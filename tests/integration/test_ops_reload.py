@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from ops_harness import ServerProcess, scrape, value, wait_until
-from server_harness import free_port
+from server_harness import free_port, run_cli
 
 from nextchar.client.client import NextCharClient
 from nextchar.server.reload import Change
@@ -182,8 +182,8 @@ def test_removed_unloaded_and_reloaded_models(model_repo_copy: Path, tmp_path: P
 
     try:
         shutil.rmtree(model_repo_copy / "rnn")
-        changes = admin.ReloadRepository(admin_pb2.ReloadRepositoryRequest(), timeout=30).changes
-        assert [(c.name, c.action) for c in changes] == [("rnn", "removed")]
+        result = run_cli("admin", "reload", "--server", server.address)  # the CLI's Admin client
+        assert result.returncode == 0 and result.stdout == "rnn: removed\n", result.stderr
         with pytest.raises(grpc.RpcError) as gone:
             generate("rnn")
         assert gone.value.code() is grpc.StatusCode.NOT_FOUND
@@ -195,8 +195,9 @@ def test_removed_unloaded_and_reloaded_models(model_repo_copy: Path, tmp_path: P
             generate("gru")
         assert unloaded.value.code() is grpc.StatusCode.NOT_FOUND
         assert list(admin.ReloadRepository(admin_pb2.ReloadRepositoryRequest(), timeout=30).changes) == []
-        reply = admin.LoadModel(admin_pb2.LoadModelRequest(name="gru"), timeout=60)
-        assert reply.model.version == 1 and generate("gru").summary.model.version == 1
+        result = run_cli("admin", "load", "gru", "--server", server.address)
+        assert result.returncode == 0 and result.stdout == "gru: serving v1\n", result.stderr
+        assert generate("gru").summary.model.version == 1
         assert server.health("gru") == health_pb2.HealthCheckResponse.SERVING
 
         shutil.copytree(model_repo_copy / "lstm" / "1", model_repo_copy / "lstm" / ".2")
