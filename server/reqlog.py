@@ -22,7 +22,7 @@ log = logging.getLogger("nextchar.requests")
 # Only calls of these services are observed: health probes and reflection would drown the log.
 OBSERVED_SERVICES = ("/nextchar.v1.NextChar/", "/nextchar.v1.Admin/")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_PROMPT_FIELDS = ("prompt", "context", "text")
+_USER_TEXT = ("prompt", "context", "text")  # request fields holding user text: logged only when asked
 
 
 class JsonFormatter(logging.Formatter):
@@ -71,8 +71,8 @@ class _Call:
         if ref is not None and self.model:
             self.held = registry.acquire(self.model, ref.version or None)
             self.version = self.held.version if self.held is not None else ref.version
-        self.prompt = next((getattr(request, f) for f in _PROMPT_FIELDS
-                            if log_prompts and isinstance(getattr(request, f, None), str)), None)
+        texts = {f: getattr(request, f, None) for f in _USER_TEXT} if log_prompts else {}
+        self.user_text = {f: v for f, v in texts.items() if isinstance(v, str) and v}
         self.code = "OK"
         self.chars = 0
         self.messages = 0
@@ -97,8 +97,7 @@ class _Call:
                              "duration_ms": round(duration_s * 1e3, 3)}
         if self.ttfc_s is not None:
             f["ttfc_ms"] = round(self.ttfc_s * 1e3, 3)
-        if self.prompt is not None:
-            f["prompt"] = self.prompt
+        f.update(self.user_text)
         return f
 
 
@@ -178,7 +177,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         self._metrics.observe(RequestRecord(call.method, call.model, call.code, duration, call.chars,
                                             call.ttfc_s))
         fields = call.fields(duration)
-        text = " ".join(f"{k}={json.dumps(v, ensure_ascii=False) if k == 'prompt' else v}"
+        text = " ".join(f"{k}={json.dumps(v, ensure_ascii=False) if k in _USER_TEXT else v}"
                         for k, v in fields.items())
         log.info("request %s", text, extra={"fields": fields})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from ops_harness import ServerProcess, scrape, value, wait_until
 from server_harness import free_port, run_cli
 
 from nextchar.v1 import inference_pb2 as pb
+from nextchar.v1.inference_pb2_grpc import NextCharStub
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +110,17 @@ def test_a_busy_metrics_port_stops_start_up_naming_it(model_repo: Path) -> None:
                          str(free_port()), "--metrics-port", str(port))
     assert result.returncode == 1
     assert f"cannot bind the metrics endpoint 127.0.0.1:{port}" in result.stderr, result.stderr
+
+
+def test_log_prompts_puts_the_user_text_in_the_request_line(make_server, caplog) -> None:
+    """In-process, so the request log record itself can be read (its structured fields)."""
+    server = make_server(log_prompts=True)
+    with caplog.at_level(logging.INFO, logger="nextchar.requests"):
+        with grpc.insecure_channel(server.address) as channel:
+            request = pb.ScoreRequest(model=_ref("gru"), text="O say can", context="And the")
+            NextCharStub(channel).Score(request, timeout=30)
+        wait_until(lambda: any(getattr(r, "fields", {}).get("method") == "Score" for r in caplog.records),
+                   10, "the Score request line")
+    line = next(r for r in caplog.records if getattr(r, "fields", {}).get("method") == "Score")
+    assert line.fields["text"] == "O say can" and line.fields["context"] == "And the"
+    assert 'text="O say can"' in line.getMessage() and line.fields["model"] == "gru"
