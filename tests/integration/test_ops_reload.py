@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from nextchar.v1 import inference_pb2 as pb
 STREAMS = 16
 PROMPT = "o say"  # in the anthem's vocabulary and in the tiny models' (lower case, no capitals)
 RELOAD_S = 0.5
-SHORT, LONG = 400, 3000  # LONG: still running when the swap is seen (~1 s after the export, under load)
+SHORT = 400
+LONG_S = 10.0  # the two long streams are sized to last about this long under the test's load
 
 
 @dataclass
@@ -61,7 +63,8 @@ def _stream_forever(stub, seed: int, stop: threading.Event, done: list[Stream], 
 def test_new_version_under_16_streams(model_repo_copy: Path, export_tiny, tmp_path: Path) -> None:
     port = free_port()
     server = ServerProcess(model_repo_copy, "--reload-interval", str(RELOAD_S), "--metrics-port", str(port),
-                           "--max-concurrent", "64", log_path=tmp_path / "server.log")
+                           "--max-concurrent", "64", "--max-new-chars", "20000",
+                           log_path=tmp_path / "server.log")
     stop = threading.Event()
     done: list[Stream] = []
     errors: list[str] = []
@@ -71,8 +74,11 @@ def test_new_version_under_16_streams(model_repo_copy: Path, export_tiny, tmp_pa
         for t in threads:
             t.start()
         wait_until(lambda: len(done) >= STREAMS, 60, "a first round of streams")
+        # Long enough to outlast the swap (export + one poll + warm-up) on a fast or a loaded machine.
+        per_stream_rate = SHORT / statistics.median(s.ended - s.started for s in done)
+        long = int(min(20_000, max(2_000, per_stream_rate * LONG_S)))
         long_started = [threading.Event() for _ in range(2)]
-        threads += [threading.Thread(target=_stream, args=(server.stub, 100 + i, LONG, done, errors, ev))
+        threads += [threading.Thread(target=_stream, args=(server.stub, 100 + i, long, done, errors, ev))
                     for i, ev in enumerate(long_started)]
         for t in threads[STREAMS:]:
             t.start()
@@ -94,11 +100,11 @@ def test_new_version_under_16_streams(model_repo_copy: Path, export_tiny, tmp_pa
             t.join(60)
     try:
         assert errors == []
-        assert sorted(s.chars for s in done)[-2:] == [LONG, LONG]
-        assert all(s.chars in (SHORT, LONG) for s in done)
+        assert sorted(s.chars for s in done)[-2:] == [long, long]
+        assert all(s.chars in (SHORT, long) for s in done)
         assert all(s.version == 2 for s in done if s.started > seen)  # new requests: the new version
         straddled = [s for s in done if s.started < exporting and s.ended > seen]
-        assert sum(s.chars == LONG for s in straddled) == 2  # the long ones at least
+        assert sum(s.chars == long for s in straddled) == 2  # the long ones at least
         assert all(s.version == 1 for s in straddled)  # streams running at the swap finish on the old one
         metrics = scrape(port)
         assert value(metrics, "nextchar_model_loads_total", model="lstm", result="success") == 2
@@ -106,7 +112,7 @@ def test_new_version_under_16_streams(model_repo_copy: Path, export_tiny, tmp_pa
         # Every stream has ended, so v1 was drained and unloaded.
         assert ("nextchar_model_loaded", (("model", "lstm"), ("version", "1"))) not in metrics
         print(f"\nv2 default {seen - exported:.2f}s after the export (reload interval {RELOAD_S}s); "
-              f"{len(done)} streams, {len(straddled)} straddled the swap")
+              f"{len(done)} streams, {len(straddled)} straddled the swap ({long}-char long streams)")
     finally:
         assert server.terminate() == 0
 
