@@ -8,8 +8,8 @@ temporary repository (in a subprocess, so torch stays out of the measuring proce
 `nextchar serve` on it as a subprocess (the server has its own process),
 and measures from this process (the client) with the typed sync client. The in-process figures run
 the very loop the server runs (server.engine.Engine + server.generation.generate, one onnxruntime
-thread) in a worker subprocess without gRPC, interleaved with the server runs so both see the same
-machine load; medians.
+thread) in a worker subprocess without gRPC; each repeat runs the two sides back to back (alternating
+which goes first) so both see the same machine load, and the ratio is the median of the per-pair ratios.
 Ratios: throughput = server chars/s / in-process chars/s (want >= 0.8); time to first char =
 client-measured first text of a max_new_chars=1 stream / one in-process prefill call (want <= 1.2).
 """
@@ -55,6 +55,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of process `pid` so far (schedstat: nanosecond resolution)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that just ended
+            continue
+    return total / 1e9
 
 
 def start_server(repo: Path, batching: bool) -> tuple[subprocess.Popen, str]:
@@ -107,7 +118,7 @@ class InProcess:
 
 
 def worker(repo: Path) -> None:
-    """`generate N` -> 'chars_per_s text_sha'; `prefill N` -> seconds of one prefill on N prompt chars."""
+    """`generate N` -> 'chars_per_s cpu_s text_sha'; `prefill N` -> 'wall_s cpu_s' of one N-char prefill."""
     import hashlib
 
     from nextchar.server.artifact import load_artifact
@@ -121,22 +132,22 @@ def worker(repo: Path) -> None:
         command, n = line.split()
         if command == "generate":
             request = GenerationRequest("O say", int(n), SamplingParams(temperature=1.0), seed=SEED)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             text = "".join(e.text for e in generate(engine, request) if isinstance(e, TextChunk))
-            rate = len(text) / (time.perf_counter() - t0)
-            print(rate, hashlib.sha256(text.encode()).hexdigest(), flush=True)
+            rate, cpu = len(text) / (time.perf_counter() - t0), time.process_time() - c0
+            print(rate, cpu, hashlib.sha256(text.encode()).hexdigest(), flush=True)
         else:
             ids = np.array([engine.vocab_index[c] for c in prompt_text(int(n))], dtype=np.int64)[None, :]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             engine.step(ids, engine.initial_state(1))
-            print(time.perf_counter() - t0, flush=True)
+            print(time.perf_counter() - t0, time.process_time() - c0, flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chars", type=int, default=2000, help="characters in the throughput stream")
     parser.add_argument("--prompt-chars", type=int, default=1000, help="prompt length for time to first char")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batching", action="store_true", help="run the server with --batching 1")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--cpus", default=None,
@@ -163,57 +174,98 @@ def main() -> None:
 
     local_rate, server_rate, prefill, ttfc, server_ttfc, messages = [], [], [], [], [], []
     server_side_rate = []
+    # CPU seconds (all threads; server + client for the server side): unlike wall time, barely moved by
+    # the other jobs on a shared machine.
+    local_cpu, server_cpu, prefill_cpu, ttfc_cpu = [], [], [], []
+
+    def both_cpu() -> float:
+        return cpu_seconds(proc.pid) + time.process_time()
     try:
         with NextCharClient(address, timeout=120) as client:
-            for _ in range(2):  # warm both paths (first calls pay for connection setup and caches)
-                client.generate(MODEL, "O say", 50)
-                local.ask("generate 50")
-            for _ in range(args.repeats):
-                rate, local_sha = local.ask(f"generate {args.chars}").split()
-                local_rate.append(float(rate))
 
-                t0 = time.perf_counter()
+            def local_generate() -> str:
+                rate, cpu, sha = local.ask(f"generate {args.chars}").split()
+                local_rate.append(float(rate))
+                local_cpu.append(float(cpu))
+                return sha
+
+            def server_generate() -> str:
+                c0, t0 = both_cpu(), time.perf_counter()
                 stream = client.generate_stream(MODEL, "O say", args.chars, temperature=1.0, seed=SEED)
                 pieces = list(stream)
                 server_rate.append(len("".join(pieces)) / (time.perf_counter() - t0))
+                server_cpu.append(both_cpu() - c0)
                 server_side_rate.append(args.chars / (stream.summary.total_ms / 1e3))
                 messages.append(len(pieces))
-                if hashlib.sha256("".join(pieces).encode()).hexdigest() != local_sha:
-                    raise SystemExit("server and in-process texts differ for the same seed")
+                return hashlib.sha256("".join(pieces).encode()).hexdigest()
 
-                prefill.append(float(local.ask(f"prefill {args.prompt_chars}")))
+            def local_prefill() -> None:
+                wall, cpu = local.ask(f"prefill {args.prompt_chars}").split()
+                prefill.append(float(wall))
+                prefill_cpu.append(float(cpu))
 
-                t0 = time.perf_counter()
+            def server_first_char() -> None:
+                c0, t0 = both_cpu(), time.perf_counter()
                 stream = client.generate_stream(MODEL, long_prompt, 1)
                 next(iter(stream))
                 ttfc.append(time.perf_counter() - t0)
+                ttfc_cpu.append(both_cpu() - c0)
                 for _ in stream:
                     pass
                 server_ttfc.append(stream.summary.time_to_first_char_ms / 1e3)
+
+            for _ in range(2):  # warm both paths (first calls pay for connection setup and caches)
+                client.generate(MODEL, "O say", 50)
+                local.ask("generate 50")
+            for i in range(args.repeats):
+                # Each pair runs back to back, in alternating order, so both see the same load.
+                if i % 2 == 0:
+                    shas = (local_generate(), server_generate())
+                    local_prefill()
+                    server_first_char()
+                else:
+                    shas = tuple(reversed((server_generate(), local_generate())))
+                    server_first_char()
+                    local_prefill()
+                if shas[0] != shas[1]:
+                    raise SystemExit("server and in-process texts differ for the same seed")
     finally:
         local.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
     med = statistics.median
-    throughput_ratio = med(server_rate) / med(local_rate)
-    ttfc_ratio = med(ttfc) / med(prefill)
+    throughput = sorted(s / lo for s, lo in zip(server_rate, local_rate, strict=True))
+    first_char = sorted(t / p for t, p in zip(ttfc, prefill, strict=True))
+    cpu_throughput = sorted(lo / s for lo, s in zip(local_cpu, server_cpu, strict=True))
+    cpu_first_char = sorted(t / p for t, p in zip(ttfc_cpu, prefill_cpu, strict=True))
+
+    def spread(ratios: list[float]) -> str:
+        q = statistics.quantiles(ratios, n=4)
+        return f"**{med(ratios):.2f}** (quartiles {q[0]:.2f}-{q[2]:.2f})"
+
     command = "python -m bench.bench_server " + " ".join(sys.argv[1:])
     lines = [
         f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
         f"server {'with' if args.batching else 'without'} batching, 1 onnxruntime thread; client in the "
-        "bench process, server and the in-process loop each in their own subprocess; medians of "
-        f"{args.repeats} interleaved repeats; pinned to CPUs {args.cpus or 'none (all)'}; load average "
-        f"before the run {load_before}.",
+        "bench process, server and the in-process loop each in their own subprocess; "
+        f"{args.repeats} repeats, each a back-to-back pair in alternating order; ratio = median of the "
+        f"per-pair ratios; pinned to CPUs {args.cpus or 'none (all)'}; load average before the run "
+        f"{load_before}.",
         "",
-        "| measure | in-process | through the server | ratio | target |",
+        "| measure | in-process (median) | through the server (median) | ratio | target |",
         "|---|---|---|---|---|",
         f"| one stream of {args.chars} chars (2-layer LSTM-256), chars/s | {med(local_rate):,.0f} | "
         f"{med(server_rate):,.0f} (client-side, {med(messages):.0f} messages; server-side "
-        f"{med(server_side_rate):,.0f}) | {throughput_ratio:.2f} | >= 0.8 |",
+        f"{med(server_side_rate):,.0f}) | {spread(throughput)} | >= 0.8 |",
         f"| time to first char, {args.prompt_chars}-char prompt, ms | {med(prefill) * 1e3:.2f} "
         f"(one prefill call) | {med(ttfc) * 1e3:.2f} (client-side; server-side "
-        f"{med(server_ttfc) * 1e3:.2f}) | {ttfc_ratio:.2f} | <= 1.2 |",
+        f"{med(server_ttfc) * 1e3:.2f}) | {spread(first_char)} | <= 1.2 |",
+        f"| the same stream, CPU seconds (server + client process) | {med(local_cpu):.3f} | "
+        f"{med(server_cpu):.3f} | {spread(cpu_throughput)} (in-process CPU / server CPU) | |",
+        f"| the same first char, CPU ms (server + client process) | {med(prefill_cpu) * 1e3:.2f} | "
+        f"{med(ttfc_cpu) * 1e3:.2f} | {spread(cpu_first_char)} | |",
     ]
     report = "\n".join(lines)
     print(report)
