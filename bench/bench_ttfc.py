@@ -4,7 +4,7 @@ Usage: .venv/bin/python -m bench.bench_ttfc [--lengths 10 100 1000 10000] [--rep
 
 For each length: a max_new_chars=1 GenerateStream through `nextchar serve` (its own process; client in
 this process), timed from the call to the first text message, against one Engine.step over the whole
-prompt in bench.bench_server's in-process worker (its own process). Interleaved; medians. The prompt
+prompt in a worker process of this module (no gRPC there). Interleaved; medians. The prompt
 is a single engine call (no chunking), so both should grow linearly with the prompt length.
 """
 
@@ -12,15 +12,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_server import InProcess
-from bench.common import export_untrained, machine, model_name, prompt_text, start_server, stop_server
+from bench.common import ROOT, export_untrained, machine, model_name, prompt_text, start_server, stop_server
 
 MODEL = model_name("lstm")
+
+
+def worker(repo: Path) -> None:
+    """Stdin N -> stdout seconds of one Engine.step over an N-char prompt from a zero state."""
+    import numpy as np
+
+    from bench.common import load_engine
+
+    engine = load_engine(repo, MODEL)
+    for line in sys.stdin:
+        ids = np.array([[engine.vocab_index[c] for c in prompt_text(int(line))]], np.int64)
+        t0 = time.perf_counter()
+        engine.step(ids, engine.initial_state(1))
+        print(time.perf_counter() - t0, flush=True)
 
 
 def first_char_s(client, prompt: str) -> float:
@@ -37,7 +51,14 @@ def first_char_s(client, prompt: str) -> float:
 def run(repo: Path, lengths: list[int], repeats: int, batching: list[int]) -> str:
     from nextchar.client.client import NextCharClient
 
-    local = InProcess(repo)
+    local = subprocess.Popen([sys.executable, "-m", "bench.bench_ttfc", "--worker", str(repo)], cwd=ROOT,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def prefill_s(n: int) -> float:
+        local.stdin.write(f"{n}\n")
+        local.stdin.flush()
+        return float(local.stdout.readline())
+
     servers = {b: start_server(repo, "--intra-op-threads", "1", "--batching", str(b),
                                "--max-prompt-chars", str(max(lengths))) for b in batching}
     results: dict[tuple[str, int], list[float]] = {}
@@ -48,13 +69,14 @@ def run(repo: Path, lengths: list[int], repeats: int, batching: list[int]) -> st
         for _ in range(repeats):
             for n in lengths:
                 prompt = prompt_text(n)
-                results.setdefault(("prefill", n), []).append(float(local.ask(f"prefill {n}")))
+                results.setdefault(("prefill", n), []).append(prefill_s(n))
                 for b, c in clients.items():
                     results.setdefault((f"server{b}", n), []).append(first_char_s(c, prompt))
         for c in clients.values():
             c.close()
     finally:
-        local.close()
+        local.stdin.close()
+        local.wait(60)
         for proc, _ in servers.values():
             stop_server(proc)
     med = statistics.median
@@ -77,7 +99,11 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[10, 100, 1000, 10_000])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batching", type=int, nargs="+", default=[0, 1], choices=[0, 1])
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.worker:
+        worker(a.worker)
+        return
     repo = a.repo or export_untrained(Path(tempfile.mkdtemp(prefix="bench-ttfc-")), ["lstm"])
     print(f"Command: `python -m bench.bench_ttfc {' '.join(sys.argv[1:])}`".replace("  ", " "))
     print(f"Machine: {machine()}")
