@@ -20,6 +20,7 @@ from nextchar.server.generation import Finished, FinishReason, GenerationRequest
 
 T = TypeVar("T")
 Clock = Callable[[], float]
+_ALL = 1 << 62  # a `want` no text reaches: wait for the end
 # Up to this many calls in flight, streams flush every flush_s; beyond, proportionally less often.
 STREAMS_PER_FLUSH = 8
 
@@ -235,11 +236,12 @@ class Runner:
         with self._admit():
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def generate(self, engine: Any, request: GenerationRequest,
-                       deadline_s: float | None = None) -> AsyncIterator[str | Outcome]:
+    async def generate(self, engine: Any, request: GenerationRequest, deadline_s: float | None = None,
+                       *, live: bool = True) -> AsyncIterator[str | Outcome]:
         """Stream one generation: text pieces (coalesced: at most every flush_s, stretched past
         STREAMS_PER_FLUSH calls in flight, or flush_chars once the first char is out), then one
-        Outcome. Stops the work at once when the caller goes away."""
+        Outcome. Stops the work at once when the caller goes away. `live=False` (a unary call) wakes
+        the event loop only at the end, since nobody reads the pieces before it."""
         with self._admit():
             loop = asyncio.get_running_loop()
             arrived = self._clock()
@@ -257,8 +259,11 @@ class Runner:
             first = True
             try:
                 while True:
-                    text, end = await job.channel.take(1 if first else self.flush_chars,
-                                                       None if first else self._flush_wait())
+                    if not live:
+                        text, end = await job.channel.take(_ALL, None)
+                    else:
+                        text, end = await job.channel.take(1 if first else self.flush_chars,
+                                                           None if first else self._flush_wait())
                     if text:
                         first = False
                         yield text

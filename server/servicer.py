@@ -56,7 +56,8 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         gen = wire.generation_request(request, model, self.limits)
-        items = [item async for item in self.runner.generate(model.engine, gen, context.time_remaining())]
+        run = self.runner.generate(model.engine, gen, context.time_remaining(), live=False)
+        items = [item async for item in run]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
         assert isinstance(outcome, Outcome)
         return pb.GenerateResponse(text="".join(items), summary=wire.summary(outcome, model))

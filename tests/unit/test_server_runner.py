@@ -151,3 +151,17 @@ def test_request_errors_surface_to_the_caller() -> None:
             runner.close()
 
     asyncio.run(main())
+
+
+def test_a_unary_call_gets_the_text_in_one_piece() -> None:
+    engine, request = FakeEngine(), _request(300)
+
+    async def main() -> list:
+        runner = Runner(1, flush_s=0.0001, flush_chars=1)
+        try:
+            return [item async for item in runner.generate(engine, request, live=False)]
+        finally:
+            runner.close()
+
+    text, outcome = asyncio.run(main())
+    assert text == _expected(FakeEngine(), request) and isinstance(outcome, Outcome)
