@@ -125,10 +125,11 @@ Log = Callable[[str], None]
 
 
 def train(config: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
-          log: Log = print) -> Progress:
+          log: Log = print, clock: Callable[[], float] = time.perf_counter) -> Progress:
     """Train per `config` into run dir `out` (last.pt, best.pt, metrics.*, loss.png); returns the progress.
 
-    Every problem with the corpus, the config or `out` is raised before anything is written.
+    Every problem with the corpus, the config or `out` is raised before anything is written. `clock`
+    times steps, evaluations and the --max-minutes budget (a benchmark may pass time.thread_time).
     """
     corpus = load_corpus(config.corpus)
     check_trainable(corpus.text, corpus.name, config.seq_len)
@@ -166,12 +167,12 @@ def train(config: TrainConfig, out: Path, resume: bool = False, progress: bool =
     log(f"corpus {corpus.name!r}: {len(corpus.text):,} chars, vocab {len(vocab)}, train "
         f"{train_tokens.numel():,} / val {val_tokens.numel():,}; model {config.cell} "
         f"{sum(t.numel() for t in model.parameters()):,} params; {chars_per_step:,} chars/step")
-    return _loop(config, model, opt, streams, val_tokens, vocab, corpus, out, p, state, progress, log)
+    return _loop(config, model, opt, streams, val_tokens, vocab, corpus, out, p, state, progress, log, clock)
 
 
 def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, streams: Streams,
           val_tokens: torch.Tensor, vocab: list[str], corpus: Corpus, out: Path, p: Progress,
-          state: State | None, progress: bool, log: Log) -> Progress:
+          state: State | None, progress: bool, log: Log, clock: Callable[[], float]) -> Progress:
     from tqdm import tqdm
 
     chars_per_step = config.batch_size * config.seq_len
@@ -179,7 +180,7 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
     bar = tqdm(total=config.max_steps or None, initial=p.step, disable=not progress, unit="step",
                dynamic_ncols=True, mininterval=0.5)
     model.train()
-    loss_sum, loss_n, seg_start, seg_steps = 0.0, 0, time.perf_counter(), 0
+    loss_sum, loss_n, seg_start, seg_steps = 0.0, 0, clock(), 0
     eval_seconds, stop = 0.0, ""
     while not stop:
         epoch, k = streams.position(p.step)
@@ -187,7 +188,7 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
             state = None  # a new epoch starts the streams at a new offset: no state to carry
         x, y = streams.batch_at(p.step)
         for g in opt.param_groups:
-            g["lr"] = lr_at(config, p.step, p.lr_scale, p.train_seconds + time.perf_counter() - seg_start)
+            g["lr"] = lr_at(config, p.step, p.lr_scale, p.train_seconds + clock() - seg_start)
         logits, state = model(x, state)
         state = tuple(s.detach() for s in state)  # truncated BPTT: keep the values, drop the graph
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -200,7 +201,7 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
         loss_sum += loss.item()
         loss_n += 1
         seg_steps += 1
-        now = time.perf_counter()
+        now = clock()
         elapsed = p.train_seconds + (now - seg_start)
         if seg_steps % 10 == 0 or seg_steps == 1:
             bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}",
@@ -212,7 +213,7 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
             stop = f"reached --max-minutes {config.max_minutes:g}"
         if stop or p.step % config.eval_every == 0:
             chars_s = seg_steps * chars_per_step / (now - seg_start)
-            t0 = time.perf_counter()
+            t0 = clock()
             val = evaluate(model, val_tokens, config.batch_size, config.seq_len)
             improved = val < p.best_val
             if improved:
@@ -249,9 +250,9 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
             write_metrics(out, p.metrics)
             plot_losses(out / "loss.png", p.metrics, "step", {"train_loss": "train", "val_loss": "val"},
                         f"{corpus.name}: {config.cell} {config.num_layers}x{config.hidden_size}")
-            eval_seconds = time.perf_counter() - t0
+            eval_seconds = clock() - t0
             loss_sum, loss_n, seg_steps = 0.0, 0, 0
-            seg_start = time.perf_counter()
+            seg_start = clock()
             p.train_seconds += eval_seconds
             bar.refresh()
     bar.close()
