@@ -61,8 +61,8 @@ def inprocess_worker(repo: Path, model: str, streams: int, chars: int, threads: 
             core.submit(req, on_text=texts.append, on_end=lambda e: None)
         while core.tick(time.perf_counter()) is not None:
             pass
-        chars = sum(map(len, texts))
-        print(chars / (time.perf_counter() - t0), chars / (time.process_time() - cpu0), flush=True)
+        total = sum(map(len, texts))
+        print(total / (time.perf_counter() - t0), total / (time.process_time() - cpu0), flush=True)
 
 
 def cpu_seconds(pid: int) -> float:
