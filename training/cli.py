@@ -16,6 +16,14 @@ _TYPES = {"lr": float, "dropout": float, "weight_decay": float, "grad_clip": flo
           "max_minutes": float, "val_fraction": float, "temperature": float, "corpus": str, "cell": str,
           "schedule": str}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+_HELP = {
+    "corpus": "goethe, anthem or a UTF-8 file",
+    "schedule": "default cosine over --max-steps, or cosine-time over --max-minutes when no --max-steps",
+    "max_steps": "stop after this many steps (0 = no step limit)",
+    "max_minutes": "stop after this much wall time, evaluations included (0 = no limit)",
+    "patience": f"stop after this many evaluations without a new best val loss (default "
+                f"{_DEFAULTS['patience']}; 0 = never)",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         flag = "--" + dest.replace("_", "-")
         t.add_argument(flag, dest=dest, type=_TYPES.get(field, int),
             choices={"schedule": SCHEDULES, "cell": CELLS}.get(field),
-            help="goethe, anthem or a file" if field == "corpus" else f"default {_DEFAULTS[field]}")
+            help=_HELP.get(field, f"default {_DEFAULTS[field]}"))
     t.add_argument("--seed", type=int, default=0, help="torch seed: initial weights, dropout, data order")
     t.add_argument("--out", type=Path, help="run directory (default runs/<preset or corpus>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -64,6 +72,9 @@ def train_command(args: argparse.Namespace) -> int:
         return _run_preset(args)
     if "corpus" not in given:
         return _fail("train", "give --preset NAME or --corpus NAME|PATH", 2)
+    if "schedule" not in given:
+        # A time budget alone gives cosine no step horizon; decay over the budget's minutes instead.
+        given["schedule"] = "cosine" if given.get("max_steps") else "cosine-time"
     try:
         config = TrainConfig(seed=args.seed, **given)
     except ConfigError as e:

@@ -140,3 +140,15 @@ def test_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     capsys.readouterr()
     assert main(["export", "--checkpoint", ckpt, "--repo", repo, "--name", "m", "--version", "3"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_time_budget_alone_is_a_complete_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the rain in spain stays mainly in the plain. " * 40, encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["train", "--corpus", str(corpus), "--cell", "lstm", "--hidden", "8", "--layers", "2",
+            "--embedding", "0", "--dropout", "0.1", "--batch", "4", "--seq", "16", "--lr", "2e-3",
+            "--max-minutes", "0.002", "--eval-every", "50", "--out", str(out), "--seed", "0", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "reached --max-minutes" in capsys.readouterr().out
+    assert load_checkpoint(out / "last.pt")["train_config"]["schedule"] == "cosine-time"
