@@ -158,7 +158,7 @@ def test_64_concurrent_streams_10000_requests_no_failures_bounded_memory(load_se
     (("--max-concurrent", "8",), 8, "max_concurrent=8"),
 ], ids=["batcher-limits", "call-limit"])
 def test_a_burst_above_the_limits(model_repo: Path, flags: tuple[str, ...], served: int, limit: str) -> None:
-    burst, chars = 32, 2000  # each generation outlasts the burst's arrival many times over
+    burst, chars = 32, 3000  # each generation outlasts the burst's arrival many times over
     proc, address = start(model_repo, "--batching", "1", *flags)
     try:
         async def main() -> list:
