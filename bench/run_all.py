@@ -8,7 +8,8 @@ Benches (each prints ratios measured in its own run): engine (onnxruntime step b
 concurrent (64 streams: batched server vs in-process batched loop vs unbatched server; also with 2
 onnxruntime threads, and for RNN-256 whose engine gains most from batching), ttfc (time
 to first char vs prompt length), train (bench.bench_train), batch_invariance (bench.batch_invariance
-on untrained fp32+int8 exports). Each runs as a subprocess so torch, gRPC channels and onnxruntime
+on untrained fp32+int8 exports), ops (bench.bench_ops: the operations layer's cost on one stream).
+Each runs as a subprocess so torch, gRPC channels and onnxruntime
 thread pools of one bench never share a process with another's measurements.
 """
 
@@ -37,6 +38,7 @@ def benches(repo: Path, invariance_repo: Path) -> dict[str, list[str]]:
         "ttfc": ["bench.bench_ttfc", "--repo", r],
         "train": ["bench.bench_train"],
         "batch_invariance": ["bench.batch_invariance", "--repo", str(invariance_repo), "--rounds", "1"],
+        "ops": ["bench.bench_ops", str(invariance_repo), "--model", "lstm"],
     }
 
 
