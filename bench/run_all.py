@@ -55,19 +55,24 @@ def main() -> None:
     p.add_argument("--wait-for-idle-s", type=float, default=0.0,
                    help="first wait up to this long for running `nextchar train` jobs to end")
     a = p.parse_args()
+    names = sorted(benches(Path(), Path()))
+    unknown = set(a.only or ()) - set(names)
+    if unknown:
+        raise SystemExit(f"--only: unknown bench(es) {sorted(unknown)}; choose from {names}")
     deadline = time.monotonic() + a.wait_for_idle_s
     while training_running() and time.monotonic() < deadline:
         time.sleep(10)
     if training_running():
         print("warning: a `nextchar train` process is running; figures will be distorted", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-suite-"))
+    with tempfile.TemporaryDirectory(prefix="bench-suite-") as d:
+        run_benches(a, Path(d))
+
+
+def run_benches(a: argparse.Namespace, tmp: Path) -> None:
     repo = export_untrained(tmp / "repo")
     invariance_repo = export_untrained(tmp / "invariance", bare_names=True, int8=True)
     a.out.mkdir(parents=True, exist_ok=True)
     chosen = benches(repo, invariance_repo)
-    unknown = set(a.only or ()) - set(chosen)
-    if unknown:
-        raise SystemExit(f"--only: unknown bench(es) {sorted(unknown)}; choose from {sorted(chosen)}")
     print(f"Machine: {machine()}", flush=True)
     failed = []
     for name, args in chosen.items():
