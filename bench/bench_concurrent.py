@@ -24,12 +24,11 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import ROOT, export_untrained, machine, model_name, percentile, start_server, stop_server
+from bench.common import ROOT, machine, model_name, percentile, scratch_repo, start_server, stop_server
 
 PROMPTS = ("O say can you see", "What so proudly we hailed", "And the rocket’s red glare", "O")
 
@@ -100,8 +99,7 @@ async def clients(address: str, pid: int, model: str, streams: int, chars: int, 
 
 
 def measure(cell: str, streams: int, chars: int, repeats: int, threads: int, server_flags: list[str],
-            repo: Path | None = None) -> dict[str, list[Run]]:
-    repo = repo or export_untrained(Path(tempfile.mkdtemp(prefix="bench-concurrent-")), [cell])
+            repo: Path) -> dict[str, list[Run]]:
     model = model_name(cell)
     worker = subprocess.Popen([sys.executable, "-m", "bench.bench_concurrent", "--worker", str(repo),
                                "--cell", cell, "--streams", str(streams), "--chars", str(chars),
@@ -164,9 +162,9 @@ def report(runs: dict[str, list[Run]], cell: str, streams: int, chars: int, thre
                      f"{percentile(gaps, 50) * 1e3:.1f} / {percentile(gaps, 99) * 1e3:.1f} | {cpm:.1f} |")
     a, b = med(ratios_a), med(ratios_b)
     lines += ["",
-              f"- batched server / in-process batched loop: **{a:.2f}x** (target >= 0.6; per repeat "
+              f"- batched server / in-process batched loop: **{a:.3f}x** (target >= 0.6; per repeat "
               f"{', '.join(f'{x:.2f}' for x in ratios_a)}) — {'met' if a >= 0.6 else 'MISSED'}",
-              f"- batched server / unbatched server: **{b:.2f}x** (target >= 5; per repeat "
+              f"- batched server / unbatched server: **{b:.3f}x** (target >= 5; per repeat "
               f"{', '.join(f'{x:.2f}' for x in ratios_b)}) — {'met' if b >= 5 else 'MISSED'}",
               f"- CPU cost (chars per CPU-second of the generating process, less sensitive to other jobs): "
               f"batched server / in-process loop {eff['batched'] / eff['inprocess']:.2f}x, batched / "
@@ -189,7 +187,8 @@ def main() -> None:
     if a.worker:
         inprocess_worker(a.worker, model_name(a.cell), a.streams, a.chars, a.threads)
         return
-    runs = measure(a.cell, a.streams, a.chars, a.repeats, a.threads, shlex.split(a.server_flags), a.repo)
+    with scratch_repo(a.repo, [a.cell]) as repo:
+        runs = measure(a.cell, a.streams, a.chars, a.repeats, a.threads, shlex.split(a.server_flags), repo)
     command = "python -m bench.bench_concurrent " + " ".join(sys.argv[1:])
     text = report(runs, a.cell, a.streams, a.chars, a.threads, command)
     print(text)

@@ -10,12 +10,11 @@ seconds per step; "x batch 1" is that over the batch-1 rate, measured in the sam
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import CELLS, best_of, export_untrained, load_engine, machine, model_name
+from bench.common import CELLS, best_of, load_engine, machine, model_name, scratch_repo
 
 
 def step_seconds(engine, batch: int, repeats: int) -> float:
@@ -44,9 +43,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=7)
     a = p.parse_args()
-    repo = a.repo or export_untrained(Path(tempfile.mkdtemp(prefix="bench-engine-")))
     print(machine())
-    print(run(repo, a.batches, a.threads, a.repeats))
+    with scratch_repo(a.repo) as repo:
+        print(run(repo, a.batches, a.threads, a.repeats))
 
 
 if __name__ == "__main__":

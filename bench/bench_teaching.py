@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import CELLS, export_untrained, load_engine, machine, model_name
+from bench.common import CELLS, load_engine, machine, model_name, scratch_repo
 
 PROMPT = "O say can you see"
 
@@ -73,9 +72,9 @@ def main() -> None:
     p.add_argument("--chars", type=int, default=500)
     p.add_argument("--repeats", type=int, default=1, help="the slow side alone takes ~15 s per model")
     a = p.parse_args()
-    repo = a.repo or export_untrained(Path(tempfile.mkdtemp(prefix="bench-teaching-")))
     print(machine())
-    print(run(repo, a.chars, a.repeats))
+    with scratch_repo(a.repo) as repo:
+        print(run(repo, a.chars, a.repeats))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 from bench.common import CELLS, best_of, load_engine, machine, model_name
 
 
-def run(batches: list[int], repeats: int) -> str:
+def run(repo: Path, batches: list[int], repeats: int) -> str:
     import torch
 
     from nextchar.training.config import ModelConfig
@@ -29,7 +29,6 @@ def run(batches: list[int], repeats: int) -> str:
 
     torch.set_num_threads(1)
     vocab = build_vocab(load_corpus("anthem").text)
-    repo = Path(tempfile.mkdtemp(prefix="bench-torch-ort-"))
     lines = ["PyTorch eager vs onnxruntime, one decode step (T=1), 1 thread each; chars/s = batch / s per "
              "step; best of --repeats rounds.", "",
              "| model | batch | torch eager chars/s | onnxruntime chars/s | onnxruntime speed-up "
@@ -67,7 +66,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     a = p.parse_args()
     print(machine())
-    print(run(a.batches, a.repeats))
+    with tempfile.TemporaryDirectory(prefix="bench-torch-ort-") as d:
+        print(run(Path(d), a.batches, a.repeats))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, export_untrained, machine, model_name, prompt_text, start_server, stop_server
+from bench.common import ROOT, machine, model_name, prompt_text, scratch_repo, start_server, stop_server
 
 MODEL = model_name("lstm")
 
@@ -104,10 +103,10 @@ def main() -> None:
     if a.worker:
         worker(a.worker)
         return
-    repo = a.repo or export_untrained(Path(tempfile.mkdtemp(prefix="bench-ttfc-")), ["lstm"])
     print(f"Command: `python -m bench.bench_ttfc {' '.join(sys.argv[1:])}`".replace("  ", " "))
     print(f"Machine: {machine()}")
-    print(run(repo, a.lengths, a.repeats, a.batching))
+    with scratch_repo(a.repo, ["lstm"]) as repo:
+        print(run(repo, a.lengths, a.repeats, a.batching))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -10,8 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +33,16 @@ def export_untrained(repo: Path, cells: Sequence[str] = CELLS, hidden: int = 256
            *(["--int8"] if int8 else [])]
     subprocess.run(cmd, cwd=ROOT, check=True)
     return repo
+
+
+@contextlib.contextmanager
+def scratch_repo(repo: Path | None, cells: Sequence[str] = CELLS) -> Iterator[Path]:
+    """`repo` as given, or a fresh untrained export of `cells` that is deleted afterwards."""
+    if repo is not None:
+        yield repo
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-") as d:
+        yield export_untrained(Path(d), cells)
 
 
 def model_name(cell: str, hidden: int = 256) -> str:
