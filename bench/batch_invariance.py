@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from nextchar.server.artifact import load_artifact
 from nextchar.server.batching import BatchCore, BatchingConfig
 from nextchar.server.engine import Engine

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import json_format
+
 from nextchar.v1 import manifest_pb2
 from nextchar.v1.manifest_pb2 import ModelManifest
 

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from nextchar.server.engine import Engine, State
 from nextchar.server.generation import (
     Decoder,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from nextchar.server import artifact as art
 from nextchar.server.artifact import Artifact, ArtifactError
 from nextchar.server.vocab import build_index

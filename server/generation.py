@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from nextchar.server.sampling import InvalidParameterError, SamplingParams, sample
 from nextchar.server.vocab import OovPolicy, build_index, decode, encode
 

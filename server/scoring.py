@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from nextchar.server.sampling import InvalidParameterError, log_softmax
 from nextchar.server.vocab import OovPolicy, build_index, encode
 

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from enum import Enum
 
 import numpy as np
+
 from nextchar.server.sampling import InvalidParameterError
 
 # How many offending characters an error message lists before it says "and N more".

@@ -34,10 +34,11 @@ def _require_training_stack() -> None:
 def train_briefly(cell: str, corpus: str = TRAIN_CORPUS, seed: int = _SEED) -> tuple[Any, list[str], dict]:
     """A plain full-batch loop (not the real trainer): returns (CharModel, vocab, training info dict)."""
     import torch
+    from torch.nn import functional as F
+
     from nextchar.training.config import ModelConfig
     from nextchar.training.corpora import build_vocab, load_corpus
     from nextchar.training.model import CharModel
-    from torch.nn import functional as F
 
     torch.set_num_threads(1)
     text = load_corpus(corpus).text
@@ -115,6 +116,7 @@ def export_tiny(tmp_path: Path) -> Callable[..., Path]:
         version: int | None = None, int8: bool = False, seed: int = 0,
     ) -> Path:
         import torch
+
         from nextchar.training.config import ModelConfig
         from nextchar.training.export import export_model
         from nextchar.training.model import CharModel

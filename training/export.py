@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from torch import nn
+
 from nextchar.server import artifact as art
 from nextchar.training.checkpoint import CheckpointError, load_checkpoint
 from nextchar.training.config import ModelConfig
@@ -22,7 +24,6 @@ from nextchar.training.model import CharModel
 from nextchar.training.onnx_checks import ExportError, check_symbolic_dims, parity_check
 from nextchar.training.quantize import quantize_int8
 from nextchar.v1 import manifest_pb2
-from torch import nn
 
 OPSET = 17
 # onnxruntime-node 1.30 (the edge runtime) reads IR versions up to 13; the torchscript exporter

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+
 from nextchar.training.config import ModelConfig
 from nextchar.training.model import CharModel
 from nextchar.v1 import manifest_pb2

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
 from nextchar.training.onnx_checks import session
 from nextchar.v1 import manifest_pb2
-from onnxruntime.quantization import QuantType, quantize_dynamic
 
 
 def quantize_int8(

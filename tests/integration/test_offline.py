@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from nextchar.client.offline import OfflineModel, run_generate, run_predict
 from nextchar.server.artifact import ArtifactError, load_artifact
 from nextchar.server.engine import Engine

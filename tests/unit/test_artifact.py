@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from nextchar.server.artifact import (
     INT8_FILE,
     MANIFEST_FILE,

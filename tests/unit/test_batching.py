@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 from fake_engine import FakeEngine, ScriptedEngine
+
 from nextchar.server.batching import (
     BatchCore,
     Batcher,

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from nextchar.server.artifact import ArtifactError, load_artifact
 from nextchar.server.engine import Engine
 from nextchar.v1 import manifest_pb2

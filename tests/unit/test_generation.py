@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 from fake_engine import FakeEngine, ScriptedEngine
+
 from nextchar.server.generation import (
     Decoder,
     Finished,

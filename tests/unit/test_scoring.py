@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 from fake_engine import FakeEngine
+
 from nextchar.server.sampling import InvalidParameterError, log_softmax
 from nextchar.server.scoring import predict, predict_next, score
 from nextchar.server.vocab import OutOfVocabularyError
