@@ -20,7 +20,6 @@ import argparse
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench import common
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "lstm256"
@@ -51,12 +52,6 @@ def export(repo: Path) -> None:
     export_model(model, vocab, repo, MODEL, version=1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_seconds(pid: int) -> float:
     """CPU time of every thread of process `pid` so far (schedstat: nanosecond resolution)."""
     total = 0
@@ -69,27 +64,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_server(repo: Path, batching: bool) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "nextchar.client.cli", "serve", "--model-repo", str(repo),
-           "--host", "127.0.0.1", "--port", str(port), "--intra-op-threads", "1",
-           "--batching", "1" if batching else "0", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    address = f"127.0.0.1:{port}"
-    from nextchar.client.client import NextCharClient
-    from nextchar.client.errors import NextCharError
-
-    deadline = time.monotonic() + 120
-    with NextCharClient(address, timeout=2) as c:
-        while True:
-            try:
-                if c.health() == "SERVING":
-                    return proc, address
-            except NextCharError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise SystemExit("the server did not become SERVING")
-            time.sleep(0.1)
+    return common.start_server(repo, "--intra-op-threads", "1", "--batching", "1" if batching else "0")
 
 
 def prompt_text(n: int) -> str:
