@@ -50,21 +50,30 @@ def test_counters_move_by_exactly_the_calls_made(metered) -> None:
     with pytest.raises(grpc.RpcError) as bad:
         stub.Generate(pb.GenerateRequest(model=_ref("lstm"), prompt="O", max_new_chars=0), timeout=30)
     assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    after = scrape(port)
-
-    def moved(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
-
     expected = {
         ("Generate", "lstm", "OK"): 3, ("GenerateStream", "gru", "OK"): 2, ("PredictNext", "rnn", "OK"): 1,
         ("Score", "rnn", "OK"): 1, ("Generate", "", "NOT_FOUND"): 1,
         ("Generate", "lstm", "INVALID_ARGUMENT"): 1,
     }
+
+    def requests(scraped: dict) -> float:
+        return sum(v for (name, _), v in scraped.items() if name == "nextchar_requests_total")
+
+    # The interceptor counts a call once its handler returned, which can be just after the client saw
+    # the status: scrape until every call is counted (bounded), then check the counts exactly.
+    def all_counted() -> dict | None:
+        scraped = scrape(port)
+        return scraped if requests(scraped) - requests(before) >= sum(expected.values()) else None
+
+    after = wait_until(all_counted, 10, "every call to be counted")
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
     for (method, model, code), n in expected.items():
         assert moved("nextchar_requests_total", method=method, model=model, code=code) == n, (method, code)
-    total = sum(v for (name, _), v in after.items() if name == "nextchar_requests_total")
-    total -= sum(v for (name, _), v in before.items() if name == "nextchar_requests_total")
-    assert total == sum(expected.values())  # nothing else was counted (health probes are not requests)
+    # Nothing else was counted (health probes are not requests).
+    assert requests(after) - requests(before) == sum(expected.values())
 
     assert moved("nextchar_generated_chars_total", model="lstm") == 60
     assert moved("nextchar_generated_chars_total", model="gru") == 60
