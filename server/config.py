@@ -30,7 +30,7 @@ class ServerConfig:
     max_prompt_chars: int = 10_000     # longer prompts/contexts/texts are INVALID_ARGUMENT
     max_new_chars: int = 10_000        # the cap on GenerateRequest.max_new_chars
     max_message_bytes: int = 4 << 20   # gRPC receive/send limit; larger messages are RESOURCE_EXHAUSTED
-    max_concurrent: int = 32           # calls in flight (and worker threads); more: RESOURCE_EXHAUSTED
+    max_concurrent: int = 64           # calls in flight (and worker threads); more: RESOURCE_EXHAUSTED
     intra_op_threads: int = 1          # onnxruntime threads per session: parallelism comes from requests
     grace_seconds: float = 10.0        # how long running calls may finish after SIGTERM
     flush_ms: float = 5.0              # a stream flushes buffered text at least this often under load
