@@ -95,8 +95,22 @@ def test_generate_streams_the_same_text_as_the_core(flush_chars: int) -> None:
     assert outcome.finished.usage.generated_chars == 200 and outcome.queued_s >= 0
 
 
+class _GatedEngine(FakeEngine):
+    """FakeEngine that holds its step after `free_steps` calls until `gate` is set (bounded wait), so
+    a test can act while a generation is certainly still running, however slow the machine."""
+
+    def __init__(self, free_steps: int) -> None:
+        super().__init__()
+        self.free_steps, self.gate = free_steps, threading.Event()
+
+    def step(self, tokens, state):
+        if len(self.calls) >= self.free_steps:
+            assert self.gate.wait(10.0), "gate never opened"
+        return super().step(tokens, state)
+
+
 def test_admission_limit_draining_and_tracks() -> None:
-    engine = FakeEngine()
+    engine = _GatedEngine(free_steps=20)
 
     async def main() -> None:
         runner = Runner(1, flush_s=0.001, flush_chars=8)
@@ -107,6 +121,7 @@ def test_admission_limit_draining_and_tracks() -> None:
             with pytest.raises(OverloadedError, match="max_concurrent=1"):
                 await runner.call(len, "x")
             await stream.aclose()  # the caller leaving: the worker stops
+            engine.gate.set()  # the worker, held mid-generation, sees the stop at its next step
             assert runner.cancelled_streams == 1
             assert await runner.call(len, "xy") == 2
             assert await runner.drain(1.0) is True
@@ -117,7 +132,7 @@ def test_admission_limit_draining_and_tracks() -> None:
                 if track.finished_at is not None:
                     break
                 await asyncio.sleep(0.005)
-            assert track.reason is FinishReason.CANCELLED and track.steps < 10_000
+            assert track.reason is FinishReason.CANCELLED and track.steps <= 21
         finally:
             runner.close()
 
