@@ -115,3 +115,25 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(nextchar_cmd(*args), capture_output=True, text=True, env=full_env, timeout=timeout,
                           cwd=ROOT)
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    """Poll `condition()` every millisecond; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def best_stop_latency(cancel_one, limit_s: float, tries: int = 3) -> list[float]:
+    """Run `cancel_one()` (start a stream, cancel it, wait until the server stopped; returns
+    seconds from cancel to stop) until one stop is within `limit_s`, at most `tries` times.
+
+    A shared CI machine can stall any process for longer than the limit now and then; a server that
+    does not stop promptly misses it every time. Returns every latency measured, for the message."""
+    latencies = []
+    for _ in range(tries):
+        latencies.append(cancel_one())
+        if latencies[-1] < limit_s:
+            break
+    return latencies
