@@ -1,7 +1,8 @@
 """Continuous batching: one model's concurrent generations stepped together, one engine call per step.
 
-What is computed stays in `generation.Decoder` (sampling, stop rules); this module only decides
-which streams share an engine call. Per model version, one `Batcher` owns a worker thread:
+What is computed stays in `generation.Decoder` (stop rules) and `sampling.sample_rows` (one call
+samples every row of an engine call, row by row as `sample` would); this module only decides which
+streams share an engine call. Per model version, one `Batcher` owns a worker thread:
 
     batcher = Batcher(engine, BatchingConfig(max_batch_size=32))
     batcher.submit(request, on_text=..., on_end=..., cancelled=...)   # from any thread
@@ -42,6 +43,7 @@ from nextchar.server.generation import (
     GenerationRequest,
     TextChunk,
 )
+from nextchar.server.sampling import sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +265,15 @@ class BatchCore:
     def _scatter(self, streams: list[_Stream], out: tuple[np.ndarray, State]) -> None:
         logits, state = out
         rows = Engine.split_state(state, copy=False)  # every row is replaced at its next step
+        tokens = sample_rows(logits[:, -1], [s.decoder.request.sampling for s in streams],
+                             [s.decoder.rng for s in streams])
         for i, s in enumerate(streams):
+            if tokens[i] < 0:  # only this stream fails
+                self._end(s, ValueError("logits contain NaN"))
+                continue
             try:
-                text = s.decoder.feed(logits[i, -1])
-            except Exception as e:  # e.g. non-finite logits: only this stream fails
+                text = s.decoder.feed_token(int(tokens[i]))
+            except Exception as e:
                 self._end(s, e)
                 continue
             s.state = rows[i]

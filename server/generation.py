@@ -139,11 +139,22 @@ class Decoder:
         """The prompt as the model read it; emit it first when `request.echo` is set."""
         return decode(self.prompt_tokens, self.vocab)
 
+    @property
+    def rng(self) -> np.random.Generator:
+        """This request's generator (seeded from request.seed), for callers that sample themselves."""
+        return self._rng
+
     def feed(self, logits_row: np.ndarray) -> str:
         """Sample the next char from `logits_row: float32[V]`; return newly releasable text (maybe "")."""
         if self.finished:
             raise RuntimeError("feed() on a finished Decoder")
-        token = sample(logits_row, self.request.sampling, self._rng)
+        return self.feed_token(sample(logits_row, self.request.sampling, self._rng))
+
+    def feed_token(self, token: int) -> str:
+        """`feed` for a token the caller sampled with request.sampling and `rng` (the batcher samples
+        all its rows in one `sample_rows` call); returns newly releasable text (maybe "")."""
+        if self.finished:
+            raise RuntimeError("feed_token() on a finished Decoder")
         self.generated_chars += 1
         if self._first_char_at is None:
             self._first_char_at = self._clock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,24 +70,52 @@ def _as_row(logits: np.ndarray) -> np.ndarray:
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Pick one token id from `logits: float[V]` (float64 arithmetic).
-
-    Greedy: argmax, ties to the lowest id, no draw. Otherwise exactly one `rng.random()` draw per
-    call whatever the filters, so a request's draws depend only on its seed and step count; the draw
-    is mapped through the cumulative distribution over candidates in id order, or, when top-k or
-    top-p filter them, in descending logit order (ties by id). Either order is fixed by the logits
-    alone, so equal logits give equal tokens. This runs once per generated char per stream, so the
-    plain-temperature path uses as few numpy calls as it can.
-    """
-    x = _as_row(logits)
-    top = x.max()
-    if top != top:  # max propagates NaN
+    """Pick one token id from `logits: float[V]`; `sample_rows` for one row (ValueError on NaN)."""
+    token = int(sample_rows(_as_row(logits)[None], (params,), (rng,))[0])
+    if token < 0:
         raise ValueError("logits contain NaN")
-    if params.temperature == 0.0:
-        return int(np.argmax(x))
-    if not params.top_k and params.top_p >= 1.0:
-        cum = np.exp((x - top) / params.temperature).cumsum()
-        return min(int(cum.searchsorted(rng.random() * cum[-1], side="right")), x.size - 1)
+    return token
+
+
+def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams],
+                rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """Pick one token id per row of `logits: float[B, V]`, row i with params[i] and rngs[i].
+
+    Returns int64[B]; -1 for a row whose logits contain NaN (its caller fails that row alone).
+    Float64 arithmetic, row by row the same whatever the other rows are, so a stream's tokens do not
+    depend on its batch mates. Greedy: argmax, ties to the lowest id, no draw. Otherwise exactly one
+    `random()` draw from the row's generator whatever the filters, so a request's draws depend only
+    on its seed and step count; the draw is mapped through the cumulative distribution over
+    candidates in id order, or, when top-k or top-p filter them, in descending logit order (ties by
+    id). Either order is fixed by the logits alone, so equal logits give equal tokens.
+
+    This runs for every generated char of every stream: the plain-temperature rows (the common case)
+    are done together in a few numpy calls over [B, V] (one exp, one cumsum, and a count of
+    `cum <= u * total`, which is `searchsorted(side="right")` on a non-decreasing row); the rows with
+    top-k or top-p go one by one.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] == 0 or x.shape[0] != len(params) or len(params) != len(rngs):
+        raise ValueError(f"logits must be float[B, V] with B = len(params) = len(rngs), got shape "
+                         f"{x.shape}, {len(params)} params, {len(rngs)} generators")
+    top = x.max(axis=1)  # max propagates NaN
+    tokens = x.argmax(axis=1)
+    plain = [i for i, p in enumerate(params) if p.temperature and not p.top_k and p.top_p >= 1.0]
+    if plain:
+        rows = np.asarray(plain)
+        temperature = np.array([params[i].temperature for i in plain])
+        cum = np.exp((x[rows] - top[rows, None]) / temperature[:, None]).cumsum(axis=1)
+        u = np.array([rngs[i].random() for i in plain])
+        picked = (cum <= (u * cum[:, -1])[:, None]).sum(axis=1)
+        tokens[rows] = np.minimum(picked, x.shape[1] - 1)
+    for i, p in enumerate(params):
+        if p.temperature and (p.top_k or p.top_p < 1.0):
+            tokens[i] = _sample_filtered(x[i], top[i], p, rngs[i])
+    tokens[top != top] = -1
+    return tokens
+
+
+def _sample_filtered(x: np.ndarray, top: float, params: SamplingParams, rng: np.random.Generator) -> int:
     order = np.argsort(-x, kind="stable")
     if params.top_k:
         order = order[: params.top_k]
