@@ -128,7 +128,7 @@ class _Stream:
     on_end: OnEnd
     cancelled: Callable[[], bool] | None
     arrival: float
-    state: State | None = None
+    state: tuple[State, int] | None = None  # (the batch state of its last engine call, its row)
     done: bool = False
 
 
@@ -257,14 +257,29 @@ class BatchCore:
         self.stats.decode_rows += len(chunk)
         self.stats.batch_sizes[len(chunk)] = self.stats.batch_sizes.get(len(chunk), 0) + 1
         tokens = np.array([[s.decoder.next_token] for s in chunk], dtype=np.int64)
-        state = Engine.concat_states([s.state for s in chunk])
-        out = self._step(chunk, tokens, state)
+        out = self._step(chunk, tokens, self._gather(chunk))
         if out is not None:
             self._scatter(chunk, out)
 
+    @staticmethod
+    def _gather(chunk: list[_Stream]) -> State:
+        """The chunk's state rows as one batch. In the steady state the chunk is exactly the rows of
+        its previous engine call, in order, and that call's output state is passed on as is; else
+        one `take` per source batch (streams joined or left), concatenated."""
+        pieces: list[tuple[State, list[int]]] = []
+        for s in chunk:
+            assert s.state is not None
+            source, row = s.state
+            if pieces and pieces[-1][0] is source:
+                pieces[-1][1].append(row)
+            else:
+                pieces.append((source, [row]))
+        parts = [source if rows == list(range(source[0].shape[1])) else Engine.take(source, rows)
+                 for source, rows in pieces]
+        return parts[0] if len(parts) == 1 else Engine.concat_states(parts)
+
     def _scatter(self, streams: list[_Stream], out: tuple[np.ndarray, State]) -> None:
         logits, state = out
-        rows = Engine.split_state(state, copy=False)  # every row is replaced at its next step
         tokens = sample_rows(logits[:, -1], [s.decoder.request.sampling for s in streams],
                              [s.decoder.rng for s in streams])
         for i, s in enumerate(streams):
@@ -276,7 +291,7 @@ class BatchCore:
             except Exception as e:
                 self._end(s, e)
                 continue
-            s.state = rows[i]
+            s.state = (state, i)
             if text:
                 self._call(s, s.on_text, text)
             if s.decoder.finished:

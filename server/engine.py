@@ -198,13 +198,9 @@ class Engine:
         return tuple(np.concatenate(parts, axis=1) for parts in zip(*states, strict=True))
 
     @staticmethod
-    def split_state(state: State, *, copy: bool = True) -> list[State]:
-        """One batch-1 state per row. Copies by default, so a stream does not pin the batch's arrays;
-        views (copy=False) suit a caller that replaces every row's state at the next step anyway."""
-        rows = range(state[0].shape[1])
-        if copy:
-            return [tuple(s[:, i:i + 1, :].copy() for s in state) for i in rows]
-        return [tuple(s[:, i:i + 1, :] for s in state) for i in rows]
+    def split_state(state: State) -> list[State]:
+        """One batch-1 state per row, each a copy (a stream does not pin the batch's arrays)."""
+        return [tuple(s[:, i:i + 1, :].copy() for s in state) for i in range(state[0].shape[1])]
 
 
 def _same_row0(a: tuple[np.ndarray, State], b: tuple[np.ndarray, State]) -> bool:
