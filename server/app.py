@@ -79,8 +79,9 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     batching = BatchingConfig(
         max_batch_size=config.max_batch_size, max_wait_s=config.max_wait_ms / 1e3,
         max_active_streams=config.max_active_streams, max_queue=config.max_queue,
-    ) if config.batching else None
-    runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars, batching=batching)
+    ) if config.batching != "off" else None
+    runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars, batching=batching,
+                    batch_variant_engines=config.batching == "on")
     servicer = NextCharServicer(registry, runner, wire.Limits(config.max_prompt_chars, config.max_new_chars))
     health = health_aio.HealthServicer()
     ops = Operations(config, metrics, registry, runner, health)

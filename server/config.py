@@ -36,7 +36,7 @@ class ServerConfig:
     flush_ms: float = 5.0              # a stream flushes buffered text at least this often under load
     flush_chars: int = 64              # ... or when this many characters are buffered
     variant: str = "fp32"              # which ONNX file of each version to serve
-    batching: bool = False             # merge concurrent decode steps (server.batching) when it is on
+    batching: str = "auto"             # on / off / auto: batch the models proved batch-invariant (fp32)
     max_batch_size: int = 32           # the batcher's largest batch
     max_wait_ms: float = 2.0           # an arrival at an idle batcher waits this long for company
     max_active_streams: int = 256      # batched streams decoding at once per model; more wait in the queue
@@ -95,6 +95,20 @@ def _bool(text: str) -> bool:
     raise ValueError("must be one of 1/0, true/false, yes/no, on/off")
 
 
+BATCHING_MODES = ("auto", "on", "off")
+
+
+def _batching_mode(text: str) -> str:
+    """auto, or any boolean spelling of _bool (true -> on, false -> off)."""
+    value = text.strip().lower()
+    if value == "auto":
+        return value
+    try:
+        return "on" if _bool(value) else "off"
+    except ValueError:
+        raise ValueError("must be auto, on or off (or 1/0, true/false, yes/no)") from None
+
+
 def _int_range(lo: int, hi: int) -> Callable[[Any], str | None]:
     def check(v: Any) -> str | None:
         ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
@@ -150,8 +164,10 @@ _SPECS: dict[str, _Spec] = {
     "flush_ms": _Spec("--flush-ms", float, _float_range(0.1, 1000.0), "longest a stream holds back text"),
     "flush_chars": _Spec("--flush-chars", int, _int_range(1, 65536), "most characters in one stream message"),
     "variant": _Spec("--variant", str, _one_of(VARIANTS), "model file to serve: fp32 or int8"),
-    "batching": _Spec("--batching", _bool, lambda v: None if isinstance(v, bool) else "must be a boolean",
-                      "merge concurrent decode steps into batched engine calls"),
+    "batching": _Spec("--batching", _batching_mode, _one_of(BATCHING_MODES),
+                      "merge concurrent decode steps of a model into batched engine calls: on, off, or "
+                      "auto = only models whose warm-up proved a row's result independent of its batch "
+                      "mates (fp32; not int8), so seeded texts never depend on other requests"),
     "max_batch_size": _Spec("--max-batch-size", int, _int_range(1, 1024), "largest decode batch"),
     "max_wait_ms": _Spec("--max-wait-ms", float, _float_range(0.0, 1000.0),
                          "longest an arrival at an idle batcher waits for others"),

@@ -195,11 +195,13 @@ class _Job:
 class Runner:
     """Where requests meet threads. Every call holds one of `max_concurrent` slots (more are
     OverloadedError); while draining every new call is ShuttingDownError. Generations run either
-    each on its own worker thread, or (with `batching`) through one Batcher per model version."""
+    each on its own worker thread, or (with `batching`) through one Batcher per model version;
+    with `batch_variant_engines` False, only engines whose `batch_invariant` is True are batched,
+    so a seeded text never depends on its batch mates (int8 engines then run unbatched)."""
 
     def __init__(self, max_concurrent: int, flush_s: float, flush_chars: int, *,
-                 batching: BatchingConfig | None = None, clock: Clock = time.perf_counter,
-                 track_history: int = 256) -> None:
+                 batching: BatchingConfig | None = None, batch_variant_engines: bool = True,
+                 clock: Clock = time.perf_counter, track_history: int = 256) -> None:
         self.max_concurrent = max_concurrent
         self.flush_s, self.flush_chars = flush_s, flush_chars
         self._clock = clock
@@ -211,6 +213,7 @@ class Runner:
         self.tracks: deque[GenerationTrack] = deque(maxlen=track_history)
         self._idle: asyncio.Event | None = None
         self._batching = batching  # None: every generation loops on its own worker thread
+        self._batch_variant_engines = batch_variant_engines
         self._batchers: dict[int, Batcher] = {}  # id(engine) -> its batcher
 
     def ensure_open(self) -> None:
@@ -249,7 +252,7 @@ class Runner:
             self.tracks.append(track)
             deadline = None if deadline_s is None else arrived + deadline_s
             job = _Job(track, _Channel(loop), deadline, self._clock)
-            if self._batching is not None:
+            if self.batches(engine):
                 # Decoder errors (bad prompt) raise here, before anything was streamed.
                 self._batcher(engine).submit(request, on_text=job.channel.put, on_end=job.finish,
                                              cancelled=job.counted_stop)
@@ -283,6 +286,11 @@ class Runner:
                     f"deadline of {deadline_s:.3f}s passed after {end.usage.generated_chars} of "
                     f"max_new_chars={request.max_new_chars} characters; generation stopped")
             yield Outcome(end, (job.started or arrived) - arrived)
+
+    def batches(self, engine: Any) -> bool:
+        """Do generations on `engine` go through a batcher?"""
+        return self._batching is not None and (
+            self._batch_variant_engines or getattr(engine, "batch_invariant", None) is True)
 
     def _flush_wait(self) -> float:
         """flush_s, stretched when many calls are in flight: every message costs the event loop (and

@@ -48,7 +48,7 @@ def start_running(client: NextCharClient, n: int, name: str = "rnn") -> list:
 @pytest.fixture(scope="module")
 def small(make_server):
     """Batching on, 2 active streams and 1 queued per model; max_concurrent well above both."""
-    return make_server(batching=True, max_active_streams=2, max_queue=1, max_new_chars=LONG,
+    return make_server(batching="on", max_active_streams=2, max_queue=1, max_new_chars=LONG,
                        max_concurrent=64, grace_seconds=1.0)
 
 
@@ -72,7 +72,7 @@ def test_past_active_and_queue_limits_resource_exhausted_at_once_naming_the_limi
 
 
 def test_without_a_queue_the_active_limit_is_named(make_server) -> None:
-    s = make_server(batching=True, max_active_streams=1, max_queue=0, max_new_chars=LONG, max_concurrent=64)
+    s = make_server(batching="on", max_active_streams=1, max_queue=0, max_new_chars=LONG, max_concurrent=64)
     with NextCharClient(s.address, timeout=60) as c:
         running = start_running(c, 1)
         with pytest.raises(ResourceExhausted, match=r"max_active_streams=1"):

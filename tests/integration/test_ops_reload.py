@@ -228,7 +228,7 @@ def test_batched_stream_keeps_its_version_and_the_old_batcher_closes(make_server
                                                                      export_tiny) -> None:
     """In-process (to see the runner's batchers): a rescan during a batched stream; v1's batcher goes
     once the stream that used it ends."""
-    server = make_server(model_repo_copy, batching=True, max_new_chars=20_000)
+    server = make_server(model_repo_copy, batching="on", max_new_chars=20_000)
     registry = server.server.servicer.registry
     export_tiny("lstm", repo=model_repo_copy, name="lstm", version=2, seed=3)  # not seen: no watcher
     with NextCharClient(server.address, timeout=120) as c:

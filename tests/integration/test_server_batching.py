@@ -20,7 +20,7 @@ PROMPT = "O say can you see"
 
 @pytest.fixture(scope="module")
 def batched(make_server):
-    return make_server(batching=True, max_batch_size=8, max_new_chars=100_000)
+    return make_server(batching="on", max_batch_size=8, max_new_chars=100_000)
 
 
 def in_process(repo: Path, name: str, n: int, seed: int, temperature: float) -> str:
@@ -70,3 +70,17 @@ def test_cancel_stops_a_batched_stream_within_100ms(batched) -> None:
 
     latencies = best_stop_latency(cancel_one, 0.100)
     assert min(latencies) < 0.100, f"generation stopped {latencies} s after the cancel"
+
+
+@pytest.mark.parametrize(("mode", "variant", "batched"), [
+    ("auto", "fp32", True), ("auto", "int8", False), ("on", "int8", True), ("off", "fp32", False)])
+def test_batching_mode_decides_per_engine(make_server, mode: str, variant: str, batched: bool) -> None:
+    """auto (the default) batches only engines whose warm-up proved them batch-invariant: fp32 yes,
+    int8 no, so a seeded text never depends on other requests unless batching is forced on."""
+    server = make_server(batching=mode, variant=variant)
+    with NextCharClient(server.address, timeout=60) as c:
+        assert c.generate("gru", PROMPT, 20, temperature=1.0, seed=1).summary.generated_chars == 20
+    engine = server.server.servicer.registry.cached("gru").engine
+    assert engine.batch_invariant is (variant == "fp32")
+    assert server.runner.batches(engine) is batched
+    assert bool(server.runner.batchers) is batched

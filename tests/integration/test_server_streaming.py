@@ -18,9 +18,10 @@ from nextchar.v1 import inference_pb2_grpc
 LONG = 100_000  # far more than a test ever waits for: if one of these ran to the end, the test would hang
 
 
-@pytest.fixture(scope="module")
-def long_server(make_server):
-    return make_server(max_new_chars=LONG, grace_seconds=30.0)
+@pytest.fixture(scope="module", params=["auto", "off"])
+def long_server(make_server, request):
+    """Every test here runs against the default (fp32 models batched) and the one-thread-per-stream path."""
+    return make_server(max_new_chars=LONG, grace_seconds=30.0, batching=request.param)
 
 
 def _new_track(runner, before: int):

@@ -14,9 +14,18 @@ def test_flags_beat_env_beat_defaults(tmp_path: Path) -> None:
     env = {"NEXTCHAR_MODEL_REPO": str(tmp_path), "NEXTCHAR_PORT": "6000", "NEXTCHAR_MAX_NEW_CHARS": "99",
            "NEXTCHAR_BATCHING": "yes", "NEXTCHAR_LOG_LEVEL": "debug"}
     config = load_config({"port": "7000"}, env)
-    assert config == ServerConfig(model_repo=tmp_path, port=7000, max_new_chars=99, batching=True,
+    assert config == ServerConfig(model_repo=tmp_path, port=7000, max_new_chars=99, batching="on",
                                   log_level="DEBUG")
     assert load_config({"model_repo": str(tmp_path)}, {}).port == 50051
+
+
+@pytest.mark.parametrize(("raw", "mode"), [("auto", "auto"), ("1", "on"), ("ON", "on"), ("false", "off")])
+def test_batching_is_auto_on_or_off(tmp_path: Path, raw: str, mode: str) -> None:
+    assert load_config({"model_repo": str(tmp_path)}, {}).batching == "auto"
+    assert load_config({"model_repo": str(tmp_path), "batching": raw}, {}).batching == mode
+    wanted = r"--batching \(env NEXTCHAR_BATCHING\): must be one of auto, on, off"
+    with pytest.raises(ConfigError, match=wanted):
+        ServerConfig(model_repo=tmp_path, batching=True)
 
 
 def test_an_empty_env_var_counts_as_unset(tmp_path: Path) -> None:
