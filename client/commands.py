@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -216,8 +217,10 @@ def _models(args: argparse.Namespace) -> int:
         a, t = m.manifest.architecture, m.manifest.training
         versions = ",".join(map(str, m.available_versions))
         shape = f"{a.num_layers}×{a.hidden_size}"
+        # NaN when the run had no validation split (the teaching presets train on all of their text).
+        val_loss = "-" if math.isnan(t.final_val_loss) else f"{t.final_val_loss:.4f}"
         print(f"{m.name:<16} {m.version:>7}  {versions:<10} {m.cell:<5} {shape:>13} "
-              f"{a.vocab_size:>5} {a.parameter_count:>9} {t.final_val_loss:>8.4f}")
+              f"{a.vocab_size:>5} {a.parameter_count:>9} {val_loss:>8}")
     return 0
 
 

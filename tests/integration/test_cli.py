@@ -92,6 +92,7 @@ def test_models_lists_and_shows_a_manifest(server, model_repo: Path) -> None:
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]
     assert [(r[0], r[1], r[3], r[4]) for r in rows] == [
         ("gru", "1", "gru", "2×48"), ("lstm", "1", "lstm", "2×48"), ("rnn", "1", "rnn", "2×48")]
+    assert {r[-1] for r in rows} == {"-"}  # trained without a validation split: no loss, not "nan"
     shown = run_cli("models", "--server", server.address, "lstm")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout) == json.loads((model_repo / "lstm" / "1" / "manifest.json").read_text())
