@@ -1,6 +1,6 @@
 """The server vs the same loop in-process: one stream's chars/s; time to first char after a long prompt.
 
-Usage: .venv/bin/python -m bench.bench_server [--chars 2000] [--prompt-chars 1000] [--repeats 7] [--batching]
+Usage: .venv/bin/python -m bench.bench_server [--chars 2000] [--prompt-chars 1000] [--repeats 15] [--batching]
                                               [--out bench/results/server.md]
 
 Exports an untrained 2-layer LSTM-256 (one-hot input over the anthem's vocabulary, torch seed 0) into a
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -122,13 +123,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chars", type=int, default=2000, help="characters in the throughput stream")
     parser.add_argument("--prompt-chars", type=int, default=1000, help="prompt length for time to first char")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="alternating pairs (at least 2)")
     parser.add_argument("--batching", action="store_true", help="run the server with --batching 1")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--cpus", default=None,
                         help="pin the bench, the server and the in-process worker to these CPUs: '1', '0,1'")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error(f"--repeats must be at least 2 (quartiles need two pairs), got {args.repeats}")
     if args.worker:
         worker(args.worker)
         return
@@ -208,6 +211,7 @@ def main() -> None:
         local.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     med = statistics.median
     throughput = sorted(s / lo for s, lo in zip(server_rate, local_rate, strict=True))
