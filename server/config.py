@@ -200,8 +200,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, spec in _SPECS.items():
         default = "" if name == "model_repo" else f"default {defaults[name]}; "
         shown = f" ({default}env {spec.env})"
-        # Booleans work bare (`--log-prompts`) or with a value (`--log-prompts false`).
-        bare = {"nargs": "?", "const": "true"} if spec.parse is _bool else {}
+        # Booleans work bare (`--log-prompts`) or with a value (`--log-prompts false`); so does
+        # --batching (bare = on).
+        bare = {"nargs": "?", "const": "true"} if spec.parse in (_bool, _batching_mode) else {}
         parser.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().split("_")[-1],
                             help=spec.help + shown, **bare)
 

@@ -55,3 +55,14 @@ def test_every_field_has_a_flag() -> None:
     args = vars(parser.parse_args([]))
     assert set(args) == set(ServerConfig.__dataclass_fields__)
     assert all(v is None for v in args.values())  # None = not given, so env defaults can apply
+
+
+def test_switches_work_bare_or_with_a_value(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def parsed(*argv: str) -> ServerConfig:
+        return load_config(vars(parser.parse_args(["--model-repo", str(tmp_path), *argv])), {})
+
+    assert parsed("--batching").batching == "on" and parsed("--batching", "auto").batching == "auto"
+    assert parsed("--log-prompts").log_prompts is True and parsed("--log-prompts", "no").log_prompts is False
