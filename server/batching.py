@@ -2,7 +2,8 @@
 
 What is computed stays in `generation.Decoder` (stop rules) and `sampling.sample_rows` (one call
 samples every row of an engine call, row by row as `sample` would); this module only decides which
-streams share an engine call. Per model version, one `Batcher` owns a worker thread:
+streams share an engine call. Per model version, one `batcher.Batcher` drives a BatchCore on a
+worker thread:
 
     batcher = Batcher(engine, BatchingConfig(max_batch_size=32))
     batcher.submit(request, on_text=..., on_end=..., cancelled=...)   # from any thread
@@ -24,25 +25,17 @@ are batch-dependent (per-tensor dynamic quantization), so their text may vary wi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from nextchar.server.engine import Engine, State
-from nextchar.server.generation import (
-    Decoder,
-    Finished,
-    FinishReason,
-    GenerationEvent,
-    GenerationRequest,
-    TextChunk,
-)
+from nextchar.server.generation import Decoder, Finished, FinishReason, GenerationRequest
 from nextchar.server.sampling import sample_rows
 
 log = logging.getLogger(__name__)
@@ -309,79 +302,3 @@ class BatchCore:
         except Exception:  # a consumer's callback must not stop the other streams
             log.exception("stream callback failed; dropping the stream")
             s.done = True
-
-
-class Batcher:
-    """A BatchCore driven by its own worker thread; `submit` and `stream` may be called from anywhere."""
-
-    def __init__(self, engine: Engine, config: BatchingConfig = BatchingConfig(), *,
-                 clock: Callable[[], float] = time.perf_counter, name: str = "") -> None:
-        self.core = BatchCore(engine, config, clock=clock)
-        self._clock = clock
-        if getattr(engine, "batch_invariant", None) is False:
-            log.warning("batcher %s: the engine is not batch-invariant (e.g. int8): a seeded text may "
-                        "differ with its batch mates", name)
-        self._wake = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name=f"nextchar-batcher-{name}", daemon=True)
-        self._thread.start()
-
-    def submit(self, request: GenerationRequest, *, on_text: OnText, on_end: OnEnd,
-               cancelled: Callable[[], bool] | None = None) -> Decoder:
-        """Queue `request`. Callbacks run on the worker thread: on_text(text) per piece (the echo first,
-        on the caller's thread), then exactly one on_end(Finished or the exception that failed it)."""
-        if self._closing:  # the core also refuses once closed; this is the early, common case
-            raise BatcherClosedError("the batcher is shutting down")
-        decoder = self.core.submit(request, on_text=on_text, on_end=on_end, cancelled=cancelled)
-        self.wake()
-        return decoder
-
-    async def stream(self, request: GenerationRequest, *,
-                     cancelled: Callable[[], bool] | None = None) -> AsyncIterator[GenerationEvent]:
-        """TextChunk events then one Finished; raises what failed the stream.
-
-        Leaving early cancels the stream at the next step once the generator is closed: wrap it in
-        `contextlib.aclosing(...)` so that happens at once rather than when it is garbage collected.
-        """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-        left = threading.Event()
-        self.submit(
-            request,
-            on_text=lambda text: loop.call_soon_threadsafe(queue.put_nowait, TextChunk(text)),
-            on_end=lambda end: loop.call_soon_threadsafe(queue.put_nowait, end),
-            cancelled=lambda: left.is_set() or (cancelled is not None and cancelled()),
-        )
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, Finished):
-                    return
-        finally:
-            left.set()
-            self.wake()
-
-    def wake(self) -> None:
-        with self._wake:
-            self._wake.notify()
-
-    def close(self, timeout: float | None = 5.0) -> None:
-        """Stop the worker; streams still running end with BatcherClosedError."""
-        with self._wake:
-            self._closing = True
-            self._wake.notify()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            delay = self.core.tick(self._clock())
-            with self._wake:
-                if self._closing:
-                    break
-                if delay == 0.0 or self.core.has_arrivals:
-                    continue
-                self._wake.wait(delay)  # None: until a submit, a cancel or close notifies us
-        self.core.fail_all(BatcherClosedError("the batcher shut down before this generation finished"))

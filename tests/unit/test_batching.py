@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from fake_engine import FakeEngine, ScriptedEngine
 
+from nextchar.server.batcher import Batcher
 from nextchar.server.batching import (
     BatchCore,
-    Batcher,
     BatcherClosedError,
     BatchingConfig,
     BatchingConfigError,

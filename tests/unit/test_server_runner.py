@@ -8,6 +8,7 @@ import threading
 import pytest
 from fake_engine import FakeEngine
 
+from nextchar.server.channel import Channel
 from nextchar.server.generation import FinishReason, GenerationRequest, TextChunk, generate
 from nextchar.server.runner import (
     DeadlineError,
@@ -15,7 +16,6 @@ from nextchar.server.runner import (
     OverloadedError,
     Runner,
     ShuttingDownError,
-    _Channel,
 )
 from nextchar.server.sampling import SamplingParams
 
@@ -30,7 +30,7 @@ def _expected(engine: FakeEngine, request: GenerationRequest) -> str:
 
 def test_channel_wakes_at_the_first_char_when_asked_for_one() -> None:
     async def main() -> tuple[str, object]:
-        channel = _Channel(asyncio.get_running_loop())
+        channel = Channel(asyncio.get_running_loop())
         threading.Thread(target=channel.put, args=("x",)).start()
         return await channel.take(1, None)
 
@@ -39,7 +39,7 @@ def test_channel_wakes_at_the_first_char_when_asked_for_one() -> None:
 
 def test_channel_waits_for_enough_chars_then_takes_them_all() -> None:
     async def main() -> list[str]:
-        channel = _Channel(asyncio.get_running_loop())
+        channel = Channel(asyncio.get_running_loop())
 
         def produce() -> None:
             for ch in "abcdefgh":
@@ -59,7 +59,7 @@ def test_channel_waits_for_enough_chars_then_takes_them_all() -> None:
 
 def test_channel_flushes_what_it_has_when_the_wait_expires() -> None:
     async def main() -> tuple[str, object]:
-        channel = _Channel(asyncio.get_running_loop())
+        channel = Channel(asyncio.get_running_loop())
         channel.put("ab")
         return await channel.take(1000, 0.001)  # never 1000 chars: the timer releases the two
 
@@ -68,7 +68,7 @@ def test_channel_flushes_what_it_has_when_the_wait_expires() -> None:
 
 def test_channel_returns_at_once_on_the_end() -> None:
     async def main() -> tuple[str, object]:
-        channel = _Channel(asyncio.get_running_loop())
+        channel = Channel(asyncio.get_running_loop())
         channel.put("ab")
         channel.close(KeyError("boom"))
         return await channel.take(1000, None)
