@@ -144,6 +144,9 @@ class BatchCore:
         self._lock = threading.Lock()
         self.waiting: list[_Stream] = []
         self.active: list[_Stream] = []
+        # Admitted, prefill step not done: they hold active slots. Moved under _lock, like the
+        # count in submit, because callbacks (a first char, an end) reach clients mid-tick.
+        self._prefilling: set[_Stream] = set()
         self.stats = BatchStats()
         self.closed: BaseException | None = None  # set by fail_all: later submits are refused
 
@@ -163,7 +166,8 @@ class BatchCore:
         with self._lock:
             if self.closed is not None:
                 raise BatcherClosedError(f"the batcher is shut down: {self.closed}")
-            active, queued = len(self.active), self.pending
+            active = sum(not s.done for s in (*self._prefilling, *self.active))
+            queued = self.pending
             if active + queued >= c.max_active_streams + c.max_queue:
                 limit = "max_queue" if c.max_queue else "max_active_streams"
                 raise CapacityError(limit, (
@@ -183,7 +187,9 @@ class BatchCore:
         self.waiting = [s for s in self.waiting if not self._left(s)]
         self.active = [s for s in self.active if not self._left(s)]
         n, _ = admit_count([s.arrival for s in self.waiting], len(self.active), now, self.config)
-        admitted, self.waiting = self.waiting[:n], self.waiting[n:]
+        with self._lock:
+            admitted, self.waiting = self.waiting[:n], self.waiting[n:]
+            self._prefilling.update(admitted)
         lengths = [s.decoder.prompt_tokens.size for s in admitted]
         for group in prefill_groups(lengths, self.config.max_batch_size):
             self._prefill([admitted[i] for i in group])
@@ -243,7 +249,9 @@ class BatchCore:
         out = self._step(group, tokens, self.engine.initial_state(len(group)))
         if out is not None:
             self._scatter(group, out)
+        with self._lock:
             self.active.extend(s for s in group if not s.done)
+            self._prefilling.difference_update(group)
 
     def _decode(self, chunk: list[_Stream]) -> None:
         self.stats.decode_calls += 1

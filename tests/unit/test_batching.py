@@ -244,6 +244,37 @@ def test_backpressure_names_the_limit():
     assert e.value.limit == "max_active_streams"
 
 
+def test_a_stream_holds_its_slot_from_admission_to_its_end():
+    """Callbacks run on the worker thread mid-tick, so a client can react to them at once: a stream
+    whose first text is out but whose prefill step has not finished still holds its active slot,
+    and a stream whose end is out no longer does."""
+    core = make_core(FakeEngine(), max_active_streams=2, max_queue=1)
+    outcomes: list[str] = []
+
+    def submit_now(_event) -> None:
+        try:
+            submit(core, "b", 3)
+            outcomes.append("admitted")
+        except CapacityError as e:
+            outcomes.append(e.limit)
+
+    sink = Sink()
+    core.submit(GenerationRequest("ab", 3, GREEDY), on_text=lambda t: (sink.text(t), submit_now(t)),
+                on_end=sink.finish)
+    submit(core, "ab", 3)
+    submit(core, "abc", 3)  # waits: two are prefilled and active, one queued = the limit
+    core.tick(0.0)  # prefill of the first two: its first text arrives with the limit reached
+    assert outcomes[0] == "max_queue"
+    drain(core)
+    finished = Sink()
+    core.submit(GenerationRequest("ab", 2, GREEDY), on_text=finished.text, on_end=submit_now)
+    submit(core, "ab", 50)
+    submit(core, "abc", 50)  # the limit again, until the two-char stream ends (in its decode step)
+    core.tick(0.0)
+    assert outcomes[-1] == "admitted"  # the slot was free the moment its end was out
+    drain(core)
+
+
 def test_a_closed_core_refuses_submits():
     core = make_core(FakeEngine())
     pending = submit(core)
