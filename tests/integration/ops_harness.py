@@ -102,14 +102,3 @@ def scrape(port: int) -> dict[tuple[str, Labels], float]:
 def value(samples: dict[tuple[str, Labels], float], name: str, **labels: Any) -> float:
     """One sample's value, 0 when absent (a counter that never moved has no labelled child yet)."""
     return samples.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll `predicate` (bounded) until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(interval)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +117,15 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0
                           cwd=ROOT)
 
 
-def wait_until(condition, what: str, timeout: float = 10.0) -> None:
-    """Poll `condition()` every millisecond; fail naming `what` after `timeout` seconds."""
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `predicate` (bounded) until it returns something truthy; that value."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.001)
+    while True:
+        result = predicate()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(interval)
 
 
 def best_stop_latency(cancel_one, limit_s: float, tries: int = 3) -> list[float]:

@@ -9,10 +9,11 @@ gRPC on a real server, and what happens to a queued request is observed through 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Callable
 
 import pytest
+from server_harness import wait_until
 
 from nextchar.client.client import NextCharClient
 from nextchar.client.errors import DeadlineExceeded, ResourceExhausted
@@ -21,19 +22,13 @@ from nextchar.server.runner import DeadlineError
 
 PROMPT = "O say can you see"
 LONG = 100_000  # a generation that runs until the test cancels it
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a server-side condition (no log reading); fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "server-side condition not reached"
-        time.sleep(0.002)
+# Poll a server-side condition (no log reading), bounded.
+server_side = functools.partial(wait_until, timeout=10.0, what="a server-side condition", interval=0.002)
 
 
 def core_of(server, name: str):
     """The batching core serving model `name` (the runner starts one per model version on first use)."""
-    wait_until(lambda: any(b.core.engine.artifact.name == name for b in server.runner.batchers))
+    server_side(lambda: any(b.core.engine.artifact.name == name for b in server.runner.batchers))
     return next(b.core for b in server.runner.batchers if b.core.engine.artifact.name == name)
 
 
@@ -57,7 +52,7 @@ def test_past_active_and_queue_limits_resource_exhausted_at_once_naming_the_limi
         running = start_running(c, 2)
         core = core_of(small, "rnn")
         queued = c.generate_stream("rnn", PROMPT, 7)
-        wait_until(lambda: core.pending == 1)
+        server_side(lambda: core.pending == 1)
         with pytest.raises(ResourceExhausted, match=r"max_queue=1") as refused:
             c.generate("rnn", PROMPT, 5)
         assert "max_active_streams=2" in refused.value.details
@@ -79,7 +74,7 @@ def test_without_a_queue_the_active_limit_is_named(make_server) -> None:
             c.generate("rnn", PROMPT, 5)
         running[0].cancel()
         core = core_of(s, "rnn")
-        wait_until(lambda: not core.active)
+        server_side(lambda: not core.active)
         assert c.generate("rnn", PROMPT, 5).summary.generated_chars == 5
 
 
@@ -93,7 +88,7 @@ def test_time_spent_queued_counts_against_the_deadline(small) -> None:
         # stay busy, so its queue place is free again before any stream finished.
         with pytest.raises(DeadlineExceeded):
             c.generate("rnn", PROMPT, 5, timeout=0.3)
-        wait_until(lambda: core.pending == 0)
+        server_side(lambda: core.pending == 0)
         assert len(core.active) == 2
         # The same through the runner itself (no gRPC deadline racing the server's): DeadlineError
         # after 0 generated chars, the track says DEADLINE, and nothing was prefilled for it.
@@ -122,14 +117,14 @@ def test_a_cancelled_queued_request_never_runs(small) -> None:
         prefills = core.stats.prefill_calls
         cancelled = runner.cancelled_streams
         queued = c.generate_stream("rnn", PROMPT, 50)
-        wait_until(lambda: core.pending == 1)
+        server_side(lambda: core.pending == 1)
         track = runner.tracks[-1]
         queued.cancel()
-        wait_until(lambda: runner.cancelled_streams == cancelled + 1 and core.pending == 0)
+        server_side(lambda: runner.cancelled_streams == cancelled + 1 and core.pending == 0)
         for s in running:
             s.cancel()
-        wait_until(lambda: not core.active)
-        wait_until(lambda: track.finished_at is not None)
+        server_side(lambda: not core.active)
+        server_side(lambda: track.finished_at is not None)
     assert track.reason is FinishReason.CANCELLED
     # A stream joins decoding only after its prefill, so no new prefill means it never ran.
     assert core.stats.prefill_calls == prefills

@@ -9,7 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from ops_harness import ServerProcess, wait_until
+from ops_harness import ServerProcess
+from server_harness import wait_until
 
 from nextchar.v1 import inference_pb2 as pb
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from ops_harness import ServerProcess, scrape, value, wait_until
-from server_harness import free_port, run_cli
+from ops_harness import ServerProcess, scrape, value
+from server_harness import free_port, run_cli, wait_until
 
 from nextchar.v1 import inference_pb2 as pb
 from nextchar.v1.inference_pb2_grpc import NextCharStub

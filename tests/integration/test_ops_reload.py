@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from ops_harness import ServerProcess, scrape, value, wait_until
-from server_harness import free_port, run_cli
+from ops_harness import ServerProcess, scrape, value
+from server_harness import free_port, run_cli, wait_until
 
 from nextchar.client.client import NextCharClient
 from nextchar.server.reload import Change

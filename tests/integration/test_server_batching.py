@@ -64,7 +64,8 @@ def test_cancel_stops_a_batched_stream_within_100ms(batched) -> None:
             track = runner.tracks[-1]
             cancelled_at = time.perf_counter()
             stream.cancel()
-            wait_until(lambda: track.finished_at is not None, "the batched generation did not stop")
+            wait_until(lambda: track.finished_at is not None, 10, "the batched generation to stop",
+                       interval=0.001)
         assert track.reason is FinishReason.CANCELLED and track.steps < 100_000
         return track.finished_at - cancelled_at
 

@@ -26,12 +26,13 @@ def long_server(make_server, request):
 
 def _new_track(runner, before: int):
     """The track of the generation started after `before` tracks existed."""
-    wait_until(lambda: runner.tracks and runner.tracks[-1].id > before, "the generation never started")
+    wait_until(lambda: runner.tracks and runner.tracks[-1].id > before, 10, "the generation to start",
+               interval=0.001)
     return runner.tracks[-1]
 
 
 def _wait_finished(track) -> None:
-    wait_until(lambda: track.finished_at is not None, "the generation did not stop")
+    wait_until(lambda: track.finished_at is not None, 10, "the generation to stop", interval=0.001)
 
 
 def test_stream_is_live_and_coalesced(long_server) -> None:
