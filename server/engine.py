@@ -197,11 +197,6 @@ class Engine:
         """Stack per-stream states along the batch axis, in order."""
         return tuple(np.concatenate(parts, axis=1) for parts in zip(*states, strict=True))
 
-    @staticmethod
-    def split_state(state: State) -> list[State]:
-        """One batch-1 state per row, each a copy (a stream does not pin the batch's arrays)."""
-        return [tuple(s[:, i:i + 1, :].copy() for s in state) for i in range(state[0].shape[1])]
-
 
 def _same_row0(a: tuple[np.ndarray, State], b: tuple[np.ndarray, State]) -> bool:
     """Are row 0's logits and state bit-identical in the two step results?"""
