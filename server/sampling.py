@@ -61,6 +61,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def filtered(self) -> bool:
+        """Do top-k or top-p narrow the candidates (sampled in descending logit order)?"""
+        return bool(self.top_k) or self.top_p < 1.0
+
 
 def _as_row(logits: np.ndarray) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
@@ -84,9 +89,9 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     top = x.max()
     if top != top:  # max propagates NaN
         raise ValueError("logits contain NaN")
-    if params.temperature == 0.0:
+    if params.greedy:
         return int(np.argmax(x))
-    if not params.top_k and params.top_p >= 1.0:
+    if not params.filtered:
         cum = np.exp((x - top) / params.temperature).cumsum()
         return min(int(cum.searchsorted(rng.random() * cum[-1], side="right")), x.size - 1)
     return _sample_filtered(x, top, params, rng)
@@ -109,7 +114,7 @@ def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams],
                          f"{x.shape}, {len(params)} params, {len(rngs)} generators")
     top = x.max(axis=1)  # max propagates NaN
     tokens = x.argmax(axis=1)
-    plain = [i for i, p in enumerate(params) if p.temperature and not p.top_k and p.top_p >= 1.0]
+    plain = [i for i, p in enumerate(params) if not p.greedy and not p.filtered]
     if plain:
         rows = np.asarray(plain)
         temperature = np.array([params[i].temperature for i in plain])
@@ -118,7 +123,7 @@ def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams],
         picked = (cum <= (u * cum[:, -1])[:, None]).sum(axis=1)
         tokens[rows] = np.minimum(picked, x.shape[1] - 1)
     for i, p in enumerate(params):
-        if p.temperature and (p.top_k or p.top_p < 1.0):
+        if not p.greedy and p.filtered:
             tokens[i] = _sample_filtered(x[i], top[i], p, rngs[i])
     tokens[top != top] = -1
     return tokens
