@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from nextchar.server.artifact import load_artifact
-from nextchar.server.batching import BatchCore, BatchingConfig
-from nextchar.server.engine import Engine
-from nextchar.server.generation import GenerationRequest, TextChunk, generate
-from nextchar.server.sampling import SamplingParams
+from nextchar.server.core.artifact import load_artifact
+from nextchar.server.core.engine import Engine
+from nextchar.server.core.generation import GenerationRequest, TextChunk, generate
+from nextchar.server.core.sampling import SamplingParams
+from nextchar.server.scheduling.batching import BatchCore, BatchingConfig
 
 PROMPTS = ("O say", "What so proudly", "Whose broad", "And the rocket", "Gave proof", "O’er the", "O")
 

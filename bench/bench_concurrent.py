@@ -45,9 +45,9 @@ class Run:
 def inprocess_worker(repo: Path, model: str, streams: int, chars: int, threads: int) -> None:
     """Stdin 'go' -> stdout chars/s of `streams` generations in one BatchCore at batch `streams`."""
     from bench.common import load_engine
-    from nextchar.server.batching import BatchCore, BatchingConfig
-    from nextchar.server.generation import GenerationRequest
-    from nextchar.server.sampling import SamplingParams
+    from nextchar.server.core.generation import GenerationRequest
+    from nextchar.server.core.sampling import SamplingParams
+    from nextchar.server.scheduling.batching import BatchCore, BatchingConfig
 
     engine = load_engine(repo, model, threads)
     config = BatchingConfig(max_batch_size=streams, max_wait_s=0.0, max_active_streams=streams, max_queue=0)

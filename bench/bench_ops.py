@@ -21,7 +21,7 @@ from bench.common import free_port
 
 _SERVE = """
 import sys
-from nextchar.server import metrics, operations
+from nextchar.server.ops import metrics, operations
 mode = sys.argv[1]
 if mode in ("plain", "nometer"):
     metrics.Metrics.metered = lambda self, loader: loader

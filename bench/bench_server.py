@@ -97,10 +97,10 @@ def worker(repo: Path) -> None:
     """`generate N` -> 'chars_per_s cpu_s text_sha'; `prefill N` -> 'wall_s cpu_s' of one N-char prefill."""
     import hashlib
 
-    from nextchar.server.artifact import load_artifact
-    from nextchar.server.engine import Engine
-    from nextchar.server.generation import GenerationRequest, TextChunk, generate
-    from nextchar.server.sampling import SamplingParams
+    from nextchar.server.core.artifact import load_artifact
+    from nextchar.server.core.engine import Engine
+    from nextchar.server.core.generation import GenerationRequest, TextChunk, generate
+    from nextchar.server.core.sampling import SamplingParams
 
     engine = Engine.load(load_artifact(repo / MODEL / "1"), intra_op_threads=1)
     engine.warmup()

@@ -68,8 +68,8 @@ def _export(repo: Path, cells: Sequence[str], hidden: int, layers: int, bare_nam
 
 def load_engine(repo: Path, name: str, threads: int = 1):
     """The server's Engine for `<repo>/<name>/1`, warmed up, with `threads` intra-op threads."""
-    from nextchar.server.artifact import load_artifact
-    from nextchar.server.engine import Engine
+    from nextchar.server.core.artifact import load_artifact
+    from nextchar.server.core.engine import Engine
 
     engine = Engine.load(load_artifact(repo / name / "1"), intra_op_threads=threads)
     engine.warmup()

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from nextchar.client import admin_commands, commands
+from nextchar.server.edge import cli as serve_cli
+from nextchar.training import cli as train_cli
 
 # Modules that expose `register(subparsers)`. They must be cheap to import: anything heavy (torch,
 # onnxruntime, grpc) is imported inside the command functions, so `nextchar serve` never loads torch.
 COMMAND_MODULES = (
-    "nextchar.training.cli",
-    "nextchar.server.cli",       # serve
-    "nextchar.client.commands",  # generate, predict, score, models, health
-    "nextchar.client.admin_commands",  # admin reload | load | unload
+    train_cli,       # train, export
+    serve_cli,       # serve
+    commands,        # generate, predict, score, models, health
+    admin_commands,  # admin reload | load | unload
 )
 
 
@@ -22,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, export and serve character-level recurrent language models.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

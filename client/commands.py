@@ -123,7 +123,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _oov_offline(args: argparse.Namespace) -> dict[str, Any]:
-    from nextchar.server.vocab import OovPolicy
+    from nextchar.server.core.vocab import OovPolicy
 
     return {"oov_policy": OovPolicy(args.oov), "oov_replacement": args.oov_replacement or None}
 

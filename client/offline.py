@@ -7,17 +7,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nextchar.server.engine import Engine
-from nextchar.server.generation import (
+from nextchar.server.core.engine import Engine
+from nextchar.server.core.generation import (
     Finished,
     GenerationEvent,
     GenerationRequest,
     TextChunk,
     generate,
 )
-from nextchar.server.sampling import SamplingParams
-from nextchar.server.scoring import Prediction, ScoreResult, predict, score
-from nextchar.server.vocab import OovPolicy
+from nextchar.server.core.sampling import SamplingParams
+from nextchar.server.core.scoring import Prediction, ScoreResult, predict, score
+from nextchar.server.core.vocab import OovPolicy
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class OfflineModel:
 
     def score(self, text: str, *, context: str = "", per_char: bool = False,
               oov_policy: OovPolicy = OovPolicy.ERROR, oov_replacement: str | None = None) -> ScoreResult:
-        """Log-likelihood of `text` (see nextchar.server.scoring.score for the convention)."""
+        """Log-likelihood of `text` (see nextchar.server.core.scoring.score for the convention)."""
         return score(self.engine, text, context=context, per_char=per_char, oov_policy=oov_policy,
                      oov_replacement=oov_replacement)
 

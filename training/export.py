@@ -15,7 +15,7 @@ import onnx
 import torch
 from torch import nn
 
-from nextchar.server import artifact as art
+from nextchar.server.core import artifact as art
 from nextchar.training.checkpoint import CheckpointError, load_checkpoint
 from nextchar.training.config import ModelConfig
 from nextchar.training.corpora import BUILTIN, Corpus

@@ -10,7 +10,7 @@ from typing import Any
 import onnx
 import torch
 
-from nextchar.server import artifact as art
+from nextchar.server.core import artifact as art
 from nextchar.training.model import CharModel, parameter_count
 from nextchar.v1 import manifest_pb2
 

@@ -50,7 +50,7 @@ class ServerThread:
         self.loop.run_forever()
 
     async def _start(self) -> None:
-        from nextchar.server.app import build_server
+        from nextchar.server.edge.app import build_server
 
         self.server, self.port = build_server(self.config)
         await self.server.start()
@@ -93,7 +93,7 @@ def wait_serving(address: str, service: str = "", timeout: float = START_TIMEOUT
 
 
 def server_config(model_repo: Path, **overrides: Any):
-    from nextchar.server.config import ServerConfig
+    from nextchar.server.ops.config import ServerConfig
 
     return dataclasses.replace(ServerConfig(model_repo=model_repo, host="127.0.0.1", port=0), **overrides)
 

@@ -17,8 +17,8 @@ from server_harness import wait_until
 
 from nextchar.client.client import NextCharClient
 from nextchar.client.errors import DeadlineExceeded, ResourceExhausted
-from nextchar.server.generation import FinishReason, GenerationRequest
-from nextchar.server.runner import DeadlineError
+from nextchar.server.core.generation import FinishReason, GenerationRequest
+from nextchar.server.scheduling.runner import DeadlineError
 
 PROMPT = "O say can you see"
 LONG = 100_000  # a generation that runs until the test cancels it

@@ -14,7 +14,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 
 from nextchar.client.cli import main as nextchar_cli  # noqa: E402
-from nextchar.server.artifact import load_artifact  # noqa: E402
+from nextchar.server.core.artifact import load_artifact  # noqa: E402
 from nextchar.training.checkpoint import load_checkpoint  # noqa: E402
 from nextchar.training.corpora import load_corpus  # noqa: E402
 from nextchar.training.export import export_model  # noqa: E402

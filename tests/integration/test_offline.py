@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from nextchar.client.offline import OfflineModel, run_generate, run_predict
-from nextchar.server.artifact import ArtifactError, load_artifact
-from nextchar.server.engine import Engine
-from nextchar.server.generation import GenerationRequest, TextChunk, generate
-from nextchar.server.sampling import SamplingParams
-from nextchar.server.scoring import predict
+from nextchar.server.core.artifact import ArtifactError, load_artifact
+from nextchar.server.core.engine import Engine
+from nextchar.server.core.generation import GenerationRequest, TextChunk, generate
+from nextchar.server.core.sampling import SamplingParams
+from nextchar.server.core.scoring import predict
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from ops_harness import ServerProcess, scrape, value
 from server_harness import free_port, run_cli, wait_until
 
 from nextchar.client.client import NextCharClient
-from nextchar.server.reload import Change
+from nextchar.server.ops.reload import Change
 from nextchar.v1 import admin_pb2
 from nextchar.v1 import inference_pb2 as pb
 

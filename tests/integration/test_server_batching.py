@@ -10,10 +10,10 @@ import pytest
 from server_harness import best_stop_latency, wait_until
 
 from nextchar.client.client import AsyncNextCharClient, NextCharClient
-from nextchar.server.artifact import load_artifact
-from nextchar.server.engine import Engine
-from nextchar.server.generation import FinishReason, GenerationRequest, TextChunk, generate
-from nextchar.server.sampling import SamplingParams
+from nextchar.server.core.artifact import load_artifact
+from nextchar.server.core.engine import Engine
+from nextchar.server.core.generation import FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.core.sampling import SamplingParams
 
 PROMPT = "O say can you see"
 

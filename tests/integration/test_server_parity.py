@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from nextchar.client.client import NextCharClient
-from nextchar.server.artifact import load_artifact
-from nextchar.server.engine import Engine
-from nextchar.server.generation import GenerationRequest, TextChunk, generate
-from nextchar.server.sampling import SamplingParams
-from nextchar.server.scoring import predict, score
+from nextchar.server.core.artifact import load_artifact
+from nextchar.server.core.engine import Engine
+from nextchar.server.core.generation import GenerationRequest, TextChunk, generate
+from nextchar.server.core.sampling import SamplingParams
+from nextchar.server.core.scoring import predict, score
 
 MODELS = ("lstm", "gru", "rnn")
 PROMPT = "O say can you see"

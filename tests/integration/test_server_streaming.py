@@ -11,7 +11,7 @@ from server_harness import best_stop_latency, wait_until
 
 from nextchar.client.client import NextCharClient
 from nextchar.client.errors import Cancelled, DeadlineExceeded, Unavailable
-from nextchar.server.generation import FinishReason
+from nextchar.server.core.generation import FinishReason
 from nextchar.v1 import inference_pb2 as pb
 from nextchar.v1 import inference_pb2_grpc
 

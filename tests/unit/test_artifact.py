@@ -1,4 +1,4 @@
-"""server/artifact.py: repository scanning and file-level validation of exported model versions."""
+"""server/core/artifact.py: repository scanning and file-level validation of exported model versions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nextchar.server.artifact import (
+from nextchar.server.core.artifact import (
     INT8_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
@@ -189,7 +189,7 @@ def test_enum_values_round_trip(model_repo: Path) -> None:
 
 def test_artifact_module_needs_no_torch_onnx_or_onnxruntime() -> None:
     code = (
-        "import sys, nextchar.server.artifact\n"
+        "import sys, nextchar.server.core.artifact\n"
         "bad = [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from fake_engine import FakeEngine, ScriptedEngine
 
-from nextchar.server.batcher import Batcher
-from nextchar.server.batching import (
+from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.core.sampling import SamplingParams
+from nextchar.server.scheduling.batcher import Batcher
+from nextchar.server.scheduling.batching import (
     BatchCore,
     BatcherClosedError,
     BatchingConfig,
@@ -20,8 +22,6 @@ from nextchar.server.batching import (
     admit_count,
     prefill_groups,
 )
-from nextchar.server.generation import Finished, FinishReason, GenerationRequest, TextChunk, generate
-from nextchar.server.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -309,8 +309,8 @@ def test_a_raising_callback_drops_only_its_stream():
 
 @pytest.fixture(scope="module")
 def engines(model_repo):
-    from nextchar.server.artifact import load_artifact
-    from nextchar.server.engine import Engine
+    from nextchar.server.core.artifact import load_artifact
+    from nextchar.server.core.engine import Engine
 
     out = {}
     for name in ("lstm", "gru", "rnn"):

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from nextchar.server.artifact import ArtifactError, load_artifact
-from nextchar.server.engine import Engine
+from nextchar.server.core.artifact import ArtifactError, load_artifact
+from nextchar.server.core.engine import Engine
 from nextchar.v1 import manifest_pb2
 
 CELLS = ("lstm", "gru", "rnn")

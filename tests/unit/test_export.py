@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 import numpy as np  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 
-from nextchar.server.artifact import (  # noqa: E402
+from nextchar.server.core.artifact import (  # noqa: E402
     INT8_FILE,
     MANIFEST_FILE,
     META_MANIFEST,

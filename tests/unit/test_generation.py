@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from fake_engine import FakeEngine, ScriptedEngine
 
-from nextchar.server.generation import (
+from nextchar.server.core.generation import (
     Decoder,
     Finished,
     FinishReason,
@@ -16,8 +16,8 @@ from nextchar.server.generation import (
     TextChunk,
     generate,
 )
-from nextchar.server.sampling import InvalidParameterError, SamplingParams
-from nextchar.server.vocab import OovPolicy
+from nextchar.server.core.sampling import InvalidParameterError, SamplingParams
+from nextchar.server.core.vocab import OovPolicy
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -180,8 +180,8 @@ def test_prompt_with_no_known_char_is_rejected():
 
 @pytest.fixture(scope="module")
 def lstm(model_repo):
-    from nextchar.server.artifact import load_artifact
-    from nextchar.server.engine import Engine
+    from nextchar.server.core.artifact import load_artifact
+    from nextchar.server.core.engine import Engine
 
     return Engine.load(load_artifact(model_repo / "lstm" / "1"))
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from nextchar.server.config import ConfigError, ServerConfig, add_arguments, load_config
-from nextchar.server.reqlog import JsonFormatter
-from nextchar.server.security import TokenError, is_loopback_peer, read_token
+from nextchar.server.ops.config import ConfigError, ServerConfig, add_arguments, load_config
+from nextchar.server.ops.reqlog import JsonFormatter
+from nextchar.server.ops.security import TokenError, is_loopback_peer, read_token
 
 
 def _config(tmp_path: Path, **flags: str) -> ServerConfig:

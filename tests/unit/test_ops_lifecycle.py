@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from nextchar.server.artifact import ArtifactError
-from nextchar.server.registry import LoadedModel, ModelNotFoundError, Registry
-from nextchar.server.reload import Change, Reloader
+from nextchar.server.core.artifact import ArtifactError
+from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
+from nextchar.server.ops.reload import Change, Reloader
 
 
 def _loader(calls: list[tuple[str, int]]):

@@ -10,8 +10,8 @@ import numpy as np
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nextchar.server.metrics import Metrics, StepStats
-from nextchar.server.registry import LoadedModel
+from nextchar.server.ops.metrics import Metrics, StepStats
+from nextchar.server.ops.registry import LoadedModel
 
 
 def test_threads_record_without_losing_steps() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nextchar.server.sampling import (
+from nextchar.server.core.sampling import (
     InvalidParameterError,
     SamplingParams,
     log_softmax,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from fake_engine import FakeEngine
 
-from nextchar.server.sampling import InvalidParameterError, log_softmax
-from nextchar.server.scoring import predict, predict_next, score
-from nextchar.server.vocab import OutOfVocabularyError
+from nextchar.server.core.sampling import InvalidParameterError, log_softmax
+from nextchar.server.core.scoring import predict, predict_next, score
+from nextchar.server.core.vocab import OutOfVocabularyError
 
 
 def char_by_char_logprobs(engine: FakeEngine, text: str) -> list[float]:

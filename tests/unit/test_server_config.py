@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nextchar.server.config import ConfigError, ServerConfig, add_arguments, load_config
+from nextchar.server.ops.config import ConfigError, ServerConfig, add_arguments, load_config
 
 
 def test_flags_beat_env_beat_defaults(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nextchar.server.registry import LoadedModel, ModelNotFoundError, Registry
+from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
 
 
 def _repo(tmp_path: Path) -> Path:

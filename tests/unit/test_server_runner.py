@@ -8,16 +8,16 @@ import threading
 import pytest
 from fake_engine import FakeEngine
 
-from nextchar.server.channel import Channel
-from nextchar.server.generation import FinishReason, GenerationRequest, TextChunk, generate
-from nextchar.server.runner import (
+from nextchar.server.core.generation import FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.core.sampling import SamplingParams
+from nextchar.server.scheduling.channel import Channel
+from nextchar.server.scheduling.runner import (
     DeadlineError,
     Outcome,
     OverloadedError,
     Runner,
     ShuttingDownError,
 )
-from nextchar.server.sampling import SamplingParams
 
 
 def _request(n: int = 50, seed: int = 3) -> GenerationRequest:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nextchar.server.sampling import InvalidParameterError
-from nextchar.server.vocab import OovPolicy, OutOfVocabularyError, build_index, decode, encode
+from nextchar.server.core.sampling import InvalidParameterError
+from nextchar.server.core.vocab import OovPolicy, OutOfVocabularyError, build_index, decode, encode
 
 VOCAB = tuple(" ,abco’")
 INDEX = build_index(VOCAB)

@@ -13,12 +13,12 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from nextchar.server.artifact import ArtifactError, ModelNameError
-from nextchar.server.batching import CapacityError
-from nextchar.server.registry import ModelNotFoundError
-from nextchar.server.runner import DeadlineError, OverloadedError, ShuttingDownError
-from nextchar.server.sampling import InvalidParameterError
-from nextchar.server.vocab import OutOfVocabularyError
+from nextchar.server.core.artifact import ArtifactError, ModelNameError
+from nextchar.server.core.sampling import InvalidParameterError
+from nextchar.server.core.vocab import OutOfVocabularyError
+from nextchar.server.ops.registry import ModelNotFoundError
+from nextchar.server.scheduling.batching import CapacityError
+from nextchar.server.scheduling.runner import DeadlineError, OverloadedError, ShuttingDownError
 
 log = logging.getLogger(__name__)
 

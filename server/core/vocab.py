@@ -7,7 +7,7 @@ from enum import Enum
 
 import numpy as np
 
-from nextchar.server.sampling import InvalidParameterError
+from nextchar.server.core.sampling import InvalidParameterError
 
 # How many offending characters an error message lists before it says "and N more".
 _MESSAGE_LIMIT = 10

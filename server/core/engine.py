@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from nextchar.server import artifact as art
-from nextchar.server.artifact import Artifact, ArtifactError
-from nextchar.server.vocab import build_index
+from nextchar.server.core import artifact as art
+from nextchar.server.core.artifact import Artifact, ArtifactError
+from nextchar.server.core.vocab import build_index
 from nextchar.v1 import manifest_pb2
 
 State = tuple[np.ndarray, ...]  # (h,) or (h, c), each float32[num_layers, B, hidden_size]

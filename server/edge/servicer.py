@@ -6,11 +6,11 @@ import functools
 
 import grpc
 
-from nextchar.server import wire
-from nextchar.server.errors import mapped
-from nextchar.server.registry import LoadedModel, Registry
-from nextchar.server.runner import DeadlineError, Outcome, Runner
-from nextchar.server.scoring import predict, score
+from nextchar.server.core.scoring import predict, score
+from nextchar.server.edge import wire
+from nextchar.server.edge.errors import mapped
+from nextchar.server.ops.registry import LoadedModel, Registry
+from nextchar.server.scheduling.runner import DeadlineError, Outcome, Runner
 from nextchar.v1 import inference_pb2 as pb
 from nextchar.v1 import inference_pb2_grpc
 

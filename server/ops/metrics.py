@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from nextchar.server.artifact import ArtifactError
-from nextchar.server.registry import LoadedModel, Registry
+from nextchar.server.core.artifact import ArtifactError
+from nextchar.server.ops.registry import LoadedModel, Registry
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import asyncio
 
 import grpc
 
-from nextchar.server import wire
-from nextchar.server.errors import mapped
-from nextchar.server.registry import Registry
-from nextchar.server.reload import Change, Reloader
+from nextchar.server.edge import wire
+from nextchar.server.edge.errors import mapped
+from nextchar.server.ops.registry import Registry
+from nextchar.server.ops.reload import Change, Reloader
 from nextchar.v1 import admin_pb2 as pb
 from nextchar.v1 import admin_pb2_grpc
 

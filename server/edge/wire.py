@@ -8,13 +8,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nextchar.server.artifact import validate_model_name
-from nextchar.server.generation import FinishReason, GenerationRequest
-from nextchar.server.registry import LoadedModel
-from nextchar.server.runner import Outcome
-from nextchar.server.sampling import InvalidParameterError, SamplingParams
-from nextchar.server.scoring import Prediction, ScoreResult
-from nextchar.server.vocab import OovPolicy
+from nextchar.server.core.artifact import validate_model_name
+from nextchar.server.core.generation import FinishReason, GenerationRequest
+from nextchar.server.core.sampling import InvalidParameterError, SamplingParams
+from nextchar.server.core.scoring import Prediction, ScoreResult
+from nextchar.server.core.vocab import OovPolicy
+from nextchar.server.ops.registry import LoadedModel
+from nextchar.server.scheduling.runner import Outcome
 from nextchar.v1 import inference_pb2 as pb
 
 MAX_STOP_SEQUENCES = 4  # part of the API contract (inference.proto), not a server setting

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nextchar.server import artifact as art
+from nextchar.server.core import artifact as art
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def engine_loader(variant: str = "fp32", intra_op_threads: int = 1) -> Callable[
     """The real loader: validate the files (load_artifact), build the onnxruntime engine, warm it up."""
 
     def load(version_dir: Path) -> LoadedModel:
-        from nextchar.server.engine import Engine  # onnxruntime enters here, and only here
+        from nextchar.server.core.engine import Engine  # onnxruntime enters here, and only here
 
         artifact = art.load_artifact(version_dir, variant=variant)
         engine = Engine.load(artifact, intra_op_threads=intra_op_threads)

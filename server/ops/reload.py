@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nextchar.server import artifact as art
-from nextchar.server.registry import LoadedModel, ModelNotFoundError, Registry
+from nextchar.server.core import artifact as art
+from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nextchar.server.sampling import InvalidParameterError, log_softmax
-from nextchar.server.vocab import OovPolicy, build_index, encode
+from nextchar.server.core.sampling import InvalidParameterError, log_softmax
+from nextchar.server.core.vocab import OovPolicy, build_index, encode
 
 MAX_TOP_N = 1_000
 

@@ -8,20 +8,20 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from nextchar.server.batching import (
-    BatchCore,
-    BatcherClosedError,
-    BatchingConfig,
-    OnEnd,
-    OnText,
-)
-from nextchar.server.engine import Engine
-from nextchar.server.generation import (
+from nextchar.server.core.engine import Engine
+from nextchar.server.core.generation import (
     Decoder,
     Finished,
     GenerationEvent,
     GenerationRequest,
     TextChunk,
+)
+from nextchar.server.scheduling.batching import (
+    BatchCore,
+    BatcherClosedError,
+    BatchingConfig,
+    OnEnd,
+    OnText,
 )
 
 log = logging.getLogger(__name__)

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nextchar.server.engine import Engine, State
-from nextchar.server.generation import Decoder, Finished, FinishReason, GenerationRequest
-from nextchar.server.sampling import sample_rows
+from nextchar.server.core.engine import Engine, State
+from nextchar.server.core.generation import Decoder, Finished, FinishReason, GenerationRequest
+from nextchar.server.core.sampling import sample_rows
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from nextchar.server import wire
-from nextchar.server.batching import BatchingConfig
-from nextchar.server.config import ServerConfig
-from nextchar.server.metrics import Metrics
-from nextchar.server.operations import Operations
-from nextchar.server.registry import Registry, engine_loader
-from nextchar.server.runner import Runner
-from nextchar.server.servicer import NextCharServicer
+from nextchar.server.edge import wire
+from nextchar.server.edge.servicer import NextCharServicer
+from nextchar.server.ops.config import ServerConfig
+from nextchar.server.ops.metrics import Metrics
+from nextchar.server.ops.operations import Operations
+from nextchar.server.ops.registry import Registry, engine_loader
+from nextchar.server.scheduling.batching import BatchingConfig
+from nextchar.server.scheduling.runner import Runner
 from nextchar.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nextchar.server.config import add_arguments  # stdlib-only module: cheap
+    from nextchar.server.ops.config import add_arguments  # stdlib-only module: cheap
 
     parser = subparsers.add_parser(
         "serve", help="serve a model repository over gRPC (onnxruntime, no torch)",
@@ -21,17 +21,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from nextchar.server.artifact import ArtifactError
-    from nextchar.server.config import ConfigError, load_config
+    from nextchar.server.core.artifact import ArtifactError
+    from nextchar.server.ops.config import ConfigError, load_config
 
     try:
         config = load_config(vars(args))
     except ConfigError as e:
         print(f"nextchar serve: {e}", file=sys.stderr)
         return 2
-    from nextchar.server.app import serve  # grpc and numpy enter here; onnxruntime with the first model
-    from nextchar.server.reqlog import configure_logging
-    from nextchar.server.security import TokenError
+    from nextchar.server.edge.app import serve  # grpc and numpy enter here; onnxruntime with the first model
+    from nextchar.server.ops.reqlog import configure_logging
+    from nextchar.server.ops.security import TokenError
 
     configure_logging(config.log_level, config.log_format)
 

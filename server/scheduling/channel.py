@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 
-from nextchar.server.generation import Finished
+from nextchar.server.core.generation import Finished
 
 
 def _resolve(future: asyncio.Future) -> None:

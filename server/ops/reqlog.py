@@ -14,8 +14,8 @@ from typing import Any
 
 import grpc
 
-from nextchar.server.metrics import Metrics, RequestRecord
-from nextchar.server.registry import Registry
+from nextchar.server.ops.metrics import Metrics, RequestRecord
+from nextchar.server.ops.registry import Registry
 
 log = logging.getLogger("nextchar.requests")
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nextchar.server.sampling import InvalidParameterError, SamplingParams, sample
-from nextchar.server.vocab import OovPolicy, build_index, decode, encode
+from nextchar.server.core.sampling import InvalidParameterError, SamplingParams, sample
+from nextchar.server.core.vocab import OovPolicy, build_index, decode, encode
 
 MAX_NEW_CHARS = 100_000
 MAX_STOP_SEQUENCES = 16

@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from nextchar.server.batcher import Batcher
-from nextchar.server.batching import BatchingConfig
-from nextchar.server.channel import Channel
-from nextchar.server.generation import Finished, FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.scheduling.batcher import Batcher
+from nextchar.server.scheduling.batching import BatchingConfig
+from nextchar.server.scheduling.channel import Channel
 
 T = TypeVar("T")
 Clock = Callable[[], float]

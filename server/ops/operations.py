@@ -6,15 +6,15 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from nextchar.server.admin import SERVICE_NAME as ADMIN_SERVICE
-from nextchar.server.admin import AdminServicer
-from nextchar.server.config import ServerConfig
-from nextchar.server.metrics import Metrics, MetricsEndpoint
-from nextchar.server.registry import Registry
-from nextchar.server.reload import Reloader
-from nextchar.server.reqlog import ObservingInterceptor
-from nextchar.server.runner import Runner
-from nextchar.server.security import AuthInterceptor, read_token, server_credentials
+from nextchar.server.edge.admin import SERVICE_NAME as ADMIN_SERVICE
+from nextchar.server.edge.admin import AdminServicer
+from nextchar.server.ops.config import ServerConfig
+from nextchar.server.ops.metrics import Metrics, MetricsEndpoint
+from nextchar.server.ops.registry import Registry
+from nextchar.server.ops.reload import Reloader
+from nextchar.server.ops.reqlog import ObservingInterceptor
+from nextchar.server.ops.security import AuthInterceptor, read_token, server_credentials
+from nextchar.server.scheduling.runner import Runner
 from nextchar.v1 import admin_pb2_grpc
 
 

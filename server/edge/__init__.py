@@ -1,0 +1,1 @@
+"""The gRPC edge: wire conversion, the error table, servicers, and the server app and CLI."""
