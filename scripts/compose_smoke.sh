@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The deployment, for real, with podman: build the images, compose up, generate, scale out, kill a replica
-# under load, compose down. Prints image sizes, time to healthy, the generated text and the load figures.
+# under load, compose down. Prints the build context sizes, image sizes, the containers' hardening, time to
+# healthy, the generated text and the load figures; removes the build stages it made.
 #
 #   make compose-smoke        (or: bash scripts/compose_smoke.sh)
 # Needs root on a Debian machine (it apt-installs podman, runc, debootstrap on first use) and the project's
@@ -24,20 +25,38 @@ bash scripts/podman-setup.sh
 # shellcheck source=deploy/env.sh
 source scripts/deploy/env.sh
 export NEXTCHAR_BASE_IMAGE
-bash scripts/deploy/stage-wheels.sh
+# The CPU torch wheel for the trainer build, served on 127.0.0.1 (never part of a build context).
+wheels=$(bash scripts/deploy/stage-wheels.sh start)
+if [ -n "$wheels" ]; then export "${wheels?}"; fi
 docker-compose version
 podman --version
 COMPOSE=(docker-compose -p "$PROJECT" -f docker-compose.yml -f deploy/compose.podman.yml --profile scale)
 
+# Build stages are labelled io.nextchar.stage=build (docker/*.Dockerfile); once the images are built they
+# are dangling. Removing one can leave its parent layer dangling, hence the (bounded) loop.
+build_stages() { podman images -a -q --filter label=io.nextchar.stage=build | sort -u; }
+prune_build_stages() {
+  local before
+  before=$(build_stages | wc -l)
+  for _ in $(seq 30); do
+    podman image prune -f --filter label=io.nextchar.stage=build >/dev/null
+    [ -z "$(podman images -a -q --filter dangling=true --filter label=io.nextchar.stage=build)" ] && break
+  done
+  echo "build stage images: $before before the prune, $(build_stages | wc -l) left;" \
+    "dangling images left: $(podman images -a -q --filter dangling=true | sort -u | wc -l)"
+}
+
 cleanup() {
   local rc=$?
-  step "compose down"
+  step "compose down, prune the build stages"
   "${COMPOSE[@]}" down -v --timeout 20 || true
+  prune_build_stages || true
+  bash scripts/deploy/stage-wheels.sh stop
   bash scripts/podman-setup.sh stop
   printf '\n== total %ss, exit %d\n' "$(since "$START")" "$rc"
 }
 
-for port in 50050 50051 50052 50053 9901; do
+for port in 50050 50051 50052 50053 9090 9901; do
   if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port on 127.0.0.1 is in use; stop what listens there first" >&2
     exit 1
@@ -54,6 +73,9 @@ if ! nice -n 10 "${COMPOSE[@]}" build >"$BUILD_LOG" 2>&1; then
   exit 1
 fi
 echo "build took $(since "$t")s (log: $BUILD_LOG)"
+# What each build sent: compose's classic builder logs the context it uploads, per build.
+tr '\r' '\n' <"$BUILD_LOG" | grep -aE 'Sending build context|Successfully tagged' \
+  | awk '/Sending build context/ { last = $0; next } { if (last) print last; last = ""; print }' || true
 printf '%-34s %8s\n' IMAGE SIZE
 for image in "$NEXTCHAR_BASE_IMAGE" nextchar-server:latest nextchar-trainer:latest nextchar-envoy:latest; do
   printf '%-34s %5.0f MB\n' "$image" "$(podman image inspect "$image" --format '{{.Size}}' | awk '{print $1/1e6}')"
@@ -95,6 +117,16 @@ echo "time to healthy: ${up_to_healthy}s from \`compose up\` (of which the train
 # as there is no systemd timer to run it periodically.
 podman healthcheck run "$PROJECT-server-1" && echo "image HEALTHCHECK: healthy"
 echo "server runs as: $(podman exec "$PROJECT-server-1" id)"
+for c in trainer-1 server-1; do
+  podman inspect "$PROJECT-$c" --format "$c: read-only root {{.HostConfig.ReadonlyRootfs}}, cap_drop \
+{{.HostConfig.CapDrop}}, security_opt {{.HostConfig.SecurityOpt}}, memory {{.HostConfig.Memory}} B, \
+cpus {{.HostConfig.NanoCpus}} n, pids {{.HostConfig.PidsLimit}}"
+done
+if podman exec "$PROJECT-server-1" touch /opt/venv/probe 2>/dev/null; then
+  echo "server's root filesystem is writable" >&2
+  exit 1
+fi
+echo "server: writing to its root filesystem fails (read-only), as it should"
 "${COMPOSE[@]}" ps -a --format 'table {{.Service}}\t{{.Status}}'
 
 step "generate through the client"

@@ -187,8 +187,11 @@ def test_deployment_has_grpc_probes_and_mounts_the_model_claim_read_only() -> No
     pod = docs["Deployment/nextchar-server"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     port = container["ports"][0]["containerPort"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == port, probe
+    # Ready = grpc.health.v1 on the public port says SERVING; started/alive = the port accepts connections,
+    # so a pod waiting NOT_SERVING for its first model is neither killed nor restarted.
+    assert container["readinessProbe"]["grpc"] == {"port": port}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["tcpSocket"]["port"] == container["ports"][0]["name"] == "grpc", probe
     (models,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert f"PersistentVolumeClaim/{models['persistentVolumeClaim']['claimName']}" in docs
     mount = next(m for m in container["volumeMounts"] if m["name"] == models["name"])
