@@ -19,9 +19,8 @@ import pytest
 import yaml
 from server_harness import ROOT, START_TIMEOUT_S, ServerThread, free_port, wait_serving, wait_until
 
-from nextchar.v1 import admin_pb2, admin_pb2_grpc
+from nextchar.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from nextchar.v1 import inference_pb2 as pb
-from nextchar.v1 import inference_pb2_grpc
 
 CALLS = 40
 ENVOY = Path(sys.executable).parent / "envoy"
@@ -103,7 +102,6 @@ def test_the_calls_of_one_connection_reach_both_servers(envoy) -> None:
 
 def test_admin_is_not_routed(envoy) -> None:
     address, _, _ = envoy
-    with grpc.insecure_channel(address) as channel:
-        with pytest.raises(grpc.RpcError) as e:
-            admin_pb2_grpc.AdminStub(channel).ReloadRepository(admin_pb2.ReloadRepositoryRequest(), timeout=10)
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as e:
+        admin_pb2_grpc.AdminStub(channel).ReloadRepository(admin_pb2.ReloadRepositoryRequest(), timeout=10)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
