@@ -121,8 +121,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 async for response in self._infer(request, context, streaming=True):
                     queue.put_nowait(kpb.ModelStreamInferResponse(infer_response=response))
-            except Exception as e:
-                queue.put_nowait(kpb.ModelStreamInferResponse(error_message=_message(_renamed(e))))
+            except Exception as e:  # the request's id and model go with its error, to tell requests apart
+                queue.put_nowait(kpb.ModelStreamInferResponse(
+                    error_message=_message(_renamed(e)),
+                    infer_response=kpb.ModelInferResponse(model_name=request.model_name, id=request.id)))
             finally:
                 queue.put_nowait(None)
 

@@ -163,3 +163,36 @@ def test_cancelled_stream_stops_generating(report, served) -> None:
     track = next(t for t in reversed(served.runner.tracks) if t.max_new_chars == CANCEL_MAX)
     wait_until(lambda: track.finished_at is not None, 10, "the cancelled generation to stop")
     assert track.reason is FinishReason.CANCELLED and track.steps < CANCEL_MAX
+
+
+def _text_request(request_id: str, max_tokens: int) -> kpb.ModelInferRequest:
+    """Typed contents (tritonclient sends raw bytes, so this covers the other encoding)."""
+    tensor = kpb.ModelInferRequest.InferInputTensor
+    return kpb.ModelInferRequest(model_name="lstm", id=request_id, inputs=[
+        tensor(name="text_input", datatype="BYTES", shape=[1],
+               contents=kpb.InferTensorContents(bytes_contents=[PROMPT.encode()])),
+        tensor(name="max_tokens", datatype="INT64", shape=[1],
+               contents=kpb.InferTensorContents(int64_contents=[max_tokens])),
+        tensor(name="stream", datatype="BOOL", shape=[1],
+               contents=kpb.InferTensorContents(bool_contents=[True])),
+    ])
+
+
+def test_one_stream_runs_requests_concurrently_and_outlives_a_bad_one(served) -> None:
+    requests = [_text_request("long", 5000), _text_request("bad", 0), _text_request("short", 3)]
+    with grpc.insecure_channel(served.address) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        replies = list(stub.ModelStreamInfer(iter(requests), timeout=60))
+    (error,) = [r for r in replies if r.error_message]
+    assert error.infer_response.id == "bad"
+    message = error.error_message
+    assert message.startswith("INVALID_ARGUMENT: max_tokens: must be in [1, "), message
+    finals = [r.infer_response.id for r in replies
+              if not r.error_message and r.infer_response.parameters["triton_final_response"].bool_param]
+    assert finals == ["short", "long"], "the short request must not wait for the long one"
+    texts = {"long": "", "short": ""}
+    for r in replies:
+        if not r.error_message:
+            (raw,) = r.infer_response.raw_output_contents
+            texts[r.infer_response.id] += raw[4:].decode()  # one BYTES element: 4-byte length, then UTF-8
+    assert len(texts["short"]) == 3 and len(texts["long"]) == 5000
