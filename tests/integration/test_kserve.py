@@ -196,3 +196,14 @@ def test_one_stream_runs_requests_concurrently_and_outlives_a_bad_one(served) ->
             (raw,) = r.infer_response.raw_output_contents
             texts[r.infer_response.id] += raw[4:].decode()  # one BYTES element: 4-byte length, then UTF-8
     assert len(texts["short"]) == 3 and len(texts["long"]) == 5000
+
+
+def test_a_prompt_outside_the_vocabulary_names_text_input(served) -> None:
+    request = _text_request("oov", 5)
+    request.inputs[0].contents.bytes_contents[0] = "O say ✓".encode()
+    with grpc.insecure_channel(served.address) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=30)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("text_input: 1 character(s) not in the model's vocabulary")
