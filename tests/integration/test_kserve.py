@@ -6,6 +6,7 @@ subprocess (triton_client.py) against a real server on 127.0.0.1, and reports ba
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -207,3 +208,19 @@ def test_a_prompt_outside_the_vocabulary_names_text_input(served) -> None:
             stub.ModelInfer(request, timeout=30)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.details().startswith("text_input: 1 character(s) not in the model's vocabulary")
+
+
+def test_the_protocol_needs_the_token_like_every_call(make_server) -> None:
+    server = make_server(auth_token="s3cret-token")
+    with grpc.insecure_channel(server.address) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        unary = functools.partial(stub.ModelInfer, _text_request("a", 3), timeout=30)
+
+        def stream(**kw):
+            return list(stub.ModelStreamInfer(iter([_text_request("b", 3)]), timeout=30, **kw))
+
+        for call in (unary, stream):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert call(metadata=(("authorization", "Bearer s3cret-token"),))
