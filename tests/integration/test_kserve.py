@@ -32,6 +32,8 @@ MESSAGES = ["ServerLiveResponse", "ServerReadyResponse", "ModelReadyRequest", "M
 PROMPT = "O say can you see"
 OPTIONS = {"temperature": 0.9, "top_k": 20, "top_p": 0.95, "random_seed": 7, "stop_words": ["ramparts"]}
 CANCEL_MAX = 100_000
+# The first run builds the tritonclient venv (pip: minutes on a loaded machine; each step is bounded).
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="session")
