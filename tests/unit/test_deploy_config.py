@@ -74,7 +74,7 @@ def test_server_waits_for_a_successful_trainer_and_mounts_models_read_only() -> 
 
 def test_scale_profile_puts_every_replica_behind_envoy() -> None:
     services = compose_config(ROOT / "docker-compose.yml", profile="scale")["services"]
-    assert set(services) == {"trainer", "lb", *REPLICA_PORTS}
+    assert set(services) == {"trainer", "lb", "json", *REPLICA_PORTS}
     for name, port in REPLICA_PORTS.items():
         replica = services[name]
         assert replica["environment"]["NEXTCHAR_PORT"] == str(port)
@@ -109,6 +109,7 @@ def test_podman_override_uses_only_the_host_network() -> None:
         assert config["services"][name]["environment"]["NEXTCHAR_HOST"] == "127.0.0.1"
     hosts = config["services"]["lb"]["extra_hosts"]
     assert sorted(hosts) == sorted(f"{name}=127.0.0.1" for name in REPLICA_PORTS)
+    assert config["services"]["json"]["extra_hosts"] == ["lb=127.0.0.1"]
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------------------
@@ -160,6 +161,20 @@ def test_trainer_image_pins_the_same_torch_as_the_train_extra() -> None:
 def test_envoy_config_validates() -> None:
     result = run(tool("envoy"), "--mode", "validate", "-c", ROOT / "deploy" / "envoy.yaml")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_json_transcoder_reaches_the_balancer_and_knows_nextchar_v1() -> None:
+    """deploy/envoy-json.yaml runs for real in tests/integration/test_json_gateway.py (local upstream)."""
+    json_gw = yaml.safe_load((ROOT / "deploy" / "envoy-json.yaml").read_text())["static_resources"]
+    balancer = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text())["static_resources"]
+    (endpoint,) = json_gw["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    lb_port = balancer["listeners"][0]["address"]["socket_address"]["port_value"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "lb", "port_value": lb_port}
+    (transcoder, _router) = json_gw["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "http_filters"]
+    assert transcoder["typed_config"]["services"] == ["nextchar.v1.NextChar"]
+    assert "COPY deploy/envoy-json.yaml /etc/envoy/envoy-json.yaml" in (
+        ROOT / "docker" / "envoy-json.Dockerfile").read_text()
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------------
