@@ -13,7 +13,9 @@ def generate() -> None:
     from grpc_tools import protoc  # a build requirement; imported late so this file loads without it
 
     include = Path(protoc.__file__).parent / "_proto"  # google/protobuf/*.proto
-    sources = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "nextchar" / "v1").glob("*.proto"))
+    # nextchar.v1, and the Open Inference Protocol (package inference) served beside it.
+    sources = sorted(str(p.relative_to(PROTO_DIR)) for d in ("v1", "inference")
+                     for p in (PROTO_DIR / "nextchar" / d).glob("*.proto"))
     args = [
         "grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{include}",
         f"--python_out={PROTO_DIR}", f"--pyi_out={PROTO_DIR}", f"--grpc_python_out={PROTO_DIR}", *sources,

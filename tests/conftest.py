@@ -132,3 +132,15 @@ def export_tiny(tmp_path: Path) -> Callable[..., Path]:
         )
 
     return make
+
+
+_FOLDER_MARKERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by its folder (tests/unit -> `unit`, ...), so `pytest -m unit` selects a layer."""
+    for item in items:
+        parts = item.path.parts
+        for name in _FOLDER_MARKERS:
+            if name in parts:
+                item.add_marker(getattr(pytest.mark, name))

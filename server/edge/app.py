@@ -12,7 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from nextchar.server.edge import wire
+from nextchar.inference import grpc_service_pb2_grpc
+from nextchar.server.edge import kserve, wire
 from nextchar.server.edge.servicer import NextCharServicer
 from nextchar.server.ops.config import ServerConfig
 from nextchar.server.ops.metrics import Metrics
@@ -96,11 +97,13 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
         ("grpc.max_send_message_length", config.max_message_bytes),
     ])
     inference_pb2_grpc.add_NextCharServicer_to_server(servicer, grpc_server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        kserve.InferenceServicer(servicer, health), grpc_server)  # the Open Inference Protocol
     ops.add_to_server(grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, *ops.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (SERVICE_NAME, kserve.SERVICE_NAME, *ops.service_names,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         grpc_server,
     )
     port = ops.bind(grpc_server)  # TLS when configured; OSError if the address is busy or bad

@@ -18,7 +18,8 @@ DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
 PODMAN_OVERRIDE = ROOT / "deploy" / "compose.podman.yml"
 REPLICA_PORTS = {"server": 50051, "server-2": 50052, "server-3": 50053}
-PUBLIC_PATHS = ("/nextchar.v1.NextChar/Generate", "/grpc.health.v1.Health/Check",
+PUBLIC_PATHS = ("/nextchar.v1.NextChar/Generate", "/inference.GRPCInferenceService/ModelInfer",
+                "/grpc.health.v1.Health/Check",
                 "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
 ADMIN_PATHS = ("/nextchar.v1.Admin/LoadModel", "/nextchar.v1.Admin/ReloadRepository")
 
@@ -78,7 +79,7 @@ def test_server_waits_for_a_successful_trainer_and_mounts_models_read_only() -> 
 
 def test_scale_profile_puts_every_replica_behind_envoy() -> None:
     services = compose_config(ROOT / "docker-compose.yml", profile="scale")["services"]
-    assert set(services) == {"trainer", "lb", *REPLICA_PORTS}
+    assert set(services) == {"trainer", "lb", "json", *REPLICA_PORTS}
     for name, port in REPLICA_PORTS.items():
         replica = services[name]
         assert replica["environment"]["NEXTCHAR_PORT"] == str(port)
@@ -113,6 +114,7 @@ def test_podman_override_uses_only_the_host_network() -> None:
         assert config["services"][name]["environment"]["NEXTCHAR_HOST"] == "127.0.0.1"
     hosts = config["services"]["lb"]["extra_hosts"]
     assert sorted(hosts) == sorted(f"{name}=127.0.0.1" for name in REPLICA_PORTS)
+    assert config["services"]["json"]["extra_hosts"] == ["lb=127.0.0.1"]
 
 
 def test_every_container_is_hardened_and_limited() -> None:
@@ -133,24 +135,26 @@ def test_only_grpc_is_published_on_every_interface() -> None:
     published = {(name, p["target"]): p.get("host_ip")
                  for name, s in services.items() for p in s.get("ports", [])}
     # Metrics describe the traffic: loopback only by default; nothing else (Admin above all) is published.
-    assert published == {("server", 50051): None, ("server", 9090): "127.0.0.1", ("lb", 50050): None}
+    assert published == {("server", 50051): None, ("server", 9090): "127.0.0.1", ("lb", 50050): None,
+                         ("json", 8080): None}
 
 
-def _route_regexes() -> dict[str, re.Pattern[str]]:
+def _route_prefixes() -> dict[str, list[str]]:
     configs = {"compose": yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text()), "k8s": k8s_envoy()}
     out = {}
     for name, config in configs.items():
-        (route,) = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        routes = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
             "typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
-        out[name] = re.compile(route["match"]["safe_regex"]["regex"])
+        assert all(r["route"] == routes[0]["route"] for r in routes), "one route action for every service"
+        out[name] = [r["match"]["prefix"] for r in routes]
     return out
 
 
 @pytest.mark.parametrize("config", ["compose", "k8s"])
 def test_envoy_routes_the_public_services_and_never_admin(config: str) -> None:
-    regex = _route_regexes()[config]
-    assert all(regex.fullmatch(path) for path in PUBLIC_PATHS)
-    assert not any(regex.fullmatch(path) for path in ADMIN_PATHS)
+    prefixes = _route_prefixes()[config]
+    assert all(any(path.startswith(p) for p in prefixes) for path in PUBLIC_PATHS)
+    assert not any(path.startswith(p) for p in prefixes for path in ADMIN_PATHS)
 
 
 def _dockerignore(context: Path) -> list[tuple[bool, re.Pattern[str]]]:
@@ -189,12 +193,16 @@ def build_context(context: Path) -> dict[str, int]:
 
 def test_each_build_sends_only_what_its_image_needs(tmp_path: Path) -> None:
     services = compose_config(ROOT / "docker-compose.yml", profile="scale")["services"]
-    contexts = {name: Path(services[name]["build"]["context"]) for name in ("server", "trainer", "lb")}
-    assert contexts["server"] == contexts["trainer"] == ROOT and contexts["lb"] == ROOT / "deploy"
+    contexts = {name: Path(s["build"]["context"]) for name, s in services.items() if "build" in s}
+    assert contexts == {"server": ROOT, "trainer": ROOT, "json": ROOT, "lb": ROOT / "deploy"}
     sources = build_context(ROOT)
     assert not [f for f in sources if f.endswith((".whl", ".onnx", ".pt"))]
     assert {"pyproject.toml", "scripts/gen_proto.py", "scripts/deploy/train-models.sh"} <= set(sources)
-    assert not [f for f in sources if f.startswith(("tests/", "docs/", "bench/", "deploy/", "docker/"))]
+    # The json transcoder's two files are the only ones outside the package sources.
+    assert sorted(f for f in sources if f.startswith(("scripts/", "deploy/"))) == [
+        "deploy/envoy-json.yaml", "scripts/deploy/train-models.sh", "scripts/gen_proto.py",
+        "scripts/json_gateway.py"]
+    assert not [f for f in sources if f.startswith(("tests/", "docs/", "bench/", "docker/", "deploy/k8s"))]
     assert sum(sources.values()) < 4 << 20, "the sources' context grew past 4 MB"
     assert set(build_context(ROOT / "deploy")) == {"envoy.yaml"}
     # The matcher itself: a wheel dropped anywhere stays out of the context.
@@ -206,7 +214,8 @@ def test_each_build_sends_only_what_its_image_needs(tmp_path: Path) -> None:
 
 
 def test_every_copy_source_is_in_its_context() -> None:
-    contexts = {"server.Dockerfile": ROOT, "trainer.Dockerfile": ROOT, "envoy.Dockerfile": ROOT / "deploy"}
+    contexts = {"server.Dockerfile": ROOT, "trainer.Dockerfile": ROOT, "envoy-json.Dockerfile": ROOT,
+                "envoy.Dockerfile": ROOT / "deploy"}
     for dockerfile, context in contexts.items():
         sent = build_context(context)
         for line in (ROOT / "docker" / dockerfile).read_text().splitlines():
@@ -295,6 +304,20 @@ def test_k8s_envoy_config_validates_and_matches_the_compose_one(tmp_path: Path) 
     (c1,), (c2,) = compose["clusters"], k8s["clusters"]
     assert {k: v for k, v in c1.items() if k not in discovery} == {k: v for k, v in c2.items()
                                                                    if k not in discovery}
+
+
+def test_json_transcoder_reaches_the_balancer_and_knows_nextchar_v1() -> None:
+    """deploy/envoy-json.yaml runs for real in tests/integration/test_json_gateway.py (local upstream)."""
+    json_gw = yaml.safe_load((ROOT / "deploy" / "envoy-json.yaml").read_text())["static_resources"]
+    balancer = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text())["static_resources"]
+    (endpoint,) = json_gw["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    lb_port = balancer["listeners"][0]["address"]["socket_address"]["port_value"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "lb", "port_value": lb_port}
+    (transcoder, _router) = json_gw["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "http_filters"]
+    assert transcoder["typed_config"]["services"] == ["nextchar.v1.NextChar"]
+    assert "COPY deploy/envoy-json.yaml /etc/envoy/envoy-json.yaml" in (
+        ROOT / "docker" / "envoy-json.Dockerfile").read_text()
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------------

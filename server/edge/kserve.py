@@ -1,0 +1,185 @@
+"""inference.GRPCInferenceService (Open Inference Protocol / KServe v2, with Triton's ModelStreamInfer).
+
+Each model shows two faces (server/edge/kserve_wire.py): `<name>` generates text through the same
+runner, validation, limits and error table as nextchar.v1; `<name>.step` runs the network's raw step.
+A model whose own name ends in ".step" keeps it for its text face: real names win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+from nextchar import __version__
+from nextchar.inference import grpc_service_pb2 as kpb
+from nextchar.inference import grpc_service_pb2_grpc
+from nextchar.server.core.artifact import ModelNameError, validate_model_name
+from nextchar.server.core.sampling import InvalidParameterError
+from nextchar.server.edge import kserve_wire as kw
+from nextchar.server.edge.errors import mapped, status_code_for
+from nextchar.server.edge.servicer import NextCharServicer
+from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError
+from nextchar.server.scheduling.runner import Outcome
+from nextchar.v1 import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def _protocol_fields(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors name the protocol's fields (model_name, max_tokens, ...), not nextchar.v1's."""
+    @functools.wraps(method)
+    async def call(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Exception as e:
+            raise _renamed(e) from None
+    return call
+
+
+def _renamed(exc: BaseException) -> BaseException:
+    if isinstance(exc, ModelNameError):
+        return InvalidParameterError("model_name", str(exc))
+    if isinstance(exc, ModelNotFoundError):
+        field = exc.field.replace("model.", "model_")
+        return ModelNotFoundError(field, str(exc).removeprefix(f"{exc.field}: "))
+    return kw.renamed(exc)
+
+
+class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Model lookup, admission and deadlines are nextchar.v1's (`v1`); readiness is the health service's."""
+
+    def __init__(self, v1: NextCharServicer, health: health_aio.HealthServicer) -> None:
+        self.v1, self.health = v1, health
+        self.registry, self.runner, self.limits = v1.registry, v1.runner, v1.limits
+
+    def _face(self, name: str) -> tuple[str, bool]:
+        """-> (model name, step face?)"""
+        validate_model_name(name)
+        if name in self.registry.names() or not name.endswith(kw.STEP_SUFFIX):
+            return name, False
+        return name.removesuffix(kw.STEP_SUFFIX), True
+
+    async def _model(self, name: str, version: str, context: grpc.aio.ServicerContext,
+                     ) -> tuple[LoadedModel, bool]:
+        model_name, step = self._face(name)
+        ref = pb.ModelRef(name=model_name, version=kw.model_version(version) or 0)
+        return await self.v1._model(ref, context), step
+
+    async def _serving(self, service: str, context: grpc.aio.ServicerContext) -> bool:
+        reply = await self.health.Check(health_pb2.HealthCheckRequest(service=service), context)
+        return reply.status == _SERVING
+
+    async def ServerLive(self, request: kpb.ServerLiveRequest, context: grpc.aio.ServicerContext):
+        return kpb.ServerLiveResponse(live=True)  # it answered; draining is "not ready", not "dead"
+
+    async def ServerReady(self, request: kpb.ServerReadyRequest, context: grpc.aio.ServicerContext):
+        return kpb.ServerReadyResponse(ready=await self._serving("", context))
+
+    @mapped
+    @_protocol_fields
+    async def ModelReady(self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext):
+        name, _ = self._face(request.name)
+        version = kw.model_version(request.version)
+        self.registry.cached(name)  # ModelNotFoundError for an unknown name, without loading anything
+        known = version is None or version in self.registry.versions(name)
+        return kpb.ModelReadyResponse(ready=known and await self._serving(name, context))
+
+    async def ServerMetadata(self, request: kpb.ServerMetadataRequest, context: grpc.aio.ServicerContext):
+        return kpb.ServerMetadataResponse(name="nextchar", version=__version__, extensions=[])
+
+    @mapped
+    @_protocol_fields
+    async def ModelMetadata(self, request: kpb.ModelMetadataRequest, context: grpc.aio.ServicerContext):
+        model, step = await self._model(request.name, request.version, context)
+        return kw.metadata(model, request.name, self.registry.versions(model.name), step)
+
+    @mapped
+    @_protocol_fields
+    async def ModelInfer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext):
+        async with contextlib.aclosing(self._infer(request, context, streaming=False)) as responses:
+            async for response in responses:
+                return response
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[kpb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext):
+        """Requests are answered concurrently, each in order; a failed request gets one response with
+        error_message and the stream goes on. Cancelling the call stops every generation on it."""
+        queue: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: list[asyncio.Task] = []
+
+        async def answer(request: kpb.ModelInferRequest) -> None:
+            try:
+                async for response in self._infer(request, context, streaming=True):
+                    queue.put_nowait(kpb.ModelStreamInferResponse(infer_response=response))
+            except Exception as e:  # the request's id and model go with its error, to tell requests apart
+                queue.put_nowait(kpb.ModelStreamInferResponse(
+                    error_message=_message(_renamed(e)),
+                    infer_response=kpb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+            finally:
+                queue.put_nowait(None)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    tasks.append(asyncio.create_task(answer(request)))
+            finally:
+                queue.put_nowait(None)
+
+        tasks.append(asyncio.create_task(read()))
+        try:
+            finished = 0
+            while finished < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    finished += 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _infer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext,
+                     streaming: bool) -> AsyncIterator[kpb.ModelInferResponse]:
+        """One request's responses: one, or (a streamed generation) one per text chunk, then the end."""
+        model, step = await self._model(request.model_name, request.model_version, context)
+        final = True if streaming else None
+        if step:
+            tokens, state, wanted = kw.step_args(request, model, self.limits)
+            logits, new_state = await self.runner.call(model.engine.step, tokens, state)
+            response = kw.step_response(request, model, logits, new_state, wanted)
+            if streaming:
+                response.parameters[kw.FINAL].bool_param = True
+            yield response
+            return
+        gen, stream = kw.generation_request(request, model, self.limits)
+        live = streaming and stream
+        run = self.runner.generate(model.engine, gen, context.time_remaining(), live=live)
+        if live:
+            async for item in run:
+                if isinstance(item, Outcome):
+                    yield kw.text_response(request, model, "", item, final=True)
+                else:
+                    yield kw.text_response(request, model, item, final=False)
+            return
+        items = [item async for item in run]
+        outcome = items.pop()  # the runner always ends with exactly one Outcome
+        yield kw.text_response(request, model, "".join(items), outcome, final=final)
+
+
+def _message(exc: BaseException) -> str:
+    """ModelStreamInferResponse.error_message: the status code's name and the error table's message."""
+    code = status_code_for(exc)
+    if code is None:
+        log.error("bug in ModelStreamInfer", exc_info=exc)
+        return "INTERNAL: internal error in ModelStreamInfer (logged on the server)"
+    return f"{code.name}: {exc}"
