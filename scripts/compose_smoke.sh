@@ -56,7 +56,7 @@ cleanup() {
   printf '\n== total %ss, exit %d\n' "$(since "$START")" "$rc"
 }
 
-for port in 50050 50051 50052 50053 9090 9901; do
+for port in 50050 50051 50052 50053 9090 9901 8080 9902; do
   if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port on 127.0.0.1 is in use; stop what listens there first" >&2
     exit 1
@@ -74,10 +74,12 @@ if ! nice -n 10 "${COMPOSE[@]}" build >"$BUILD_LOG" 2>&1; then
 fi
 echo "build took $(since "$t")s (log: $BUILD_LOG)"
 # What each build sent: compose's classic builder logs the context it uploads, per build.
-tr '\r' '\n' <"$BUILD_LOG" | grep -aE 'Sending build context|Successfully tagged' \
-  | awk '/Sending build context/ { last = $0; next } { if (last) print last; last = ""; print }' || true
+tr '\r' '\n' <"$BUILD_LOG" | grep -aE 'Sending build context|Successfully tagged (docker.io/library/)?nextchar' \
+  | awk '/Sending build context/ { size = $NF; next }
+         size { sub(/.*\//, "", $NF); printf "build context of %-28s %s\n", $NF, size; size = "" }' || true
 printf '%-34s %8s\n' IMAGE SIZE
-for image in "$NEXTCHAR_BASE_IMAGE" nextchar-server:latest nextchar-trainer:latest nextchar-envoy:latest; do
+for image in "$NEXTCHAR_BASE_IMAGE" nextchar-server:latest nextchar-trainer:latest nextchar-envoy:latest \
+  nextchar-envoy-json:latest; do
   printf '%-34s %5.0f MB\n' "$image" "$(podman image inspect "$image" --format '{{.Size}}' | awk '{print $1/1e6}')"
 done
 
@@ -136,12 +138,33 @@ step "generate through the client"
 "$NEXTCHAR" generate --server 127.0.0.1:50051 --model goethe --prompt "Knowing" --max-chars 80 \
   --temperature 0 --echo
 
-step "scale out: two more replicas and Envoy"
+step "scale out: two more replicas, Envoy and the HTTP/JSON transcoder"
 t=$(now)
 "${COMPOSE[@]}" up -d
 for addr in 127.0.0.1:50052 127.0.0.1:50053 127.0.0.1:50050; do wait_healthy "$addr" 120; done
 echo "replicas and Envoy healthy $(since "$t")s after \`compose up\`"
 "$PY" scripts/deploy/envoy_stats.py --wait-healthy 3
+podman exec "$PROJECT-lb-1" sh -c 'echo x >/etc/envoy/probe' 2>/dev/null && exit 1
+echo "lb: read-only root, runs as $(podman exec "$PROJECT-lb-1" id -u)"
+
+step "HTTP/JSON: POST to the transcoder (json -> lb -> a replica)"
+MODEL=$MODEL PROMPT=$PROMPT "$PY" - <<'PYEOF'
+import json, os, time, urllib.error, urllib.request
+body = {"model": {"name": os.environ["MODEL"]}, "prompt": os.environ["PROMPT"], "max_new_chars": 40,
+        "temperature": 0}
+request = urllib.request.Request("http://127.0.0.1:8080/nextchar.v1.NextChar/Generate",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+deadline = time.monotonic() + 60
+while True:
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            print(f"HTTP {reply.status}: {reply.read().decode()[:300]}")
+        break
+    except (urllib.error.URLError, ConnectionError) as e:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"json transcoder did not answer within 60 s: {e}")
+        time.sleep(0.5)
+PYEOF
 
 step "load through Envoy, no failure (baseline)"
 load --requests 150
