@@ -45,15 +45,15 @@ class NextCharServer:
     async def start(self) -> None:
         """Start accepting calls; the models were validated and warmed up in build_server."""
         await self.ops.start()  # first: a busy metrics port fails start-up before any call is accepted
-        await self.grpc_server.start()
-        # An empty repository (allowed with a watcher) starts NOT_SERVING; the first model loaded by the
-        # watcher or Admin turns the server SERVING (Operations.overall).
+        # Before the port opens, as the health servicer starts out SERVING: an empty repository (allowed
+        # with a watcher) is NOT_SERVING until the watcher or Admin serves a model (Operations.overall).
         names = self.servicer.registry.names()
         statuses = health_pb2.HealthCheckResponse
         for name in self.ops.overall:
             await self.health.set(name, statuses.SERVING if names else statuses.NOT_SERVING)
         for name in names:
             await self.health.set(name, statuses.SERVING)
+        await self.grpc_server.start()
 
     async def shutdown(self, grace: float | None = None) -> bool:
         """Health NOT_SERVING at once, new calls UNAVAILABLE, running calls get `grace` s to finish.
