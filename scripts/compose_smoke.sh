@@ -42,6 +42,12 @@ prune_build_stages() {
     podman image prune -f --filter label=io.nextchar.stage=build >/dev/null
     [ -z "$(podman images -a -q --filter dangling=true --filter label=io.nextchar.stage=build)" ] && break
   done
+  local id
+  for id in ${previous_images:-}; do
+    if [ "$(podman image inspect "$id" --format '{{len .RepoTags}}' 2>/dev/null)" = 0 ]; then
+      podman rmi "$id" >/dev/null 2>&1 || true
+    fi
+  done
   echo "build stage images: $before before the prune, $(build_stages | wc -l) left;" \
     "dangling images left: $(podman images -a -q --filter dangling=true | sort -u | wc -l)"
 }
@@ -67,6 +73,8 @@ trap cleanup EXIT
 
 step "build images (base: $NEXTCHAR_BASE_IMAGE)"
 t=$(now)
+# The images a previous run built: once this build retags them they are dangling, and removed at the end.
+previous_images=$(podman images -q --filter 'reference=nextchar-*' | sort -u)
 BUILD_LOG=$NEXTCHAR_DEPLOY_CACHE/build.log
 if ! nice -n 10 "${COMPOSE[@]}" build >"$BUILD_LOG" 2>&1; then
   tail -n 40 "$BUILD_LOG"
