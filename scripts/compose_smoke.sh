@@ -49,7 +49,8 @@ prune_build_stages() {
     fi
   done
   echo "build stage images: $before before the prune, $(build_stages | wc -l) left;" \
-    "dangling images left: $(podman images -a -q --filter dangling=true | sort -u | wc -l)"
+    "dangling images left: $(podman images -a -q --filter dangling=true | sort -u | wc -l);" \
+    "containers left (build or run): $(podman ps -a --external -q | wc -l)"
 }
 
 cleanup() {
