@@ -52,9 +52,10 @@ def run_node(node: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def node_cases(node: str, cases: dict, timeout: float = NODE_TIMEOUT_S) -> dict:
-    """tests/e2e/js/cases.mjs on `cases` in ONE node process (model paths are file paths)."""
-    done = subprocess.run([node, str(RUN_CASES_MJS)], input=json.dumps(cases), capture_output=True,
+def node_cases(node: str, cases: dict | str, timeout: float = NODE_TIMEOUT_S) -> dict:
+    """tests/e2e/js/cases.mjs on `cases` (or their JSON) in ONE node process (models by file path)."""
+    payload = cases if isinstance(cases, str) else json.dumps(cases)
+    done = subprocess.run([node, str(RUN_CASES_MJS)], input=payload, capture_output=True,
                           encoding="utf-8", timeout=timeout, check=False)
     assert done.returncode == 0, f"run_cases.mjs failed ({done.returncode}): {done.stderr[-3000:]}"
     return json.loads(done.stdout)
