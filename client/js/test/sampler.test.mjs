@@ -39,7 +39,7 @@ test('uniforms give the known answers; seeds are uint64 (BigInt or decimal strin
 });
 
 test('portableExp: exact known values, 0 below EXP_MIN, 1 at 0', () => {
-  // The same values as tests/unit/test_sampling.py (exp(-10) is 1 ulp above Math.exp's or numpy's).
+  // The same values as tests/unit/test_sampling.py (exp(-10) is 1 ulp below the correctly rounded value).
   assert.deepEqual([-1, -0.5, -10, -700].map(portableExp),
     [0.36787944117144233, 0.6065306597126334, 4.539992976248485e-05, 9.85967654375977e-305]);
   assert.equal(portableExp(0), 1);
