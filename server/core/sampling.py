@@ -144,17 +144,41 @@ _P4, _P5 = -1.65339022054652515390e-06, 4.13813679705723846039e-08
 
 
 def portable_exp(z: np.ndarray) -> np.ndarray:
-    """exp of `z: float64[...]`, every z <= 0 or -inf: float64[...], within 1 ulp of exp; 0 below EXP_MIN."""
+    """exp of `z: float64[...]`, every z <= 0 or -inf: float64[...], within 1 ulp of exp; 0 below EXP_MIN.
+
+    In place on temporaries (the same operations in the same order): the unbatched loop calls this
+    once per char on a few dozen values, where each numpy call's fixed cost is what counts.
+    """
     z = np.asarray(z, dtype=np.float64)
-    zc = np.maximum(z, EXP_MIN)
-    k = np.trunc(zc * _INVLN2 - 0.5)  # nearest integer to z / ln 2 (z <= 0), in [-1021, 0]
-    hi = zc - k * _LN2_HI
-    lo = k * _LN2_LO
-    r = hi - lo
+    r = np.maximum(z, EXP_MIN)
+    k = r * _INVLN2
+    k -= 0.5
+    np.trunc(k, out=k)  # nearest integer to z / ln 2 (z <= 0), in [-1021, 0]
+    lo = k * _LN2_HI
+    r -= lo  # hi = z - k * ln2_hi, exact
+    hi = r.copy()
+    np.multiply(k, _LN2_LO, out=lo)
+    r -= lo  # r = hi - lo
     t = r * r
-    c = r - t * (_P1 + t * (_P2 + t * (_P3 + t * (_P4 + t * _P5))))
-    y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
-    return np.where(z < EXP_MIN, 0.0, np.ldexp(y, k.astype(np.int64)))
+    c = t * _P5
+    c += _P4
+    c *= t
+    c += _P3
+    c *= t
+    c += _P2
+    c *= t
+    c += _P1
+    c *= t
+    np.subtract(r, c, out=c)  # c = r - t * (P1 + ...)
+    r *= c  # r * c
+    np.subtract(2.0, c, out=c)
+    r /= c  # (r * c) / (2 - c)
+    np.subtract(lo, r, out=r)
+    r -= hi
+    np.subtract(1.0, r, out=r)  # y
+    w = np.ldexp(r, k.astype(np.int64))
+    w[z < EXP_MIN] = 0.0
+    return w
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,19 +200,23 @@ def sample(logits: np.ndarray, params: SamplingParams, u: float) -> int:
     mass. ValueError when the maximum is not finite (NaN, +inf, or all -inf).
     """
     x = _as_row(logits)
-    if not math.isfinite(x.max()):  # max propagates NaN
+    top = float(x.max())
+    if not math.isfinite(top):  # max propagates NaN
         raise ValueError("logits contain NaN or have no finite maximum")
     if params.greedy:
-        return int(np.argmax(x))  # the first of the descending order: ties to the lowest id
+        return int(x.argmax())  # the first of the descending order: ties to the lowest id
     order = np.argsort(-x, kind="stable")
-    n = min(params.top_k, x.size) if params.top_k else x.size
-    xs = x[order[:n]]
-    cum = np.cumsum(portable_exp((xs - xs[0]) / params.temperature))  # sequential, left to right
-    last = n - 1
+    if params.top_k:
+        order = order[: params.top_k]
+    xs = x[order]
+    xs -= top
+    xs /= params.temperature
+    cum = portable_exp(xs).cumsum()  # sequential, left to right
+    # cum never decreases (it adds weights >= 0), so the counts of the rule are binary searches.
+    last = cum.size - 1
     if params.top_p < 1.0:
-        last = min(last, int(np.count_nonzero(cum < params.top_p * cum[n - 1])))
-    pick = min(last, int(np.count_nonzero(cum[: last + 1] <= u * cum[last])))
-    return int(order[pick])
+        last = min(last, int(cum.searchsorted(params.top_p * cum[-1], side="left")))
+    return int(order[min(last, int(cum[: last + 1].searchsorted(u * cum[last], side="right")))])
 
 
 def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], u: np.ndarray) -> np.ndarray:
