@@ -90,12 +90,12 @@ def philox4x32(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
     -> `uint64[4, N]` (32-bit words). Products of two 32-bit words are exact in uint64."""
     even = np.asarray(counter, dtype=np.uint64)[0::2]  # (c0, c2): the words that are multiplied
     odd = np.asarray(counter, dtype=np.uint64)[1::2]   # (c1, c3)
-    key = np.asarray(key, dtype=np.uint64)
+    # Round r's key is the key bumped r times (mod 2^32): all ten at once, [rounds, 2, N].
+    bumps = np.arange(_ROUNDS, dtype=np.uint64)[:, None, None] * _WEYL
+    keys = (np.asarray(key, dtype=np.uint64)[None] + bumps) & _MASK32
     for r in range(_ROUNDS):
-        if r:
-            key = (key + _WEYL) & _MASK32
-        p = (even * _MUL)[::-1]  # (M1*c2, M0*c0)
-        even, odd = (p >> np.uint64(32)) ^ odd ^ key, p & _MASK32
+        p = (even * _MUL)[::-1]  # (M1*c2, M0*c0), exact in uint64
+        even, odd = (p >> np.uint64(32)) ^ odd ^ keys[r], p & _MASK32
     return np.stack([even[0], odd[0], even[1], odd[1]])
 
 
@@ -116,8 +116,8 @@ def philox_uniforms(seeds: np.ndarray, counters: np.ndarray, k: int = 1) -> np.n
 
 
 def philox_uniform(seed: int, counter: int) -> float:
-    """`philox_uniforms` for one draw, in plain Python integers: ~10x faster than numpy for one value
-    (the unbatched loop draws one per char). Tests hold the two equal."""
+    """`philox_uniforms` for one draw, in plain Python integers: ~7 us against ~100 us for numpy's fixed
+    costs (the unbatched loop draws one per char). Tests hold the two equal."""
     m = 0xFFFFFFFF
     c0, c1, c2, c3 = counter & m, (counter >> 32) & m, 0, 0
     k0, k1 = seed & m, (seed >> 32) & m
