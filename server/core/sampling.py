@@ -83,6 +83,7 @@ _MUL = np.array([[0xD2511F53], [0xCD9E8D57]], dtype=np.uint64)   # multipliers o
 _WEYL = np.array([[0x9E3779B9], [0xBB67AE85]], dtype=np.uint64)  # key bumps of (k0, k1)
 _ROUNDS = 10
 _TWO_M53 = 2.0 ** -53
+_SCALAR_DRAWS = 12  # up to this many draws, philox_uniforms loops over philox_uniform
 
 
 def philox4x32(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -108,6 +109,10 @@ def philox_uniforms(seeds: np.ndarray, counters: np.ndarray, k: int = 1) -> np.n
              + np.arange(k, dtype=np.uint64)).reshape(-1)  # wraps mod 2^64, as a uint64 counter does
     if draws.size != seeds.size * k:
         raise ValueError(f"seeds and counters must both be uint64[B], got {seeds.size} and {draws.size // k}")
+    if draws.size <= _SCALAR_DRAWS:  # numpy's ~50 calls cost ~100 us whatever the size; a draw ~7 us
+        keys = [int(s) for s in seeds for _ in range(k)]
+        return np.array([philox_uniform(s, int(i)) for s, i in zip(keys, draws, strict=True)],
+                        dtype=np.float64).reshape(-1, k)
     keys = np.repeat(seeds, k)
     zeros = np.zeros_like(draws)
     x = philox4x32(np.stack([draws & _MASK32, draws >> np.uint64(32), zeros, zeros]),

@@ -82,6 +82,8 @@ def test_vectorised_uniforms_equal_the_scalar_ones_and_lie_in_0_1():
             assert got[b, j] == philox_uniform(int(seeds[b]), (int(counters[b]) + j) % 2**64), (b, j)
     many = uniforms(99, 100_000)
     assert many.min() >= 0.0 and many.max() < 1.0 and abs(many.mean() - 0.5) < 0.005
+    few = philox_uniforms(seeds[:3], counters[:3], 2)  # few draws: the scalar loop, same numbers
+    assert np.array_equal(few, got[:3, :2]) and few.shape == (3, 2)
     with pytest.raises(ValueError, match="uint64"):
         philox_uniforms(seeds, counters[:3])
 
