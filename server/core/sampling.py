@@ -140,12 +140,14 @@ def philox_uniform(seed: int, counter: int) -> float:
 # then. This one uses only + - * / and exact scaling by 2^k, which IEEE 754 fixes bit for bit:
 # fdlibm's e_exp.c algorithm for z <= 0, with results below 2^-1021 flushed to 0 (never subnormal).
 
+# Public: any other implementation (e.g. an ONNX graph, docs/sampling.md) must use these very numbers.
 EXP_MIN = -708.0
-_INVLN2 = 1.44269504088896338700e+00
-_LN2_HI = 6.93147180369123816490e-01  # low 32 bits zero: k * _LN2_HI is exact for |k| < 2^20
-_LN2_LO = 1.90821492927058770002e-10
-_P1, _P2, _P3 = 1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05
-_P4, _P5 = -1.65339022054652515390e-06, 4.13813679705723846039e-08
+INVLN2 = 1.44269504088896338700e+00
+LN2_HI = 6.93147180369123816490e-01  # low 32 bits zero: k * LN2_HI is exact for |k| < 2^20
+LN2_LO = 1.90821492927058770002e-10
+EXP_POLY = (1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05,
+            -1.65339022054652515390e-06, 4.13813679705723846039e-08)  # P1..P5
+_P1, _P2, _P3, _P4, _P5 = EXP_POLY
 
 
 def portable_exp(z: np.ndarray) -> np.ndarray:
@@ -156,13 +158,13 @@ def portable_exp(z: np.ndarray) -> np.ndarray:
     """
     z = np.asarray(z, dtype=np.float64)
     r = np.maximum(z, EXP_MIN)
-    k = r * _INVLN2
+    k = r * INVLN2
     k -= 0.5
     np.trunc(k, out=k)  # nearest integer to z / ln 2 (z <= 0), in [-1021, 0]
-    lo = k * _LN2_HI
+    lo = k * LN2_HI
     r -= lo  # hi = z - k * ln2_hi, exact
     hi = r.copy()
-    np.multiply(k, _LN2_LO, out=lo)
+    np.multiply(k, LN2_LO, out=lo)
     r -= lo  # r = hi - lo
     t = r * r
     c = t * _P5
@@ -202,14 +204,17 @@ def sample(logits: np.ndarray, params: SamplingParams, u: float) -> int:
     Candidates in descending logit order (ties: lower id first); greedy takes the first. Else keep
     the first n = top_k (all when 0), weigh them w = exp((x - max) / T), cum = their running sum; keep
     the smallest prefix whose mass reaches top_p; pick the first candidate whose cum exceeds u * its
-    mass. ValueError when the maximum is not finite (NaN, +inf, or all -inf).
+    mass. ValueError when the logits hold a NaN; infinities follow IEEE arithmetic (-inf weighs 0; a
+    +inf logit, or all -inf, makes every weight NaN and the pick order[0]).
     """
     x = _as_row(logits)
     top = float(x.max())
-    if not math.isfinite(top):  # max propagates NaN
-        raise ValueError("logits contain NaN or have no finite maximum")
-    if params.greedy:
-        return int(x.argmax())  # the first of the descending order: ties to the lowest id
+    if top != top:  # max propagates NaN
+        raise ValueError("logits contain NaN")
+    if params.greedy or not math.isfinite(top):
+        # argmax = order[0], ties to the lowest id. An infinite maximum (a +inf logit, or all -inf)
+        # makes every weight NaN, so no count of the rule grows and it picks order[0] too.
+        return int(x.argmax())
     order = np.argsort(-x, kind="stable")
     if params.top_k:
         order = order[: params.top_k]
@@ -226,7 +231,7 @@ def sample(logits: np.ndarray, params: SamplingParams, u: float) -> int:
 
 def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], u: np.ndarray) -> np.ndarray:
     """`sample` for every row of `logits: float[B, V]`, row b with params[b] and `u: float64[B]`:
-    int64[B], -1 for a row whose maximum is not finite (its caller fails that row alone).
+    int64[B], -1 for a row whose logits hold a NaN (its caller fails that row alone).
 
     Row by row equal to `sample` whatever the other rows are (a test holds it to that): one stable
     argsort of [B, V], one exp and one cumsum (numpy's is sequential along a row) over the sampled
@@ -237,8 +242,10 @@ def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], u: np.ndar
     if x.ndim != 2 or x.shape[1] == 0 or x.shape[0] != len(params) or len(params) != u.size:
         raise ValueError(f"logits must be float[B, V] with B = len(params) = len(u), got shape "
                          f"{x.shape}, {len(params)} params, {u.size} uniforms")
-    bad = ~np.isfinite(x.max(axis=1))
-    sampled = np.array([i for i, p in enumerate(params) if not p.greedy and not bad[i]], dtype=np.int64)
+    top = x.max(axis=1)
+    bad = np.isnan(top)  # max propagates NaN
+    finite = np.isfinite(top)  # else the rule picks order[0], the argmax (see `sample`)
+    sampled = np.array([i for i, p in enumerate(params) if not p.greedy and finite[i]], dtype=np.int64)
     tokens = x.argmax(axis=1)
     if sampled.size:
         xr = x[sampled]

@@ -200,6 +200,10 @@ def _random_rows(rng: np.random.Generator, count: int) -> list[dict]:
             logits = np.round(logits)
         if i % 11 == 0 and vocab > 3:
             logits[-2:] = -np.inf
+        if i % 101 == 0:
+            logits[vocab // 2] = np.inf
+        if i % 103 == 0:
+            logits[:] = -np.inf
         u = float(rng.random()) if i % 13 else float(rng.choice([0.0, 1 - 2**-53]))
         rows.append({"logits": logits.tolist(), "u": u,
                      "temperature": float(rng.choice([0.0, 1e-30, 1e-6, 0.01, 0.7, 1.0, 3.0, 100.0])),
@@ -216,7 +220,7 @@ def test_javascript_sampler_equals_python_bit_for_bit(node: str, capsys: pytest.
     z = np.concatenate([-rng.exponential(3.0, 10_000), -rng.uniform(0, 708, 10_000)])
     cases = {"uniforms": [[str(s), i] for s, i in zip(seeds, draws, strict=True)], "exp": z.tolist(),
              "rows": rows}
-    out = node_cases(node, json.dumps(cases).replace("-Infinity", "-1e999"))  # JSON's -inf: overflow
+    out = node_cases(node, json.dumps(cases).replace("Infinity", "1e999"))  # JSON has no infinities
     assert out["uniforms"] == [philox_uniform(s, i) for s, i in zip(seeds, draws, strict=True)]
     assert out["exp"] == portable_exp(z).tolist()
     want = [sample(np.array(r["logits"], np.float32), SamplingParams(r["temperature"], r["topK"], r["topP"]),

@@ -98,8 +98,9 @@ const POW2_NEG = new Float64Array(1022); // POW2_NEG[j] = 2^-j, by exact halving
 POW2_NEG[0] = 1;
 for (let j = 1; j < POW2_NEG.length; j++) POW2_NEG[j] = POW2_NEG[j - 1] / 2;
 
-/** exp(z) for z <= 0 or -Infinity, within 1 ulp of exp; 0 below EXP_MIN (never subnormal). */
+/** exp(z) for z <= 0, -Infinity or NaN, within 1 ulp of exp; 0 below EXP_MIN (never subnormal). */
 export function portableExp(z) {
+  if (Number.isNaN(z)) return NaN; // from a +Infinity logit: as in Python, every weight is then NaN
   if (z < EXP_MIN) return 0;
   const k = Math.trunc(z * INVLN2 - 0.5);
   const hi = z - k * LN2_HI;
@@ -150,16 +151,15 @@ export function argmax(values, start, n) {
 /**
  * Pick one id from values[start, start+V) (float32 logits, read as float64) with uniform u.
  * @param {{temperature: number, topK: number, topP: number}} params from samplingParams
- * @returns {number} the id; throws when the maximum is not finite (NaN, +Infinity, all -Infinity)
+ * @returns {number} the id; throws when the logits hold a NaN (infinities follow IEEE arithmetic, as in Python)
  */
 export function sample(values, start, V, params, u) {
   let top = -Infinity;
   for (let i = 0; i < V; i++) {
     const v = values[start + i];
-    if (Number.isNaN(v)) throw new Error('logits contain NaN or have no finite maximum');
+    if (Number.isNaN(v)) throw new Error('logits contain NaN');
     if (v > top) top = v;
   }
-  if (!Number.isFinite(top)) throw new Error('logits contain NaN or have no finite maximum');
   if (params.temperature === 0) return argmax(values, start, V);
   const x = (i) => values[start + i];
   const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => (x(b) - x(a)) || (a - b));
