@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nextchar.server.core.sampling import InvalidParameterError, SamplingParams, sample
+from nextchar.server.core.sampling import InvalidParameterError, SamplingParams, philox_uniform, sample
 from nextchar.server.core.vocab import OovPolicy, build_index, decode, encode
 
 MAX_NEW_CHARS = 100_000
@@ -31,9 +31,10 @@ class FinishReason(enum.Enum):
 class GenerationRequest:
     """What to generate. Validated on construction (InvalidParameterError naming the field).
 
-    Random draws come from `np.random.Generator(np.random.PCG64(seed))`, one per request, so the same
-    request with the same seed yields the same text, batched or not. `echo` prepends the prompt as
-    the model saw it (after the out-of-vocabulary policy). Stop sequences match generated text only.
+    Generated char i samples with the uniform `philox_uniform(seed, i)` (docs/sampling.md), so the same
+    request with the same seed yields the same text, batched or not, in every runtime. `echo`
+    prepends the prompt as the model saw it (after the out-of-vocabulary policy). Stop sequences
+    match generated text only.
     """
 
     prompt: str
@@ -123,7 +124,6 @@ class Decoder:
         if self.prompt_tokens.size == 0:
             raise InvalidParameterError("prompt", "no character of it is in the model's vocabulary")
         self._clock = clock
-        self._rng = np.random.Generator(np.random.PCG64(request.seed))
         self._started = clock()
         self._first_char_at: float | None = None
         self._pending = ""  # generated, not yet released: a possible start of a stop sequence
@@ -140,19 +140,27 @@ class Decoder:
         return decode(self.prompt_tokens, self.vocab)
 
     @property
-    def rng(self) -> np.random.Generator:
-        """This request's generator (seeded from request.seed), for callers that sample themselves."""
-        return self._rng
+    def seed(self) -> int:
+        """The key of this request's draws (request.seed)."""
+        return self.request.seed
+
+    @property
+    def draws(self) -> int:
+        """Chars sampled so far: the counter of the next draw, used whether or not the request is greedy."""
+        return self.generated_chars
 
     def feed(self, logits_row: np.ndarray) -> str:
         """Sample the next char from `logits_row: float32[V]`; return newly releasable text (maybe "")."""
         if self.finished:
             raise RuntimeError("feed() on a finished Decoder")
-        return self.feed_token(sample(logits_row, self.request.sampling, self._rng))
+        sampling = self.request.sampling
+        u = 0.0 if sampling.greedy else philox_uniform(self.seed, self.draws)  # greedy ignores its draw
+        return self.feed_token(sample(logits_row, sampling, u))
 
     def feed_token(self, token: int) -> str:
-        """`feed` for a token the caller sampled with request.sampling and `rng` (the batcher samples
-        all its rows in one `sample_rows` call); returns newly releasable text (maybe "")."""
+        """`feed` for a token the caller sampled with request.sampling and the uniform of draw `draws`
+        of `seed` (the batcher samples all its rows in one `sample_rows` call); returns newly
+        releasable text (maybe "")."""
         if self.finished:
             raise RuntimeError("feed_token() on a finished Decoder")
         self.generated_chars += 1

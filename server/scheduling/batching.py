@@ -36,7 +36,7 @@ import numpy as np
 
 from nextchar.server.core.engine import Engine, State
 from nextchar.server.core.generation import Decoder, Finished, FinishReason, GenerationRequest
-from nextchar.server.core.sampling import sample_rows
+from nextchar.server.core.sampling import philox_uniforms, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,9 @@ class BatchCore:
 
     def _scatter(self, streams: list[_Stream], out: tuple[np.ndarray, State]) -> None:
         logits, state = out
-        tokens = sample_rows(logits[:, -1], [s.decoder.request.sampling for s in streams],
-                             [s.decoder.rng for s in streams])
+        u = philox_uniforms(np.array([s.decoder.seed for s in streams], np.uint64),
+                            np.array([s.decoder.draws for s in streams], np.uint64))[:, 0]
+        tokens = sample_rows(logits[:, -1], [s.decoder.request.sampling for s in streams], u)
         for i, s in enumerate(streams):
             if tokens[i] < 0:  # only this stream fails
                 self._end(s, ValueError("logits contain NaN"))
