@@ -9,13 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nextchar.server.core.limits import MAX_NEW_CHARS, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, shown
 from nextchar.server.core.sampling import InvalidParameterError, SamplingParams, sample
 from nextchar.server.core.vocab import OovPolicy, build_index, decode, encode
-
-MAX_NEW_CHARS = 100_000
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_CHARS = 64
-MAX_SEED = 2**64 - 1
 
 Clock = Callable[[], float]
 
@@ -54,19 +50,22 @@ class GenerationRequest:
                                                   "start-of-text token to condition on)")
         n = self.max_new_chars
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_NEW_CHARS:
-            raise InvalidParameterError("max_new_chars", f"must be in [1, {MAX_NEW_CHARS}], got {n!r}")
+            raise InvalidParameterError("max_new_chars", f"must be in [1, {MAX_NEW_CHARS}], got {shown(n)}")
         if not isinstance(self.sampling, SamplingParams):
             raise InvalidParameterError("sampling", f"must be SamplingParams, got {type(self.sampling)}")
         self.sampling.validate()
         s = self.seed
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
-            raise InvalidParameterError("seed", f"must be an integer in [0, 2^64-1], got {s!r}")
-        if not isinstance(self.stop, tuple) or len(self.stop) > MAX_STOP_SEQUENCES:
-            raise InvalidParameterError("stop", f"must be a tuple of at most {MAX_STOP_SEQUENCES} strings")
+            raise InvalidParameterError("seed", f"must be an integer in [0, 2^64-1], got {shown(s)}")
+        if not isinstance(self.stop, tuple):
+            raise InvalidParameterError("stop", f"must be a tuple of strings, got {type(self.stop).__name__}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidParameterError(
+                "stop", f"must have at most {MAX_STOP_SEQUENCES} sequences, got {len(self.stop)}")
         for i, seq in enumerate(self.stop):
             if not isinstance(seq, str) or not 1 <= len(seq) <= MAX_STOP_CHARS:
                 raise InvalidParameterError(
-                    f"stop[{i}]", f"must be a string of 1 to {MAX_STOP_CHARS} characters, got {seq!r}")
+                    f"stop[{i}]", f"must be a string of 1 to {MAX_STOP_CHARS} characters, got {shown(seq)}")
         if not isinstance(self.oov_policy, OovPolicy):
             raise InvalidParameterError("oov_policy", f"must be one of {[p.value for p in OovPolicy]}")
         if self.oov_policy is not OovPolicy.REPLACE and self.oov_replacement is not None:
@@ -122,6 +121,9 @@ class Decoder:
             request.prompt, index, request.oov_policy, request.oov_replacement, field="prompt")
         if self.prompt_tokens.size == 0:
             raise InvalidParameterError("prompt", "no character of it is in the model's vocabulary")
+        if request.sampling.top_k > len(vocab):
+            raise InvalidParameterError("top_k", f"must be in [0, {len(vocab)}] (0 = off; the vocabulary "
+                                                 f"size), got {request.sampling.top_k}")
         self._clock = clock
         self._rng = np.random.Generator(np.random.PCG64(request.seed))
         self._started = clock()

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nextchar.server.core.limits import DEFAULT_TEMPERATURE, MAX_TEMPERATURE, shown
 from nextchar.server.core.sampling import InvalidParameterError, log_softmax
 from nextchar.server.core.vocab import OovPolicy, build_index, encode
-
-MAX_TOP_N = 1_000
 
 
 def _index(engine) -> dict[str, int]:
@@ -26,32 +25,35 @@ class Prediction:
     logprob: float      # its natural log, computed stably (finite even where probability underflows)
 
 
-def predict(engine, context: str, n: int, *, temperature: float = 1.0,
+def predict(engine, context: str, n: int, *, temperature: float = DEFAULT_TEMPERATURE,
             oov_policy: OovPolicy = OovPolicy.ERROR, oov_replacement: str | None = None) -> list[Prediction]:
     """The `n` most probable next characters after `context`, most likely first (ties: lower id).
 
-    n is capped at the vocabulary size. One engine call on the whole context.
+    n is at most the vocabulary size.
     """
     if not isinstance(context, str) or not context:
         raise InvalidParameterError("context", "must be at least one character")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TOP_N:
-        raise InvalidParameterError("n", f"must be an integer in [1, {MAX_TOP_N}], got {n!r}")
+    vocab_size = len(engine.vocab)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= vocab_size:
+        raise InvalidParameterError(
+            "n", f"must be in [1, {vocab_size}] (the vocabulary size), got {shown(n)}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        0.0 < temperature <= 100.0
+        0.0 < temperature <= MAX_TEMPERATURE
     ):
         raise InvalidParameterError(
-            "temperature", f"must be in (0, 100] for probabilities, got {temperature!r}")
+            "temperature", f"must be in (0, {MAX_TEMPERATURE:g}] (absent = {DEFAULT_TEMPERATURE:g}), "
+                           f"got {shown(temperature)}")
     tokens = encode(context, _index(engine), oov_policy, oov_replacement, field="context")
     if tokens.size == 0:
         raise InvalidParameterError("context", "no character of it is in the model's vocabulary")
     logits, _ = engine.step(tokens[None, :], engine.initial_state(1))
     logprobs = log_softmax(np.asarray(logits[0, -1], dtype=np.float64) / temperature)
-    order = np.argsort(-logprobs, kind="stable")[: min(n, len(engine.vocab))]
+    order = np.argsort(-logprobs, kind="stable")[:n]
     return [Prediction(engine.vocab[i], int(i), float(np.exp(logprobs[i])), float(logprobs[i]))
             for i in order]
 
 
-def predict_next(engine, context: str, n: int, *, temperature: float = 1.0,
+def predict_next(engine, context: str, n: int, *, temperature: float = DEFAULT_TEMPERATURE,
                  oov_policy: OovPolicy = OovPolicy.ERROR,
                  oov_replacement: str | None = None) -> list[tuple[str, float]]:
     """`predict` as (char, probability) pairs."""

@@ -48,14 +48,14 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     @mapped
     async def PredictNext(self, request: pb.PredictNextRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
-        args = wire.predict_args(request, model, self.limits)
+        args = wire.predict_args(request, self.limits)
         best = await self.runner.call(functools.partial(predict, model.engine, **args))
         return wire.predict_response(best, model)
 
     @mapped
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
-        gen = wire.generation_request(request, model, self.limits)
+        gen = wire.generation_request(request, self.limits)
         run = self.runner.generate(model.engine, gen, context.time_remaining(), live=False)
         items = [item async for item in run]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
@@ -65,7 +65,7 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     @mapped
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
-        gen = wire.generation_request(request, model, self.limits)
+        gen = wire.generation_request(request, self.limits)
         async for item in self.runner.generate(model.engine, gen, context.time_remaining()):
             yield wire.stream_message(item, model)
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# The generation core's own ceiling (server.generation.MAX_NEW_CHARS); the server's cap may be lower.
-HARD_MAX_NEW_CHARS = 100_000
+from nextchar.server.core.limits import MAX_BATCH_SIZE, MAX_NEW_CHARS
+
 VARIANTS = ("fp32", "int8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -152,7 +152,7 @@ _SPECS: dict[str, _Spec] = {
     "port": _Spec("--port", int, _int_range(0, 65535), "port to bind (0 = any free port)"),
     "max_prompt_chars": _Spec("--max-prompt-chars", int, _int_range(1, 10_000_000),
                               "longest prompt, context or scored text in characters"),
-    "max_new_chars": _Spec("--max-new-chars", int, _int_range(1, HARD_MAX_NEW_CHARS),
+    "max_new_chars": _Spec("--max-new-chars", int, _int_range(1, MAX_NEW_CHARS),
                            "cap on max_new_chars per generation"),
     "max_message_bytes": _Spec("--max-message-bytes", int, _int_range(1024, 1 << 30),
                                "largest gRPC message received or sent"),
@@ -168,7 +168,8 @@ _SPECS: dict[str, _Spec] = {
                       "merge concurrent decode steps of a model into batched engine calls: on, off, or "
                       "auto = only models whose warm-up proved a row's result independent of its batch "
                       "mates (fp32; not int8), so seeded texts never depend on other requests"),
-    "max_batch_size": _Spec("--max-batch-size", int, _int_range(1, 1024), "largest decode batch"),
+    "max_batch_size": _Spec("--max-batch-size", int, _int_range(1, MAX_BATCH_SIZE),
+                             "largest decode batch"),
     "max_wait_ms": _Spec("--max-wait-ms", float, _float_range(0.0, 1000.0),
                          "longest an arrival at an idle batcher waits for others"),
     "max_active_streams": _Spec("--max-active-streams", int, _int_range(1, 1 << 20),

@@ -36,6 +36,7 @@ import numpy as np
 
 from nextchar.server.core.engine import Engine, State
 from nextchar.server.core.generation import Decoder, Finished, FinishReason, GenerationRequest
+from nextchar.server.core.limits import MAX_BATCH_SIZE
 from nextchar.server.core.sampling import sample_rows
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class BatchingConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "max_batch_size": (self.max_batch_size, 1, 4096),
+            "max_batch_size": (self.max_batch_size, 1, MAX_BATCH_SIZE),
             "max_wait_s": (self.max_wait_s, 0.0, 10.0),
             "max_active_streams": (self.max_active_streams, 1, 1 << 20),
             "max_queue": (self.max_queue, 0, 1 << 20),

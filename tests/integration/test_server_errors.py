@@ -43,7 +43,7 @@ def _gen(**overrides):
     ({"top_p": 1.5}, "top_p", "(0, 1]"),
     ({"top_p": -0.1}, "top_p", "(0, 1]"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 sequences, got 5"),
-    ({"stop": ["a", ""]}, "stop[1]", "must not be empty"),
+    ({"stop": ["a", ""]}, "stop[1]", "1 to 64 characters, got ''"),
     ({"model": ""}, "model.name", "is required"),
     ({"model": "../etc"}, "model.name", "invalid"),
     ({"version": -2}, "model.version", ">= 1"),
