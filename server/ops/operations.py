@@ -8,6 +8,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from nextchar.server.edge.admin import SERVICE_NAME as ADMIN_SERVICE
 from nextchar.server.edge.admin import AdminServicer
+from nextchar.server.edge.malformed import MalformedRequestInterceptor
 from nextchar.server.ops.config import ServerConfig
 from nextchar.server.ops.metrics import Metrics, MetricsEndpoint
 from nextchar.server.ops.registry import Registry
@@ -31,9 +32,10 @@ class Operations:
         metrics.watch(registry, runner)
         # A version replaced by a reload unloads when its last call ends; its batcher goes with it.
         registry.on_unload = lambda model: runner.forget(model.engine)
-        # Outermost first: a refused call (UNAUTHENTICATED) is still logged and counted.
+        # Outermost first: a refused call (UNAUTHENTICATED, or bytes that do not parse) is still
+        # logged and counted.
         self.interceptors = [ObservingInterceptor(metrics, registry, config.log_prompts),
-                             AuthInterceptor(token)]
+                             AuthInterceptor(token), MalformedRequestInterceptor()]
         self.reloader = Reloader(registry, self._set_health, config.reload_interval)
         self.endpoint: MetricsEndpoint | None = None
 
