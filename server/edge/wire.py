@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nextchar.server.core.artifact import validate_model_name
+from nextchar.server.core.artifact import public_manifest, validate_model_name
 from nextchar.server.core.generation import FinishReason, GenerationRequest
 from nextchar.server.core.limits import DEFAULT_TEMPERATURE, MAX_STOP_SEQUENCES
 from nextchar.server.core.sampling import InvalidParameterError, SamplingParams
@@ -127,7 +127,7 @@ def model_info(model: LoadedModel, versions: list[int],
     """`load_errors`: versions the server refused to load -> why (Registry.load_errors)."""
     errors = [pb.VersionLoadError(version=v, reason=r) for v, r in sorted((load_errors or {}).items())]
     return pb.ModelInfo(name=model.name, version=model.version, available_versions=versions,
-                        manifest=model.artifact.manifest, load_errors=errors)
+                        manifest=public_manifest(model.artifact.manifest), load_errors=errors)
 
 
 def predict_response(best: list[Prediction], model: LoadedModel) -> pb.PredictNextResponse:
