@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"stop sequence (repeatable, up to {MAX_STOP_SEQUENCES}, each 1 to {MAX_STOP_CHARS} "
                         "characters)")
     p.add_argument("--echo", action="store_true", help="print the prompt first")
+    p.add_argument("--no-newline", action="store_true",
+                   help="print the text exactly as generated; by default a newline (not part of the "
+                        "generated text) ends the output")
     _oov_args(p)
     p.add_argument("--quiet", action="store_true", help="no summary line on stderr")
 
@@ -144,7 +147,7 @@ def _generate(args: argparse.Namespace) -> int:
         top_p = 1.0 if args.top_p is None else args.top_p
         pieces = run_generate(args.model_file, args.prompt, args.max_chars, top_p=top_p, **options,
                               **_oov_offline(args), on_finished=finished.append)
-        _print_stream(pieces)
+        _print_stream(pieces, newline=not args.no_newline)
         if not args.quiet and finished:
             f = finished[0]
             print(f"[{args.model_file}] finish={f.reason.value} prompt={f.usage.prompt_chars} "
@@ -155,7 +158,7 @@ def _generate(args: argparse.Namespace) -> int:
                                         top_p=args.top_p, oov_policy=args.oov,
                                         oov_replacement=args.oov_replacement, **options)
         with stream:
-            _print_stream(stream)
+            _print_stream(stream, newline=not args.no_newline)
         s = stream.summary
         if not args.quiet and s is not None:
             print(f"[{s.model} v{s.version}] finish={s.finish_reason} prompt={s.prompt_chars} "
@@ -164,12 +167,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_stream(pieces: Any) -> None:
+def _print_stream(pieces: Any, newline: bool) -> None:
     for text in pieces:
         sys.stdout.write(text)
         sys.stdout.flush()  # show each piece as it arrives
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    if newline:  # so the shell prompt starts on its own line; --no-newline for byte-exact output
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _predict(args: argparse.Namespace) -> int:

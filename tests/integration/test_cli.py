@@ -24,8 +24,11 @@ def test_generate_streams_greedy_text_to_stdout(server) -> None:
     result = run_cli("generate", "--server", server.address, "--model", "lstm", "--prompt", PROMPT,
                      "--max-chars", "80", "--temperature", "0")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == expected + "\n"
+    assert result.stdout == expected + "\n"  # the newline ends the output; it is not generated text
     assert "[lstm v1] finish=length prompt=17 generated=80 seed=" in result.stderr
+    exact = run_cli("generate", "--server", server.address, "--model", "lstm", "--prompt", PROMPT,
+                    "--max-chars", "80", "--temperature", "0", "--no-newline", "--quiet")
+    assert (exact.returncode, exact.stdout, exact.stderr) == (0, expected, "")
 
 
 def test_generate_prints_while_the_server_is_still_generating(server) -> None:
