@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -12,6 +13,8 @@ from typing import Any
 from nextchar.server.core.limits import MAX_BATCH_SIZE, MAX_NEW_CHARS
 
 VARIANTS = ("fp32", "int8")
+# Admin's own listener: loopback by default, so a proxy or load balancer in front of --port never sees it.
+DEFAULT_ADMIN_ADDRESS = "127.0.0.1:50059"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -52,6 +55,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a certificate this CA signed
     auth_token: str | None = field(default=None, repr=False)  # bearer token every call but health needs
     auth_token_file: Path | None = None  # ... or read from this file (a mounted secret)
+    admin_address: str = DEFAULT_ADMIN_ADDRESS  # Admin's listener (host:port or unix:PATH), never --port
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -68,6 +72,15 @@ class ServerConfig:
         if self.auth_token is not None and self.auth_token_file is not None:
             raise ConfigError("--auth-token (env NEXTCHAR_AUTH_TOKEN) and --auth-token-file "
                               "(env NEXTCHAR_AUTH_TOKEN_FILE): give one, not both")
+        if not is_local_address(self.admin_address) and self.auth_token is None \
+                and self.auth_token_file is None:
+            raise ConfigError(f"--admin-address (env NEXTCHAR_ADMIN_ADDRESS): {self.admin_address!r} is not "
+                              "loopback or a unix socket, so Admin there needs --auth-token or "
+                              "--auth-token-file")
+        if not self.admin_address.startswith("unix:") and self.port != 0 \
+                and self.admin_address.rpartition(":")[2] == str(self.port):
+            raise ConfigError(f"--admin-address (env NEXTCHAR_ADMIN_ADDRESS): must not use --port "
+                              f"{self.port}; Admin is never served on the public port")
         if self.metrics_port and self.metrics_port == self.port:
             raise ConfigError(f"--metrics-port (env NEXTCHAR_METRICS_PORT): must differ from --port, "
                               f"got {self.metrics_port}")
@@ -140,6 +153,29 @@ def _token(v: Any) -> str | None:
     return None if ok else "must be non-empty printable ASCII without spaces"
 
 
+def is_local_address(address: str) -> bool:
+    """unix:PATH, or host:port whose host is loopback (127.0.0.0/8, [::1], localhost)."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _address(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be host:port or unix:PATH"
+    if v.startswith("unix:"):
+        return None if len(v) > len("unix:") else "unix: needs a socket path"
+    host, _, port = v.rpartition(":")
+    ok = bool(host) and port.isdigit() and 0 <= int(port) <= 65535
+    return None if ok else "must be host:port (port 0-65535) or unix:PATH"
+
+
 def _repo(v: Any) -> str | None:
     if not isinstance(v, Path) or not str(v):
         return "is required (a directory of <name>/<version>/ model artifacts)"
@@ -192,6 +228,9 @@ _SPECS: dict[str, _Spec] = {
     "auth_token": _Spec("--auth-token", str, _token, secret=True,
                         help="bearer token required on every call but health (Admin always needs it)"),
     "auth_token_file": _Spec("--auth-token-file", Path, _file, "read the bearer token from this file"),
+    "admin_address": _Spec("--admin-address", str, _address,
+                           "the Admin service's own listener, host:port or unix:PATH; loopback or unix "
+                           "unless a token is set (Admin is never served on --port)"),
 }
 
 
