@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nextchar.server.core.limits import MAX_NEW_CHARS, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, shown
+from nextchar.server.core.prefill import prefill
 from nextchar.server.core.sampling import InvalidParameterError, SamplingParams, sample
 from nextchar.server.core.vocab import OovPolicy, build_index, decode, encode
 
@@ -226,7 +227,8 @@ class Decoder:
 
 def generate(engine, request: GenerationRequest, *, clock: Clock = time.perf_counter,
              cancelled: Callable[[], bool] | None = None) -> Iterator[GenerationEvent]:
-    """The unbatched loop: one engine call on the whole prompt, then one per generated char.
+    """The unbatched loop: the prompt in engine calls of PREFILL_CHUNK positions, then one call per
+    generated char.
 
     `engine` is anything with `vocab`, `initial_state(batch)` and `step(tokens int64[B, T], state)`.
     Yields TextChunk events (never empty) then exactly one Finished. `cancelled()` is polled before
@@ -241,8 +243,9 @@ def generate(engine, request: GenerationRequest, *, clock: Clock = time.perf_cou
         if cancelled is not None and cancelled():
             dec.finish(FinishReason.CANCELLED)
             break
-        logits, state = engine.step(tokens, state)
-        text = dec.feed(logits[0, -1])
+        # The prompt in chunks, keeping the last position's logits only; then one char per call.
+        last, state = prefill(engine, tokens, state)
+        text = dec.feed(last[0])
         if text:
             yield TextChunk(text)
         if dec.finished:

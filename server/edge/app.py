@@ -19,6 +19,7 @@ from nextchar.server.ops.metrics import Metrics
 from nextchar.server.ops.operations import Operations
 from nextchar.server.ops.registry import Registry, engine_loader
 from nextchar.server.scheduling.batching import BatchingConfig
+from nextchar.server.scheduling.budget import MemoryBudget
 from nextchar.server.scheduling.runner import Runner
 from nextchar.v1 import inference_pb2, inference_pb2_grpc
 
@@ -88,7 +89,8 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     ) if config.batching != "off" else None
     runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars, batching=batching,
                     batch_variant_engines=config.batching == "on")
-    servicer = NextCharServicer(registry, runner, wire.Limits(config.max_prompt_chars, config.max_new_chars))
+    servicer = NextCharServicer(registry, runner, wire.Limits(config.max_prompt_chars, config.max_new_chars),
+                                MemoryBudget(config.memory_budget_mb << 20))
     health = health_aio.HealthServicer()
     ops = Operations(config, metrics, registry, runner, health)
     grpc_server = grpc.aio.server(interceptors=ops.interceptors, options=[

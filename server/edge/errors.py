@@ -19,6 +19,7 @@ from nextchar.server.core.sampling import InvalidParameterError
 from nextchar.server.core.vocab import OutOfVocabularyError
 from nextchar.server.ops.registry import ModelNotFoundError
 from nextchar.server.scheduling.batching import CapacityError
+from nextchar.server.scheduling.budget import MemoryBudgetError
 from nextchar.server.scheduling.runner import DeadlineError, OverloadedError, ShuttingDownError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),  # a version on disk that cannot be served
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),   # the batcher's queue is full
+    (MemoryBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # --memory-budget-mb
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -68,7 +69,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                                 f"request: the message does not parse as {method} expects "
                                 "(malformed protobuf or invalid UTF-8 in a string field)")
 
-        if handler.response_streaming:
+        if handler.response_streaming and inspect.isasyncgenfunction(handler.unary_stream):
             behavior = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -79,12 +80,14 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=deserialize, response_serializer=handler.response_serializer)
-        unary_behavior = handler.unary_unary
+        # A unary reply, or a stream written with context.write (health's Watch): a coroutine.
+        unary_behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        make = (grpc.unary_stream_rpc_method_handler if handler.response_streaming
+                else grpc.unary_unary_rpc_method_handler)
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, Malformed):
                 await refuse(request, context)
             return await unary_behavior(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+        return make(unary, request_deserializer=deserialize, response_serializer=handler.response_serializer)

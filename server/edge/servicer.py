@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import grpc
@@ -10,6 +11,7 @@ from nextchar.server.core.scoring import predict, score
 from nextchar.server.edge import wire
 from nextchar.server.edge.errors import mapped
 from nextchar.server.ops.registry import LoadedModel, Registry
+from nextchar.server.scheduling.budget import MemoryBudget, call_bytes
 from nextchar.server.scheduling.runner import DeadlineError, Outcome, Runner
 from nextchar.v1 import inference_pb2 as pb
 from nextchar.v1 import inference_pb2_grpc
@@ -18,8 +20,14 @@ from nextchar.v1 import inference_pb2_grpc
 class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     """Blocking model work runs in the runner's threads, never on the event loop."""
 
-    def __init__(self, registry: Registry, runner: Runner, limits: wire.Limits) -> None:
+    def __init__(self, registry: Registry, runner: Runner, limits: wire.Limits,
+                 budget: MemoryBudget | None = None) -> None:
         self.registry, self.runner, self.limits = registry, runner, limits
+        self.budget = budget or MemoryBudget(1 << 62)  # None: no memory limit (tests of other things)
+
+    def _reserve(self, model: LoadedModel, chars: int) -> contextlib.AbstractContextManager:
+        """Admission by memory (MemoryBudgetError = RESOURCE_EXHAUSTED) for a call on `chars` chars."""
+        return self.budget.reserve(call_bytes(chars, len(model.artifact.vocab)))
 
     async def _model(self, ref: pb.ModelRef, context: grpc.aio.ServicerContext) -> LoadedModel:
         """The model a request names; first, refuse calls that are shutting out or already late."""
@@ -49,15 +57,17 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def PredictNext(self, request: pb.PredictNextRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         args = wire.predict_args(request, self.limits)
-        best = await self.runner.call(functools.partial(predict, model.engine, **args))
+        with self._reserve(model, len(request.context)):
+            best = await self.runner.call(functools.partial(predict, model.engine, **args))
         return wire.predict_response(best, model)
 
     @mapped
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         gen = wire.generation_request(request, self.limits)
-        run = self.runner.generate(model.engine, gen, context.time_remaining(), live=False)
-        items = [item async for item in run]
+        with self._reserve(model, len(request.prompt)):
+            run = self.runner.generate(model.engine, gen, context.time_remaining(), live=False)
+            items = [item async for item in run]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
         assert isinstance(outcome, Outcome)
         return pb.GenerateResponse(text="".join(items), summary=wire.summary(outcome, model))
@@ -66,12 +76,14 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         gen = wire.generation_request(request, self.limits)
-        async for item in self.runner.generate(model.engine, gen, context.time_remaining()):
-            yield wire.stream_message(item, model)
+        with self._reserve(model, len(request.prompt)):
+            async for item in self.runner.generate(model.engine, gen, context.time_remaining()):
+                yield wire.stream_message(item, model)
 
     @mapped
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         args = wire.score_args(request, self.limits)
-        result = await self.runner.call(functools.partial(score, model.engine, **args))
+        with self._reserve(model, len(request.context) + len(request.text)):
+            result = await self.runner.call(functools.partial(score, model.engine, **args))
         return wire.score_response(result, model)

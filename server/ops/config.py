@@ -34,6 +34,7 @@ class ServerConfig:
     max_new_chars: int = 10_000        # the cap on GenerateRequest.max_new_chars
     max_message_bytes: int = 4 << 20   # gRPC receive/send limit; larger messages are RESOURCE_EXHAUSTED
     max_concurrent: int = 64           # calls in flight (and worker threads); more: RESOURCE_EXHAUSTED
+    memory_budget_mb: int = 1024       # estimated peak bytes of the calls in flight; more: RESOURCE_EXHAUSTED
     intra_op_threads: int = 1          # onnxruntime threads per session: parallelism comes from requests
     grace_seconds: float = 10.0        # how long running calls may finish after SIGTERM
     flush_ms: float = 5.0              # a stream flushes buffered text at least this often under load
@@ -194,6 +195,9 @@ _SPECS: dict[str, _Spec] = {
                                "largest gRPC message received or sent"),
     "max_concurrent": _Spec("--max-concurrent", int, _int_range(1, 4096),
                             "model calls in flight before RESOURCE_EXHAUSTED"),
+    "memory_budget_mb": _Spec("--memory-budget-mb", int, _int_range(16, 1 << 20),
+                              "MiB the calls in flight may take together (each reserves an estimate from "
+                              "its length and the vocabulary) before RESOURCE_EXHAUSTED"),
     "intra_op_threads": _Spec("--intra-op-threads", int, _int_range(1, 256), "onnxruntime threads per model"),
     "grace_seconds": _Spec("--grace-seconds", float, _float_range(0.0, 3600.0),
                            "time running calls get to finish on SIGTERM"),

@@ -42,14 +42,16 @@ def _call(channel: grpc.Channel, method: str, body: bytes, token: str | None = N
 def test_malformed_bytes_are_invalid_argument_without_tracebacks(make_server, caplog, token) -> None:
     server = make_server(auth_token=token)
     caplog.set_level(logging.INFO)
-    with grpc.insecure_channel(server.address) as channel:
+    with grpc.insecure_channel(server.address) as public, \
+            grpc.insecure_channel(server.server.admin_address) as admin:
         for method, bad_utf8 in METHODS.items():
+            channel = admin if "Admin" in method else public
             for body in (*GARBAGE.values(), bad_utf8):
                 err = _call(channel, method, body, token)
                 assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, body, err.details())
                 assert "does not parse" in err.details()
         if token:  # without the token: refused as unauthenticated, also without a traceback
-            err = _call(channel, "/nextchar.v1.NextChar/Generate", GARBAGE["not protobuf"])
+            err = _call(public, "/nextchar.v1.NextChar/Generate", GARBAGE["not protobuf"])
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     malformed = [r for r in caplog.records if r.name == "nextchar.server.edge.malformed"]
