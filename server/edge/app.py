@@ -20,6 +20,7 @@ from nextchar.server.ops.operations import Operations
 from nextchar.server.ops.registry import Registry, engine_loader
 from nextchar.server.scheduling.batching import BatchingConfig
 from nextchar.server.scheduling.budget import MemoryBudget
+from nextchar.server.scheduling.clients import ClientSlots
 from nextchar.server.scheduling.runner import Runner
 from nextchar.v1 import inference_pb2, inference_pb2_grpc
 
@@ -89,8 +90,9 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     ) if config.batching != "off" else None
     runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars, batching=batching,
                     batch_variant_engines=config.batching == "on")
-    servicer = NextCharServicer(registry, runner, wire.Limits(config.max_prompt_chars, config.max_new_chars),
-                                MemoryBudget(config.memory_budget_mb << 20))
+    limits = wire.Limits(config.max_prompt_chars, config.max_new_chars)
+    servicer = NextCharServicer(registry, runner, limits, MemoryBudget(config.memory_budget_mb << 20),
+                                ClientSlots(config.max_per_client))
     health = health_aio.HealthServicer()
     ops = Operations(config, metrics, registry, runner, health)
     grpc_server = grpc.aio.server(interceptors=ops.interceptors, options=[

@@ -20,6 +20,7 @@ from nextchar.server.core.vocab import OutOfVocabularyError
 from nextchar.server.ops.registry import ModelNotFoundError
 from nextchar.server.scheduling.batching import CapacityError
 from nextchar.server.scheduling.budget import MemoryBudgetError
+from nextchar.server.scheduling.clients import ClientLimitError
 from nextchar.server.scheduling.runner import DeadlineError, OverloadedError, ShuttingDownError
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),   # the batcher's queue is full
     (MemoryBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # --memory-budget-mb
+    (ClientLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),   # --max-per-client
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
 )

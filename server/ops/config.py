@@ -35,6 +35,7 @@ class ServerConfig:
     max_message_bytes: int = 4 << 20   # gRPC receive/send limit; larger messages are RESOURCE_EXHAUSTED
     max_concurrent: int = 64           # calls in flight (and worker threads); more: RESOURCE_EXHAUSTED
     memory_budget_mb: int = 1024       # estimated peak bytes of the calls in flight; more: RESOURCE_EXHAUSTED
+    max_per_client: int = 0            # calls in flight per client (peer address); 0 = no per-client cap
     intra_op_threads: int = 1          # onnxruntime threads per session: parallelism comes from requests
     grace_seconds: float = 10.0        # how long running calls may finish after SIGTERM
     flush_ms: float = 5.0              # a stream flushes buffered text at least this often under load
@@ -198,6 +199,9 @@ _SPECS: dict[str, _Spec] = {
     "memory_budget_mb": _Spec("--memory-budget-mb", int, _int_range(16, 1 << 20),
                               "MiB the calls in flight may take together (each reserves an estimate from "
                               "its length and the vocabulary) before RESOURCE_EXHAUSTED"),
+    "max_per_client": _Spec("--max-per-client", int, _int_range(0, 4096),
+                            "model calls one client (peer address; behind a local proxy, its first "
+                            "x-forwarded-for) may have in flight before RESOURCE_EXHAUSTED (0 = no cap)"),
     "intra_op_threads": _Spec("--intra-op-threads", int, _int_range(1, 256), "onnxruntime threads per model"),
     "grace_seconds": _Spec("--grace-seconds", float, _float_range(0.0, 3600.0),
                            "time running calls get to finish on SIGTERM"),
