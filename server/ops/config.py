@@ -206,7 +206,10 @@ _SPECS: dict[str, _Spec] = {
     "grace_seconds": _Spec("--grace-seconds", float, _float_range(0.0, 3600.0),
                            "time running calls get to finish on SIGTERM"),
     "flush_ms": _Spec("--flush-ms", float, _float_range(0.1, 1000.0), "longest a stream holds back text"),
-    "flush_chars": _Spec("--flush-chars", int, _int_range(1, 65536), "most characters in one stream message"),
+    "flush_chars": _Spec("--flush-chars", int, _int_range(1, 65536),
+                         "a stream sends its buffered text once this many characters are waiting (a "
+                         "threshold, not a cap: a message carries everything buffered, so under load it "
+                         "may hold more)"),
     "variant": _Spec("--variant", str, _one_of(VARIANTS), "model file to serve: fp32 or int8"),
     "batching": _Spec("--batching", _batching_mode, _one_of(BATCHING_MODES),
                       "merge concurrent decode steps of a model into batched engine calls: on, off, or "

@@ -30,3 +30,16 @@ def test_shown_quotes_a_bounded_prefix() -> None:
     long = shown("x" * 100_000)
     assert long.startswith("'" + "x" * MAX_SHOWN_CHARS + "'") and "100000 characters" in long
     assert len(shown(list(range(10_000)))) <= MAX_SHOWN_CHARS + 3
+
+
+def test_flush_chars_is_documented_as_a_threshold() -> None:
+    """Issue 13.7: a message carries everything buffered; the flag never promised a cap it cannot keep."""
+    import argparse
+
+    from nextchar.server.ops.config import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    [action] = [a for a in parser._actions if a.dest == "flush_chars"]
+    assert "threshold, not a cap" in action.help and "most characters" not in action.help
+    assert "`--flush-chars` is a threshold, not a cap" in (ROOT / "docs" / "api.md").read_text()
