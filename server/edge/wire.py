@@ -72,6 +72,13 @@ def generation_request(req: pb.GenerateRequest, limits: Limits,
     Only the server's own caps are checked here; every other rule is the core's (GenerationRequest,
     Decoder), so the offline runner refuses exactly what the server refuses.
     """
+    # In the core's order (sampling, then the request's own fields), so a request with several
+    # faults is refused for the same field as by the offline runner.
+    sampling = SamplingParams(
+        temperature=float(req.temperature) if req.HasField("temperature") else DEFAULT_TEMPERATURE,
+        top_k=int(req.top_k),
+        top_p=float(req.top_p) if req.HasField("top_p") else 1.0,
+    )
     _text(req.prompt, "prompt", limits.max_prompt_chars)
     if not 1 <= req.max_new_chars <= limits.max_new_chars:
         raise InvalidParameterError(
@@ -79,11 +86,6 @@ def generation_request(req: pb.GenerateRequest, limits: Limits,
     if len(req.stop) > MAX_STOP_SEQUENCES:  # before copying a huge list into a tuple
         raise InvalidParameterError(
             "stop", f"must have at most {MAX_STOP_SEQUENCES} sequences, got {len(req.stop)}")
-    sampling = SamplingParams(
-        temperature=float(req.temperature),
-        top_k=int(req.top_k),
-        top_p=float(req.top_p) if req.HasField("top_p") else 1.0,
-    )
     return GenerationRequest(
         prompt=req.prompt,
         max_new_chars=int(req.max_new_chars),
@@ -105,9 +107,10 @@ def predict_args(req: pb.PredictNextRequest, limits: Limits) -> dict[str, Any]:
 
 
 def score_args(req: pb.ScoreRequest, limits: Limits) -> dict[str, Any]:
-    """ScoreRequest -> keyword arguments of scoring.score (minus the engine)."""
-    _text(req.text, "text", limits.max_prompt_chars)
+    """ScoreRequest -> keyword arguments of scoring.score (minus the engine), which refuses texts too
+    short to score (after the context's and the text's vocabulary checks, as offline)."""
     _text(req.context, "context", limits.max_prompt_chars, minimum=0)
+    _text(req.text, "text", limits.max_prompt_chars, minimum=0)
     if len(req.context) + len(req.text) > limits.max_prompt_chars:
         raise InvalidParameterError(
             "text", f"context + text must have at most {limits.max_prompt_chars} characters, "
