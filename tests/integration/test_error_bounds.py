@@ -27,6 +27,12 @@ HUGE = "x" * 100_000
 CASES = {
     "oov_prompt": ("Generate", pb.GenerateRequest(model=pb.ModelRef(name="lstm"), prompt=OOV_PROMPT,
                                                   max_new_chars=5), "prompt"),
+    "astral_oov_prompt": ("Generate", pb.GenerateRequest(model=pb.ModelRef(name="lstm"),
+                                                         prompt="\U0001F600" * 500, max_new_chars=5),
+                          "prompt"),
+    "huge_astral_stop": ("Generate", pb.GenerateRequest(model=pb.ModelRef(name="lstm"), prompt="O say",
+                                                        max_new_chars=5, stop=["\U0001F600" * 100_000]),
+                         "stop[0]"),
     "huge_stop": ("Generate", pb.GenerateRequest(model=pb.ModelRef(name="lstm"), prompt="O say",
                                                  max_new_chars=5, stop=[HUGE]), "stop[0]"),
     "huge_replacement": ("Score", pb.ScoreRequest(model=pb.ModelRef(name="lstm"), text="O sé",
@@ -78,9 +84,8 @@ def test_grpcjs_client_gets_the_invalid_argument_without_hanging(server, grpcjs_
                                                                   case: str) -> None:
     method, request, field = CASES[case]
     body = json_format.MessageToDict(request, preserving_proto_field_name=True)
-    done = subprocess.run(["node", str(grpcjs_probe), server.address, str(ROOT / "proto"), method,
-                           json.dumps(body), "20000"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(["node", str(grpcjs_probe), server.address, str(ROOT / "proto"), method, "20000"],
+                          input=json.dumps(body), capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     reply = json.loads(done.stdout)
     assert reply["code"] == "INVALID_ARGUMENT", reply

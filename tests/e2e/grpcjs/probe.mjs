@@ -1,9 +1,11 @@
 // Test-only: one unary NextChar call through grpc-js; prints {code, details, trailerBytes} as JSON.
-// usage: node probe.mjs ADDRESS PROTO_ROOT METHOD REQUEST_JSON DEADLINE_MS
+// usage: node probe.mjs ADDRESS PROTO_ROOT METHOD DEADLINE_MS < REQUEST_JSON
+import { readFileSync } from "node:fs";
 import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
 
-const [address, protoRoot, method, requestJson, deadlineMs] = process.argv.slice(2);
+const [address, protoRoot, method, deadlineMs] = process.argv.slice(2);
+const requestJson = readFileSync(0, "utf8");  // stdin: a request may be larger than an argument
 const definition = protoLoader.loadSync("nextchar/v1/inference.proto", {
   includeDirs: [protoRoot], keepCase: true, longs: String, enums: String, defaults: true,
 });
