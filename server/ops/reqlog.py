@@ -22,7 +22,8 @@ log = logging.getLogger("nextchar.requests")
 # Only calls of these services are observed: health probes and reflection would drown the log.
 OBSERVED_SERVICES = ("/nextchar.v1.NextChar/", "/nextchar.v1.Admin/")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_USER_TEXT = ("prompt", "context", "text")  # request fields holding user text: logged only when asked
+_USER_TEXT = ("prompt", "context", "text")
+DEADLINE_SLACK_S = 0.05  # request fields holding user text: logged only when asked
 
 
 class JsonFormatter(logging.Formatter):
@@ -197,12 +198,15 @@ def _code(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
     if isinstance(exc, grpc.aio.AbortError):
         code = context.code()
         return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        return _gone(context)
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) or context.cancelled():
+        return _gone(context)  # whatever a write to a call that is already over raised
     return "UNKNOWN"
 
 
 def _gone(context: grpc.aio.ServicerContext) -> str:
-    """A call that ended without its handler's status: its deadline passed, or the caller left."""
+    """A call that ended without its handler's status: its deadline passed, or the caller left.
+
+    The client's deadline runs out first (the server's clock started a transit time later) and
+    arrives as a cancellation, so a cancel within DEADLINE_SLACK_S of the deadline is the deadline."""
     left = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if left is not None and left <= 0.001 else "CANCELLED"
+    return "DEADLINE_EXCEEDED" if left is not None and left <= DEADLINE_SLACK_S else "CANCELLED"

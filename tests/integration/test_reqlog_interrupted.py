@@ -125,3 +125,29 @@ def test_a_handler_that_returned_after_its_caller_left_is_not_ok(caplog) -> None
     [line] = _lines(caplog)
     assert line["code"] == "CANCELLED"
     assert metrics.requests.labels("Generate", "", "CANCELLED")._value.get() == 1
+
+
+class _JustBeforeDeadline(_GoneContext):
+    """The client's deadline ran out and cancelled the call a few ms before the server's own."""
+
+    def time_remaining(self) -> float:
+        return 0.004
+
+
+def test_a_cancel_at_the_deadline_is_logged_deadline_exceeded(caplog) -> None:
+    import asyncio
+
+    from nextchar.server.ops.metrics import Metrics
+    from nextchar.server.ops.reqlog import ObservingInterceptor
+
+    caplog.set_level(logging.INFO, logger="nextchar.requests")
+    interceptor = ObservingInterceptor(Metrics(), _NoModels(), log_prompts=False)
+
+    async def behavior(request, context):
+        raise asyncio.CancelledError
+
+    unary = interceptor._unary("/nextchar.v1.NextChar/Generate", behavior)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(unary(pb.GenerateRequest(), _JustBeforeDeadline()))
+    [line] = _lines(caplog)
+    assert line["code"] == "DEADLINE_EXCEEDED"
