@@ -85,10 +85,10 @@ def _oov(policy: str) -> int:
 
 
 def generate_request(model: str, prompt: str, max_new_chars: int, *, version: int | None = None,
-                     temperature: float = 0.0, top_k: int = 0, top_p: float | None = None,
+                     temperature: float | None = None, top_k: int = 0, top_p: float | None = None,
                      seed: int | None = None, stop: Sequence[str] = (), echo: bool = False,
                      oov_policy: str = "error", oov_replacement: str = "") -> pb.GenerateRequest:
-    """temperature 0 = greedy; seed None = the server draws one (and returns it)."""
+    """temperature 0 = greedy, None = the server's default (1); seed None = the server draws one."""
     req = pb.GenerateRequest(model=_ref(model, version), prompt=prompt, max_new_chars=max_new_chars,
                              temperature=temperature, top_k=top_k, stop=list(stop), echo=echo,
                              oov_policy=_oov(oov_policy), oov_replacement=oov_replacement)

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# An upper bound that still means something: at T=100 every logit gap shrinks 100-fold, which is
-# already indistinguishable from uniform for any trained model; larger values are almost surely typos.
-MAX_TEMPERATURE = 100.0
+from nextchar.server.core.limits import DEFAULT_TEMPERATURE, MAX_TEMPERATURE
 
 
 class InvalidParameterError(ValueError):
@@ -42,7 +40,7 @@ class SamplingParams:
     server and the JavaScript runtimes sample with the very same numbers (and refuse the same ones).
     """
 
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
     top_k: int = 0
     top_p: float = 1.0
 
