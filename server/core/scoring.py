@@ -45,10 +45,15 @@ def predict(engine, context: str, n: int, *, temperature: float = 1.0,
     if tokens.size == 0:
         raise InvalidParameterError("context", "no character of it is in the model's vocabulary")
     logits, _ = engine.step(tokens[None, :], engine.initial_state(1))
-    logprobs = log_softmax(np.asarray(logits[0, -1], dtype=np.float64) / temperature)
-    order = np.argsort(-logprobs, kind="stable")[: min(n, len(engine.vocab))]
-    return [Prediction(engine.vocab[i], int(i), float(np.exp(logprobs[i])), float(logprobs[i]))
-            for i in order]
+    return top_predictions(logits[0, -1], engine.vocab, n, temperature)
+
+
+def top_predictions(logits_row: np.ndarray, vocab: tuple[str, ...], n: int,
+                    temperature: float = 1.0) -> list[Prediction]:
+    """The `n` most probable entries of `logits_row: float32[V]` at `temperature`, most likely first."""
+    logprobs = log_softmax(np.asarray(logits_row, dtype=np.float64) / temperature)
+    order = np.argsort(-logprobs, kind="stable")[: min(n, len(vocab))]
+    return [Prediction(vocab[i], int(i), float(np.exp(logprobs[i])), float(logprobs[i])) for i in order]
 
 
 def predict_next(engine, context: str, n: int, *, temperature: float = 1.0,

@@ -15,8 +15,10 @@ from grpc_status import rpc_status
 
 from nextchar.server.core.artifact import ArtifactError, ModelNameError
 from nextchar.server.core.sampling import InvalidParameterError
+from nextchar.server.core.session import SessionTextLimitError
 from nextchar.server.core.vocab import OutOfVocabularyError
 from nextchar.server.ops.registry import ModelNotFoundError
+from nextchar.server.ops.sessions import SessionIdleError, SessionsClosedError, SessionsFullError
 from nextchar.server.scheduling.batching import CapacityError
 from nextchar.server.scheduling.runner import DeadlineError, OverloadedError, ShuttingDownError
 
@@ -34,6 +36,10 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),   # the batcher's queue is full
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (SessionsFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),      # --max-sessions open
+    (SessionTextLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # the per-session memory bound
+    (SessionIdleError, grpc.StatusCode.DEADLINE_EXCEEDED),        # idle past --session-idle-ttl
+    (SessionsClosedError, grpc.StatusCode.UNAVAILABLE),           # draining
 )
 
 

@@ -9,6 +9,7 @@ import grpc
 from nextchar.server.core.scoring import predict, score
 from nextchar.server.edge import wire
 from nextchar.server.edge.errors import mapped
+from nextchar.server.edge.session import SessionService
 from nextchar.server.ops.registry import LoadedModel, Registry
 from nextchar.server.scheduling.runner import DeadlineError, Outcome, Runner
 from nextchar.v1 import inference_pb2 as pb
@@ -20,6 +21,7 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
 
     def __init__(self, registry: Registry, runner: Runner, limits: wire.Limits) -> None:
         self.registry, self.runner, self.limits = registry, runner, limits
+        self.sessions: SessionService | None = None  # set by build_server (server.edge.session)
 
     async def _model(self, ref: pb.ModelRef, context: grpc.aio.ServicerContext) -> LoadedModel:
         """The model a request names; first, refuse calls that are shutting out or already late."""
@@ -75,3 +77,9 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
         args = wire.score_args(request, self.limits)
         result = await self.runner.call(functools.partial(score, model.engine, **args))
         return wire.score_response(result, model)
+
+    @mapped
+    async def Session(self, request_iterator, context: grpc.aio.ServicerContext):
+        assert self.sessions is not None, "build_server sets the session service"
+        async for message in self.sessions.serve(request_iterator, context):
+            yield message

@@ -1,0 +1,116 @@
+"""The live typing sessions of one server: admission (max sessions), idle TTL, drain, and their metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from nextchar.server.core.session import TypingSession
+
+# Per-keystroke latency: an edit's arrival to its answer being handed to gRPC; 50 µs to 2.5 s.
+_KEYSTROKE = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class SessionsFullError(RuntimeError):
+    """--max-sessions sessions are open; the client should retry later or elsewhere."""
+
+
+class SessionIdleError(TimeoutError):
+    """A session sent nothing for longer than the idle TTL; its state was freed."""
+
+
+class SessionsClosedError(RuntimeError):
+    """The server is draining: open sessions end, new ones are refused."""
+
+
+class SessionTable:
+    """Every open session by id. A session is held from its open to the end of its stream (`hold`),
+    whatever ends it, so its state is freed the moment the stream ends; `active` is what a scrape sees."""
+
+    def __init__(self, max_sessions: int, idle_ttl_s: float,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.max_sessions, self.idle_ttl_s = max_sessions, idle_ttl_s
+        self.active: dict[int, TypingSession] = {}
+        self._ids = itertools.count(1)
+        self.closing = asyncio.Event()  # set by close(): every session's reader wakes up and ends
+        self.opened = self.refused = 0
+        self.ended: dict[str, int] = {}  # how sessions ended: closed, cancelled, idle, drain, error
+        r = registry if registry is not None else CollectorRegistry()
+        self.edits = Counter("nextchar_session_edits", "Session edits and requests by kind", ["kind"],
+                             registry=r)
+        self.evictions = Counter("nextchar_session_evictions",
+                                 "Sessions ended by the server (idle TTL, drain)", ["reason"], registry=r)
+        self.keystroke = Histogram("nextchar_session_keystroke_seconds",
+                                   "An edit's arrival to its answer (predictions) leaving the server",
+                                   buckets=_KEYSTROKE, registry=r)
+        r.register(_SessionCollector(self))
+
+    @contextlib.contextmanager
+    def hold(self, session: TypingSession) -> Iterator[int]:
+        """Admit `session` (SessionsFullError at max_sessions) until the block ends; its id."""
+        if self.closing.is_set():
+            raise SessionsClosedError("the server is shutting down; open the session on another instance")
+        if len(self.active) >= self.max_sessions:
+            self.refused += 1
+            raise SessionsFullError(f"{len(self.active)} sessions are open (max_sessions="
+                                    f"{self.max_sessions}); retry later")
+        sid = next(self._ids)
+        self.active[sid] = session
+        self.opened += 1
+        try:
+            yield sid
+        finally:
+            del self.active[sid]
+
+    def ended_by(self, reason: str) -> None:
+        self.ended[reason] = self.ended.get(reason, 0) + 1
+        if reason in ("idle", "drain"):
+            self.evictions.labels(reason).inc()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.active.values())
+
+    def close(self) -> None:
+        """Drain: refuse new sessions and end the open ones (UNAVAILABLE), freeing their state."""
+        self.closing.set()
+
+    async def next_request(self, read: Any, idle_since: float) -> Any:
+        """The stream's next message (None at its end); SessionIdleError past the TTL,
+        SessionsClosedError on drain. `read` is the call's request iterator."""
+        loop = asyncio.get_running_loop()
+        timeout = max(0.0, idle_since + self.idle_ttl_s - loop.time())
+        message = asyncio.ensure_future(anext(read, None))
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            done, _ = await asyncio.wait({message, closing}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if message in done:
+            return message.result()
+        message.cancel()
+        if closing in done:
+            raise SessionsClosedError("the server is shutting down; the session ended, reopen it elsewhere")
+        raise SessionIdleError(f"the session sent nothing for {self.idle_ttl_s:g}s (the server's idle TTL); "
+                               "its state was freed, open a new session")
+
+
+class _SessionCollector:
+    def __init__(self, table: SessionTable) -> None:
+        self._table = table
+
+    def collect(self) -> Iterator[Any]:
+        t = self._table
+        yield GaugeMetricFamily("nextchar_sessions_active", "Typing sessions open now", value=len(t.active))
+        yield GaugeMetricFamily("nextchar_session_state_bytes",
+                                "Bytes of text and model state the open sessions hold", value=t.nbytes)
+        yield CounterMetricFamily("nextchar_sessions_opened", "Sessions opened since start", value=t.opened)
+        yield CounterMetricFamily("nextchar_sessions_refused", "Sessions refused at --max-sessions",
+                                  value=t.refused)
