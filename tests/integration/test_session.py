@@ -155,3 +155,19 @@ def test_async_session_matches_the_sync_one(server, client: NextCharClient) -> N
     update, text = asyncio.run(run())
     _same(update.predictions, client.predict_next("gru", "O say c", 4))
     assert text == client.generate("gru", "O say c", 10, seed=3, temperature=1.0).text
+
+
+def test_cli_type_reads_a_pipe_one_line_per_key(server, client: NextCharClient) -> None:
+    import subprocess
+
+    from server_harness import ROOT, nextchar_cmd
+
+    keys = "O sab\x7fzy"  # a typo erased with backspace, a key outside the vocabulary, the right key
+    done = subprocess.run(nextchar_cmd("type", "--server", server.address, "--model", "gru", "-n", "3"),
+                          input=keys, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [int(line.split("\t")[0]) for line in lines] == [1, 2, 3, 4, 5, 4, 5]
+    assert "'z'" in done.stderr and "vocabulary" in done.stderr  # reported; the session went on
+    best = client.predict_next("gru", "O say", 3)
+    assert lines[-1].split("\t")[1] == "  ".join(f"{p.char!r} {p.probability:.4f}" for p in best)
