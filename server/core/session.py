@@ -131,11 +131,16 @@ class TypingSession:
                                     seed=seed, stop=stop)
         return Decoder(request, self.vocab, self._index)
 
+    def free(self) -> None:
+        """Drop the text and every state now (the session ended), whoever still holds the object."""
+        self.tokens, self.state, self.logits, self.last_completion = [], None, None, ""
+        self._saved.clear()
+
     @property
     def nbytes(self) -> int:
         """Bytes of numbers this session holds: its tokens (8 each), its current and saved states and rows."""
         arrays = [*(self.state or ()), *([] if self.logits is None else [self.logits])]
-        for state, logits in self._saved.values():
+        for state, logits in tuple(self._saved.values()):  # a metrics scrape reads it from its thread
             arrays += [*state, logits]
         unique = {id(a): a.nbytes for a in arrays}  # the current state is also the newest saved one
         return 8 * len(self.tokens) + sum(unique.values())

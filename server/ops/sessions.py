@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +17,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from nextchar.server.core.session import TypingSession
 
 # Per-keystroke latency: an edit's arrival to its answer being handed to gRPC; 50 µs to 2.5 s.
+# Sessions' states are thousands of small arrays that malloc keeps in its arenas after they are freed,
+# and an ended stream's objects wait in reference cycles (its traceback) for the collector: after this
+# many sessions ended (or the last one), collect and trim the arenas, so RSS comes back down.
+TRIM_EVERY = 64
+_RECLAIM_DELAY_S = 0.05  # let the ended streams' frames go first
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+_malloc_trim = getattr(_LIBC, "malloc_trim", None)  # glibc only; elsewhere RSS stays as malloc leaves it
 _KEYSTROKE = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -40,6 +50,9 @@ class SessionTable:
         self._ids = itertools.count(1)
         self.closing = asyncio.Event()  # set by close(): every session's reader wakes up and ends
         self.opened = self.refused = 0
+        self.trims = 0
+        self._ended_since_trim = 0
+        self._reclaim: asyncio.TimerHandle | None = None
         self.ended: dict[str, int] = {}  # how sessions ended: closed, cancelled, idle, drain, error
         r = registry if registry is not None else CollectorRegistry()
         self.edits = Counter("nextchar_session_edits", "Session edits and requests by kind", ["kind"],
@@ -67,6 +80,19 @@ class SessionTable:
             yield sid
         finally:
             del self.active[sid]
+            # Freed here, not when the stream's frames go: an ended stream's traceback keeps them alive.
+            session.free()
+            self._ended_since_trim += 1
+            if self._reclaim is None and (self._ended_since_trim >= TRIM_EVERY or not self.active):
+                self._reclaim = asyncio.get_running_loop().call_later(_RECLAIM_DELAY_S, self._give_back)
+
+    def _give_back(self) -> None:
+        """Return the ended sessions' memory to the OS (see TRIM_EVERY)."""
+        self._reclaim, self._ended_since_trim = None, 0
+        gc.collect()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+        self.trims += 1
 
     def ended_by(self, reason: str) -> None:
         self.ended[reason] = self.ended.get(reason, 0) + 1
@@ -75,7 +101,8 @@ class SessionTable:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.active.values())
+        # Read by the metrics thread too: tuple() copies the values while holding the GIL.
+        return sum(s.nbytes for s in tuple(self.active.values()))
 
     def close(self) -> None:
         """Drain: refuse new sessions and end the open ones (UNAVAILABLE), freeing their state."""
