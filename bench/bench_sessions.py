@@ -9,7 +9,8 @@ Traffic: `sessions` clients on one asyncio channel, each starting from `start-ch
 schedule unless the server falls behind), so texts grow from start-chars to start-chars + rate x
 seconds. Session mode: one Session stream each, an append per key, answered with the top 5.
 Baseline: the same keys, each a PredictNext on the whole text so far. Server CPU = utime + stime of
-the `nextchar serve` process over the typing phase (/proc), per keystroke answered.
+the `nextchar serve` process over the typing phase (/proc), per keystroke answered; engine time =
+the server's nextchar_engine_step_duration_seconds sum (onnxruntime calls alone) per keystroke.
 Idle: `idle` sessions of the same model, each typed 20 characters (so each keeps its 16 saved
 states), then left idle; RSS of the server before, with them open, and after the idle TTL evicted them.
 """
@@ -148,7 +149,10 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=20.0, help="keys per second per session")
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--start-chars", type=int, default=500)
-    p.add_argument("--baseline-seconds", type=float, default=None, help="default: --seconds")
+    p.add_argument("--baseline-seconds", type=float, default=10.0,
+                   help="PredictNext saturates the server long before the sessions' rate: a shorter run")
+    p.add_argument("--baseline-start-chars", type=int, default=1000,
+                   help="PredictNext's texts start here, so its keys are measured past 1,000 chars")
     p.add_argument("--idle", type=int, default=1000, help="idle sessions for the memory check (0 = skip)")
     p.add_argument("--idle-ttl", type=float, default=10.0)
     p.add_argument("--repo", type=Path, default=None, help="a repo with lstm256/1 (default: export one)")
@@ -156,20 +160,31 @@ def main() -> None:
     a = p.parse_args()
     out = [f"# bench.bench_sessions\n\ncommand: {' '.join(sys.argv)}\n\nmachine: {machine()}\n"]
     with scratch_repo(a.repo, ("lstm",)) as repo:
-        per = {}
-        for mode, seconds in (("session", a.seconds), ("predict_next", a.baseline_seconds or a.seconds)):
-            proc, address = start_server(repo, "--max-concurrent", "256")
+        per, engine = {}, {}
+        runs = (("session", a.seconds, a.start_chars),
+                ("predict_next", a.baseline_seconds, a.baseline_start_chars))
+        for mode, seconds, start in runs:
+            mport = free_port()
+            proc, address = start_server(repo, "--max-concurrent", "256", "--metrics-port", str(mport))
             try:
-                samples, cpu = asyncio.run(typing(address, mode, a.sessions, a.rate, seconds, a.start_chars,
+                samples, cpu = asyncio.run(typing(address, mode, a.sessions, a.rate, seconds, start,
                                                   proc.pid))
+                rows = scrape(mport, 'nextchar_batch_size_sum{model="lstm256"}')
+                calls = scrape(mport, 'nextchar_batch_size_count{model="lstm256"}')
+                engine_s = scrape(mport, 'nextchar_engine_step_duration_seconds_sum{model="lstm256"}')
             finally:
                 stop_server(proc)
             text, per[mode] = report(f"{mode} ({a.sessions} sessions x {a.rate:g} keys/s, {seconds:g} s)",
-                                     samples, cpu, a.start_chars, a.start_chars + int(a.rate * seconds))
+                                     samples, cpu, start, start + int(a.rate * seconds))
+            engine[mode] = engine_s / max(1, len(samples))
+            text += (f"\n  engine calls {calls:.0f}, rows per call {rows / max(calls, 1):.2f}, engine time "
+                     f"{engine[mode] * 1e3:.3f} ms per keystroke (onnxruntime only; warm-up included)")
             out.append(text)
             print(text, flush=True)
         ratio = per["predict_next"] / per["session"]
-        out.append(f"server CPU per keystroke: PredictNext / Session = {ratio:.0f}x")
+        out.append(f"server CPU per keystroke: PredictNext (texts past {a.baseline_start_chars} chars) / "
+                   f"Session = {ratio:.0f}x; engine time alone: "
+                   f"{engine['predict_next'] / engine['session']:.0f}x")
         print(out[-1], flush=True)
         if a.idle:
             out.append(asyncio.run(idle(repo, a.idle, a.idle_ttl)))

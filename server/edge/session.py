@@ -41,8 +41,8 @@ class SessionService:
 
     async def serve(self, requests: Any,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
-        loop = asyncio.get_running_loop()
-        first = await self.table.next_request(requests, loop.time())
+        reader = self.table.reader(requests)
+        first = await reader.next()
         if first is None:
             return
         if first.WhichOneof("action") != "open":
@@ -60,12 +60,11 @@ class SessionService:
                         step = session.append(session.encode(first.open.text, "open.text", opts.oov_policy,
                                                              opts.oov_replacement), "open.text")
                         yield await self._edit(live, first.id, step)
-                    idle_since = loop.time()
-                    while (request := await self.table.next_request(requests, idle_since)) is not None:
+                    while (request := await reader.next()) is not None:
                         async for message in self._answer(live, request):
                             yield message
-                        idle_since = loop.time()
-                    reason = "closed"
+                    # A client that cancels can look like one that closed its side first.
+                    reason = "cancelled" if context.cancelled() else "closed"
                 except SessionIdleError:
                     reason = "idle"
                     raise

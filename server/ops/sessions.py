@@ -48,7 +48,8 @@ class SessionTable:
         self.max_sessions, self.idle_ttl_s = max_sessions, idle_ttl_s
         self.active: dict[int, TypingSession] = {}
         self._ids = itertools.count(1)
-        self.closing = asyncio.Event()  # set by close(): every session's reader wakes up and ends
+        self.closing = False  # set by close(): waiting readers end at once, the others at their next read
+        self.waiting: set[SessionReader] = set()
         self.opened = self.refused = 0
         self.trims = 0
         self._ended_since_trim = 0
@@ -67,7 +68,7 @@ class SessionTable:
     @contextlib.contextmanager
     def hold(self, session: TypingSession) -> Iterator[int]:
         """Admit `session` (SessionsFullError at max_sessions) until the block ends; its id."""
-        if self.closing.is_set():
+        if self.closing:
             raise SessionsClosedError("the server is shutting down; open the session on another instance")
         if len(self.active) >= self.max_sessions:
             self.refused += 1
@@ -106,27 +107,50 @@ class SessionTable:
 
     def close(self) -> None:
         """Drain: refuse new sessions and end the open ones (UNAVAILABLE), freeing their state."""
-        self.closing.set()
+        self.closing = True
+        for reader in list(self.waiting):
+            reader.end("drain")
 
-    async def next_request(self, read: Any, idle_since: float) -> Any:
-        """The stream's next message (None at its end); SessionIdleError past the TTL,
-        SessionsClosedError on drain. `read` is the call's request iterator."""
-        loop = asyncio.get_running_loop()
-        timeout = max(0.0, idle_since + self.idle_ttl_s - loop.time())
-        message = asyncio.ensure_future(anext(read, None))
-        closing = asyncio.ensure_future(self.closing.wait())
-        try:
-            done, _ = await asyncio.wait({message, closing}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closing.cancel()
-        if message in done:
-            return message.result()
-        message.cancel()
-        if closing in done:
+    def reader(self, requests: Any) -> SessionReader:
+        """The reader of one session's request stream; call from the stream's own task."""
+        return SessionReader(self, requests)
+
+
+class SessionReader:
+    """Reads a session's requests. While it waits, the idle TTL (a timer) or a drain cancels the wait
+    and it raises SessionIdleError / SessionsClosedError; no task or wait set per message."""
+
+    def __init__(self, table: SessionTable, requests: Any) -> None:
+        self._table, self._requests = table, requests
+        self._task = asyncio.current_task()
+        self._ended: str | None = None
+
+    async def next(self) -> Any:
+        """The next message; None when the client closed its side."""
+        if self._table.closing:
             raise SessionsClosedError("the server is shutting down; the session ended, reopen it elsewhere")
-        raise SessionIdleError(f"the session sent nothing for {self.idle_ttl_s:g}s (the server's idle TTL); "
-                               "its state was freed, open a new session")
+        timer = asyncio.get_running_loop().call_later(self._table.idle_ttl_s, self.end, "idle")
+        self._table.waiting.add(self)
+        try:
+            return await anext(self._requests, None)
+        except asyncio.CancelledError:
+            if self._ended is None or self._task is None:
+                raise  # the caller left, or its deadline passed
+            self._task.uncancel()  # we cancelled the wait; the stream goes on to end with a status
+            if self._ended == "drain":
+                raise SessionsClosedError(
+                    "the server is shutting down; the session ended, reopen it elsewhere") from None
+            raise SessionIdleError(f"the session sent nothing for {self._table.idle_ttl_s:g}s (the server's "
+                                   "idle TTL); its state was freed, open a new session") from None
+        finally:
+            timer.cancel()
+            self._table.waiting.discard(self)
+
+    def end(self, why: str) -> None:
+        """Stop the wait for the next message (`why`: idle or drain)."""
+        if self._task is not None and self._ended is None:
+            self._ended = why
+            self._task.cancel()
 
 
 class _SessionCollector:
