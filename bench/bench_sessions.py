@@ -177,8 +177,8 @@ def main() -> None:
             text, per[mode] = report(f"{mode} ({a.sessions} sessions x {a.rate:g} keys/s, {seconds:g} s)",
                                      samples, cpu, start, start + int(a.rate * seconds))
             engine[mode] = engine_s / max(1, len(samples))
-            text += (f"\n  engine calls {calls:.0f}, rows per call {rows / max(calls, 1):.2f}, onnxruntime wall "
-                     f"time {engine[mode] * 1e3:.3f} ms per keystroke (concurrent calls share the cores)")
+            text += (f"\n  engine calls {calls:.0f}, rows per call {rows / max(calls, 1):.2f}, onnxruntime "
+                     f"wall time {engine[mode] * 1e3:.3f} ms per keystroke (concurrent calls share cores)")
             out.append(text)
             print(text, flush=True)
         ratio = per["predict_next"] / per["session"]
