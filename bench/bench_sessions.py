@@ -1,6 +1,7 @@
 """Typing sessions vs PredictNext on the whole text: per-keystroke latency and server CPU as texts grow.
 
 Usage: .venv/bin/python -m bench.bench_sessions [--sessions 64] [--rate 20] [--seconds 30] [--start-chars 500]
+                                               [--baseline-seconds 10] [--baseline-start-chars 1000 2000]
                                                [--idle 1000] [--idle-ttl 10] [--repo DIR] [--out FILE]
 
 Model: an untrained LSTM-256 x2 (anthem vocabulary); untrained weights cost the same per step.
@@ -8,9 +9,11 @@ Traffic: `sessions` clients on one asyncio channel, each starting from `start-ch
 `rate` characters per second for `seconds` (a key waits for the previous answer: closed loop, on
 schedule unless the server falls behind), so texts grow from start-chars to start-chars + rate x
 seconds. Session mode: one Session stream each, an append per key, answered with the top 5.
-Baseline: the same keys, each a PredictNext on the whole text so far. Server CPU = utime + stime of
-the `nextchar serve` process over the typing phase (/proc), per keystroke answered; engine time =
-the server's nextchar_engine_step_duration_seconds sum (onnxruntime calls alone) per keystroke.
+Baseline: the same keys, each a PredictNext on the whole text so far, with texts starting at each
+--baseline-start-chars (1,000 and 2,000) for --baseline-seconds (10): it saturates the server long
+before the sessions' rate, so its texts barely grow and a shorter run measures the same thing.
+Server CPU = utime + stime of the `nextchar serve` process over the typing phase (/proc), per keystroke
+answered; onnxruntime wall time = the server's nextchar_engine_step_duration_seconds sum per keystroke.
 Idle: `idle` sessions of the same model, each typed 20 characters (so each keeps its 16 saved
 states), then left idle; RSS of the server before, with them open, and after the idle TTL evicted them.
 """
@@ -151,8 +154,8 @@ def main() -> None:
     p.add_argument("--start-chars", type=int, default=500)
     p.add_argument("--baseline-seconds", type=float, default=10.0,
                    help="PredictNext saturates the server long before the sessions' rate: a shorter run")
-    p.add_argument("--baseline-start-chars", type=int, default=1000,
-                   help="PredictNext's texts start here, so its keys are measured past 1,000 chars")
+    p.add_argument("--baseline-start-chars", type=int, nargs="+", default=[1000, 2000],
+                   help="one PredictNext run per value, its texts starting there (past 1,000 chars)")
     p.add_argument("--idle", type=int, default=1000, help="idle sessions for the memory check (0 = skip)")
     p.add_argument("--idle-ttl", type=float, default=10.0)
     p.add_argument("--repo", type=Path, default=None, help="a repo with lstm256/1 (default: export one)")
@@ -161,8 +164,8 @@ def main() -> None:
     out = [f"# bench.bench_sessions\n\ncommand: {' '.join(sys.argv)}\n\nmachine: {machine()}\n"]
     with scratch_repo(a.repo, ("lstm",)) as repo:
         per, engine = {}, {}
-        runs = (("session", a.seconds, a.start_chars),
-                ("predict_next", a.baseline_seconds, a.baseline_start_chars))
+        runs = [("session", a.seconds, a.start_chars)]
+        runs += [(f"predict_next@{n}", a.baseline_seconds, n) for n in a.baseline_start_chars]
         for mode, seconds, start in runs:
             mport = free_port()
             proc, address = start_server(repo, "--max-concurrent", "256", "--metrics-port", str(mport))
@@ -181,9 +184,9 @@ def main() -> None:
                      f"wall time {engine[mode] * 1e3:.3f} ms per keystroke (concurrent calls share cores)")
             out.append(text)
             print(text, flush=True)
-        ratio = per["predict_next"] / per["session"]
-        out.append(f"server CPU per keystroke: PredictNext (texts past {a.baseline_start_chars} chars) / "
-                   f"Session = {ratio:.0f}x")
+        out.append("server CPU per keystroke, PredictNext / Session: " + ", ".join(
+            f"{per[f'predict_next@{n}'] / per['session']:.0f}x on texts past {n} chars"
+            for n in a.baseline_start_chars))
         print(out[-1], flush=True)
         if a.idle:
             out.append(asyncio.run(idle(repo, a.idle, a.idle_ttl)))
