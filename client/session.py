@@ -88,8 +88,12 @@ class TypingSession(_Protocol):
         self._call = stub.Session(iter(self._outbox.get, None), timeout=timeout, metadata=metadata)
         self._n = open_.options.n
         first = self._send(open=open_)
-        self._next(first)
-        self.opened = self._update(self._next(first)) if self._n else None
+        try:
+            self._next(first)
+            self.opened = self._update(self._next(first)) if self._n else None
+        except BaseException:
+            self._outbox.put(None)  # grpc's request thread waits on the queue: let it end
+            raise
 
     def _send(self, **action: Any) -> pb.SessionRequest:
         request = self._request(**action)
@@ -129,7 +133,8 @@ class TypingSession(_Protocol):
         return self._edit(predict=pb.SessionPredict(n=n)).predictions
 
     def complete(self, max_new_chars: int, **options: Any) -> Iterator[str]:
-        """Stream a completion's pieces; `self.summary` (a GenerationSummary) is set at its end."""
+        """Stream a completion's pieces; `self.summary` (a GenerationSummary) is set at its end.
+        Read it to the end before the next call: its answers come first on the stream."""
         from nextchar.client.client import _summary
 
         request = self._send(complete=complete_message(max_new_chars, **options))

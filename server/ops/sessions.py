@@ -85,7 +85,14 @@ class SessionTable:
             session.free()
             self._ended_since_trim += 1
             if self._reclaim is None and (self._ended_since_trim >= TRIM_EVERY or not self.active):
-                self._reclaim = asyncio.get_running_loop().call_later(_RECLAIM_DELAY_S, self._give_back)
+                self._schedule_give_back()
+
+    def _schedule_give_back(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a stream finalized after its loop stopped: the process is ending anyway
+            return
+        self._reclaim = loop.call_later(_RECLAIM_DELAY_S, self._give_back)
 
     def _give_back(self) -> None:
         """Return the ended sessions' memory to the OS (see TRIM_EVERY)."""
