@@ -52,6 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-char", action="store_true", help="also print each character's log-probability")
     _oov_args(p)
 
+    p = _add(subparsers, "type", "the likely next characters as you type (a typing session; "
+             "reads a pipe too: one line per character)", _type)
+    _model_args(p, offline=False)
+    p.add_argument("-n", type=int, default=5, help="how many candidates (default 5)")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default 1)")
+    _oov_args(p)
+
     p = _add(subparsers, "models", "list the server's models, or show one model's manifest", _models)
     _server_args(p)
     p.add_argument("name", nargs="?", help="show this model's manifest as JSON")
@@ -210,6 +217,13 @@ def _score(args: argparse.Namespace) -> int:
     for char, logprob in per_char:
         print(f"{char!r:>6}  {logprob:.4f}")
     return 0
+
+
+def _type(args: argparse.Namespace) -> int:
+    from nextchar.client.typing_cli import run
+
+    with _client(args) as client:
+        return run(client, args)
 
 
 def _models(args: argparse.Namespace) -> int:

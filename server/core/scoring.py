@@ -48,10 +48,15 @@ def predict(engine, context: str, n: int, *, temperature: float = DEFAULT_TEMPER
     if tokens.size == 0:
         raise InvalidParameterError("context", "no character of it is in the model's vocabulary")
     last, _ = prefill(engine, tokens[None, :], engine.initial_state(1))
-    logprobs = log_softmax(np.asarray(last[0], dtype=np.float64) / temperature)
-    order = np.argsort(-logprobs, kind="stable")[:n]
-    return [Prediction(engine.vocab[i], int(i), float(np.exp(logprobs[i])), float(logprobs[i]))
-            for i in order]
+    return top_predictions(last[0], engine.vocab, n, temperature)
+
+
+def top_predictions(logits_row: np.ndarray, vocab: tuple[str, ...], n: int,
+                    temperature: float = 1.0) -> list[Prediction]:
+    """The `n` most probable entries of `logits_row: float32[V]` at `temperature`, most likely first."""
+    logprobs = log_softmax(np.asarray(logits_row, dtype=np.float64) / temperature)
+    order = np.argsort(-logprobs, kind="stable")[: min(n, len(vocab))]
+    return [Prediction(vocab[i], int(i), float(np.exp(logprobs[i])), float(logprobs[i])) for i in order]
 
 
 def predict_next(engine, context: str, n: int, *, temperature: float = DEFAULT_TEMPERATURE,

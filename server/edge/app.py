@@ -13,16 +13,20 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from nextchar.inference import grpc_service_pb2_grpc
+from nextchar.server.core.session import SessionLimits
 from nextchar.server.edge import kserve, wire
 from nextchar.server.edge.servicer import NextCharServicer
+from nextchar.server.edge.session import SessionService
 from nextchar.server.ops.config import ServerConfig
 from nextchar.server.ops.metrics import Metrics
 from nextchar.server.ops.operations import Operations
 from nextchar.server.ops.registry import Registry, engine_loader
+from nextchar.server.ops.sessions import SessionTable
 from nextchar.server.scheduling.batching import BatchingConfig
 from nextchar.server.scheduling.budget import MemoryBudget
 from nextchar.server.scheduling.clients import ClientSlots
 from nextchar.server.scheduling.runner import Runner
+from nextchar.server.scheduling.session_steps import StepCoalescer
 from nextchar.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ class NextCharServer:
         started = time.monotonic()
         await self.health.enter_graceful_shutdown()
         await self.ops.stop_changes()
+        self.servicer.sessions.table.close()  # sessions end at once (UNAVAILABLE), their state freed
         drained = await self.runner.drain(grace)
         left = max(0.0, grace - (time.monotonic() - started))
         await self.grpc_server.stop(min(_FLUSH_SECONDS, left) if drained else 0)
@@ -94,6 +99,11 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     limits = wire.Limits(config.max_prompt_chars, config.max_new_chars)
     servicer = NextCharServicer(registry, runner, limits, MemoryBudget(config.memory_budget_mb << 20),
                                 ClientSlots(config.max_per_client))
+    sessions = SessionTable(config.max_sessions, config.session_idle_ttl, metrics.registry)
+    steps = StepCoalescer(runner.call, config.max_batch_size, runner.batches)
+    servicer.sessions = SessionService(
+        registry, sessions, steps, servicer.limits,
+        SessionLimits(config.session_max_chars, config.session_saved_states), servicer._model)
     health = health_aio.HealthServicer()
     ops = Operations(config, metrics, registry, runner, health)
     grpc_server = grpc.aio.server(interceptors=ops.interceptors, options=[

@@ -16,8 +16,10 @@ from grpc_status import rpc_status
 from nextchar.server.core.artifact import ArtifactError, ModelNameError
 from nextchar.server.core.limits import MAX_LISTED_VIOLATIONS, MAX_MESSAGE_CHARS
 from nextchar.server.core.sampling import InvalidParameterError
+from nextchar.server.core.session import SessionTextLimitError
 from nextchar.server.core.vocab import OutOfVocabularyError
 from nextchar.server.ops.registry import ModelNotFoundError
+from nextchar.server.ops.sessions import SessionIdleError, SessionsClosedError, SessionsFullError
 from nextchar.server.scheduling.batching import CapacityError
 from nextchar.server.scheduling.budget import MemoryBudgetError
 from nextchar.server.scheduling.clients import ClientLimitError
@@ -39,6 +41,10 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ClientLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),   # --max-per-client
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (SessionsFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),      # --max-sessions open
+    (SessionTextLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # the per-session memory bound
+    (SessionIdleError, grpc.StatusCode.DEADLINE_EXCEEDED),        # idle past --session-idle-ttl
+    (SessionsClosedError, grpc.StatusCode.UNAVAILABLE),           # draining
 )
 
 

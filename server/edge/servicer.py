@@ -11,6 +11,7 @@ import grpc
 from nextchar.server.core.scoring import predict, score
 from nextchar.server.edge import wire
 from nextchar.server.edge.errors import mapped
+from nextchar.server.edge.session import SessionService
 from nextchar.server.ops.registry import LoadedModel, Registry
 from nextchar.server.scheduling.budget import MemoryBudget, call_bytes
 from nextchar.server.scheduling.clients import ClientSlots, client_key
@@ -27,6 +28,7 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
         self.registry, self.runner, self.limits = registry, runner, limits
         self.budget = budget or MemoryBudget(1 << 62)  # None: no memory limit (tests of other things)
         self.clients = clients or ClientSlots(0)
+        self.sessions: SessionService | None = None  # set by build_server (server.edge.session)
 
     @contextlib.contextmanager
     def admit(self, model: LoadedModel, chars: int, context: grpc.aio.ServicerContext) -> Iterator[None]:
@@ -94,3 +96,9 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
         with self.admit(model, len(request.context) + len(request.text), context):
             result = await self.runner.call(functools.partial(score, model.engine, **args))
         return wire.score_response(result, model)
+
+    @mapped
+    async def Session(self, request_iterator, context: grpc.aio.ServicerContext):
+        assert self.sessions is not None, "build_server sets the session service"
+        async for message in self.sessions.serve(request_iterator, context):
+            yield message

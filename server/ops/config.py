@@ -46,6 +46,10 @@ class ServerConfig:
     max_wait_ms: float = 2.0           # an arrival at an idle batcher waits this long for company
     max_active_streams: int = 256      # batched streams decoding at once per model; more wait in the queue
     max_queue: int = 256               # streams waiting per model; beyond: RESOURCE_EXHAUSTED
+    max_sessions: int = 1024           # open Session streams; more: RESOURCE_EXHAUSTED
+    session_idle_ttl: float = 300.0    # a session that sends nothing this long is ended, its state freed
+    session_max_chars: int = 10_000    # text one session may hold: its memory bound
+    session_saved_states: int = 16     # recent states a session keeps so deletes cost no re-read
     log_level: str = "INFO"
     # Operations (server.reload, server.metrics, server.reqlog, server.security):
     reload_interval: float = 0.0       # seconds between repository scans for new/removed versions; 0 = off
@@ -223,6 +227,14 @@ _SPECS: dict[str, _Spec] = {
                                 "batched streams decoding at once per model"),
     "max_queue": _Spec("--max-queue", int, _int_range(0, 1 << 20),
                        "batched streams waiting per model before RESOURCE_EXHAUSTED"),
+    "max_sessions": _Spec("--max-sessions", int, _int_range(0, 1 << 20),
+                          "open typing sessions (Session RPC) before RESOURCE_EXHAUSTED (0 = none)"),
+    "session_idle_ttl": _Spec("--session-idle-ttl", float, _float_range(0.01, 86400.0),
+                              "seconds a session may send nothing before it ends and its state is freed"),
+    "session_max_chars": _Spec("--session-max-chars", int, _int_range(1, 10_000_000),
+                               "characters one session may hold (bounds its memory)"),
+    "session_saved_states": _Spec("--session-saved-states", int, _int_range(0, 4096),
+                                  "recent model states a session keeps, so deleting back costs no re-read"),
     "log_level": _Spec("--log-level", str.upper, _one_of(LOG_LEVELS), "logging level"),
     "reload_interval": _Spec("--reload-interval", float, _float_range(0.0, 86400.0),
                              "seconds between scans of the repository for new or removed versions (0 = off)"),
