@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install proto test lint bench demo clean compose-smoke
+.PHONY: install proto test lint bench demo clean compose-smoke playground test-playground
 
 install: $(STAMP)   ## .venv with nextchar, the trainer (CPU torch) and the test tools
 
@@ -27,6 +27,13 @@ demo: $(STAMP) proto   ## train the default model on the built-in corpus, export
 
 compose-smoke: $(STAMP) proto   ## the real deployment with podman (root): build, compose up, scale out, kill a replica
 	bash scripts/compose_smoke.sh
+
+SERVER ?= localhost:50051
+playground: $(STAMP) proto   ## the browser playground next to a running server: make playground SERVER=host:port
+	$(PY) scripts/playground.py --server $(SERVER)
+
+test-playground: $(STAMP) proto   ## the playground in headless chromium against a real server (via Envoy)
+	$(PY) -m pytest -q tests/e2e/test_playground.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache runs models

@@ -97,7 +97,8 @@ def start_server(repo: Path, *flags: str, timeout: float = 120.0) -> tuple[subpr
 
     port = free_port()
     cmd = [sys.executable, "-m", "nextchar.client.cli", "serve", "--model-repo", str(repo),
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING", *flags]
+           "--host", "127.0.0.1", "--port", str(port), "--admin-address", "127.0.0.1:0",
+           "--log-level", "WARNING", *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -8,12 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from nextchar.client import commands
+from nextchar.server.ops.config import DEFAULT_ADMIN_ADDRESS
+
+ADMIN_SERVER_ENV = "NEXTCHAR_ADMIN_SERVER"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "admin", help="operate a running server: rescan its repository, load or unload a model",
-        description="Admin calls need the server's token when it has one; without one the server "
+        description="Admin has its own listener (the server's --admin-address, default "
+                    f"{DEFAULT_ADMIN_ADDRESS}); --server defaults to ${ADMIN_SERVER_ENV}, else that address. "
+                    "Admin calls need the server's token when it has one; without one the server "
                     "answers them from loopback only.")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = commands._add(actions, "reload", "rescan the model repository now; print what changed", _reload)
@@ -40,7 +45,7 @@ def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
     credentials = Credentials(token=args.token or os.environ.get(commands.TOKEN_ENV) or None, tls=args.tls,
                               tls_ca=path(args.tls_ca), tls_cert=path(args.tls_cert),
                               tls_key=path(args.tls_key))
-    target = args.server or os.environ.get(commands.SERVER_ENV) or commands.DEFAULT_SERVER
+    target = args.server or os.environ.get(ADMIN_SERVER_ENV) or DEFAULT_ADMIN_ADDRESS
     with open_channel(target, credentials) as channel:
         stub = admin_pb2_grpc.AdminStub(channel)
         try:

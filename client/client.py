@@ -11,11 +11,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nextchar.client.credentials import Credentials, open_channel
 from nextchar.client.errors import from_rpc_error
+from nextchar.client.session import AsyncTypingSession, TypingSession, options_message
 from nextchar.v1 import inference_pb2 as pb
 from nextchar.v1 import inference_pb2_grpc, manifest_pb2
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 30.0
+SESSION_TIMEOUT_S = 3600.0  # a typing session's deadline: the whole stream, not one keystroke
 OOV_POLICIES = {"error": pb.OOV_POLICY_ERROR, "skip": pb.OOV_POLICY_SKIP, "replace": pb.OOV_POLICY_REPLACE}
 _FINISH = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
 
@@ -85,10 +87,10 @@ def _oov(policy: str) -> int:
 
 
 def generate_request(model: str, prompt: str, max_new_chars: int, *, version: int | None = None,
-                     temperature: float = 0.0, top_k: int = 0, top_p: float | None = None,
+                     temperature: float | None = None, top_k: int = 0, top_p: float | None = None,
                      seed: int | None = None, stop: Sequence[str] = (), echo: bool = False,
                      oov_policy: str = "error", oov_replacement: str = "") -> pb.GenerateRequest:
-    """temperature 0 = greedy; seed None = the server draws one (and returns it)."""
+    """temperature 0 = greedy, None = the server's default (1); seed None = the server draws one."""
     req = pb.GenerateRequest(model=_ref(model, version), prompt=prompt, max_new_chars=max_new_chars,
                              temperature=temperature, top_k=top_k, stop=list(stop), echo=echo,
                              oov_policy=_oov(oov_policy), oov_replacement=oov_replacement)
@@ -133,6 +135,12 @@ def _score_request(model: str, text: str, context: str, per_char: bool, version:
                    oov_policy: str, oov_replacement: str) -> pb.ScoreRequest:
     return pb.ScoreRequest(model=_ref(model, version), text=text, context=context, per_char=per_char,
                            oov_policy=_oov(oov_policy), oov_replacement=oov_replacement)
+
+
+def _session_open(model: str, version: int | None, n: int, temperature: float | None, text: str,
+                  oov_policy: str, oov_replacement: str) -> pb.SessionOpen:
+    return pb.SessionOpen(model=_ref(model, version), text=text,
+                          options=options_message(n, temperature, _oov(oov_policy), oov_replacement))
 
 
 _HEALTH = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
@@ -218,6 +226,13 @@ class NextCharClient:
               timeout: float | None = None) -> Score:
         req = _score_request(model, text, context, per_char, version, oov_policy, oov_replacement)
         return _score(self._call(self._stub.Score, req, timeout))
+
+    def session(self, model: str, *, version: int | None = None, n: int = 5, temperature: float | None = None,
+                text: str = "", oov_policy: str = "error", oov_replacement: str = "",
+                timeout: float = SESSION_TIMEOUT_S) -> TypingSession:
+        """Open a typing session: `n` predictions after every edit (0: only on `predict`)."""
+        return TypingSession(self._stub, _session_open(model, version, n, temperature, text, oov_policy,
+                                                       oov_replacement), timeout, self._metadata)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN" for `service` ("" = the server)."""
@@ -308,6 +323,13 @@ class AsyncNextCharClient:
                     timeout: float | None = None) -> Score:
         req = _score_request(model, text, context, per_char, version, oov_policy, oov_replacement)
         return _score(await self._call(self._stub.Score, req, timeout))
+
+    async def session(self, model: str, *, version: int | None = None, n: int = 5,
+                      temperature: float | None = None, text: str = "", oov_policy: str = "error",
+                      oov_replacement: str = "", timeout: float = SESSION_TIMEOUT_S) -> AsyncTypingSession:
+        """Open a typing session (see NextCharClient.session)."""
+        opening = _session_open(model, version, n, temperature, text, oov_policy, oov_replacement)
+        return await AsyncTypingSession(self._stub, timeout, self._metadata)._open(opening)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         reply = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from nextchar.server.core.limits import DEFAULT_TEMPERATURE, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+
 SERVER_ENV = "NEXTCHAR_SERVER"
 TOKEN_ENV = "NEXTCHAR_TOKEN"
 DEFAULT_SERVER = "localhost:50051"
@@ -20,12 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _model_args(p, offline=True)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-chars", type=int, default=200, help="characters to generate at most (default 200)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"0 = greedy (default {DEFAULT_TEMPERATURE:g})")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely characters (0 = off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default off)")
     p.add_argument("--seed", type=int, default=None, help="replay a generation (default: a fresh seed)")
-    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable, up to 4)")
+    p.add_argument("--stop", action="append", default=[],
+                   help=f"stop sequence (repeatable, up to {MAX_STOP_SEQUENCES}, each 1 to {MAX_STOP_CHARS} "
+                        "characters)")
     p.add_argument("--echo", action="store_true", help="print the prompt first")
+    p.add_argument("--no-newline", action="store_true",
+                   help="print the text exactly as generated; by default a newline (not part of the "
+                        "generated text) ends the output")
     _oov_args(p)
     p.add_argument("--quiet", action="store_true", help="no summary line on stderr")
 
@@ -33,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _model_args(p, offline=True)
     p.add_argument("--context", required=True, help="the text so far")
     p.add_argument("-n", type=int, default=5, help="how many candidates (default 5)")
-    p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default 1)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"softmax temperature (default {DEFAULT_TEMPERATURE:g})")
     _oov_args(p)
 
     p = _add(subparsers, "score", "log-likelihood of a text (nats and bits per character)", _score)
@@ -41,6 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text", required=True, help="the text to score")
     p.add_argument("--context", default="", help="conditioning text, not scored")
     p.add_argument("--per-char", action="store_true", help="also print each character's log-probability")
+    _oov_args(p)
+
+    p = _add(subparsers, "type", "the likely next characters as you type (a typing session; "
+             "reads a pipe too: one line per character)", _type)
+    _model_args(p, offline=False)
+    p.add_argument("-n", type=int, default=5, help="how many candidates (default 5)")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default 1)")
     _oov_args(p)
 
     p = _add(subparsers, "models", "list the server's models, or show one model's manifest", _models)
@@ -138,7 +154,7 @@ def _generate(args: argparse.Namespace) -> int:
         top_p = 1.0 if args.top_p is None else args.top_p
         pieces = run_generate(args.model_file, args.prompt, args.max_chars, top_p=top_p, **options,
                               **_oov_offline(args), on_finished=finished.append)
-        _print_stream(pieces)
+        _print_stream(pieces, newline=not args.no_newline)
         if not args.quiet and finished:
             f = finished[0]
             print(f"[{args.model_file}] finish={f.reason.value} prompt={f.usage.prompt_chars} "
@@ -149,7 +165,7 @@ def _generate(args: argparse.Namespace) -> int:
                                         top_p=args.top_p, oov_policy=args.oov,
                                         oov_replacement=args.oov_replacement, **options)
         with stream:
-            _print_stream(stream)
+            _print_stream(stream, newline=not args.no_newline)
         s = stream.summary
         if not args.quiet and s is not None:
             print(f"[{s.model} v{s.version}] finish={s.finish_reason} prompt={s.prompt_chars} "
@@ -158,19 +174,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_stream(pieces: Any) -> None:
+def _print_stream(pieces: Any, newline: bool) -> None:
     for text in pieces:
         sys.stdout.write(text)
         sys.stdout.flush()  # show each piece as it arrives
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    if newline:  # so the shell prompt starts on its own line; --no-newline for byte-exact output
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _predict(args: argparse.Namespace) -> int:
     if args.model_file:
         from nextchar.client.offline import run_predict
 
-        temperature = 1.0 if args.temperature is None else args.temperature
+        temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
         best = run_predict(args.model_file, args.context, args.n, temperature, **_oov_offline(args))
     else:
         with _client(args) as client:
@@ -200,6 +217,13 @@ def _score(args: argparse.Namespace) -> int:
     for char, logprob in per_char:
         print(f"{char!r:>6}  {logprob:.4f}")
     return 0
+
+
+def _type(args: argparse.Namespace) -> int:
+    from nextchar.client.typing_cli import run
+
+    with _client(args) as client:
+        return run(client, args)
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -103,3 +103,13 @@ def from_rpc_error(error: grpc.RpcError) -> NextCharError:
     metadata = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else ()
     cls = _BY_CODE.get(code, Internal)
     return cls(code, details or "", _violations(metadata))
+
+
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def from_status(code: int, details: str, field: str = "") -> NextCharError:
+    """A status carried inside a message (a Session's per-request error) as its NextCharError subclass."""
+    status = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    violations = (FieldViolation(field, details.removeprefix(f"{field}: ")),) if field else ()
+    return _BY_CODE.get(status, Internal)(status, details, violations)

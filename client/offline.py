@@ -15,6 +15,7 @@ from nextchar.server.core.generation import (
     TextChunk,
     generate,
 )
+from nextchar.server.core.limits import DEFAULT_TEMPERATURE
 from nextchar.server.core.sampling import SamplingParams
 from nextchar.server.core.scoring import Prediction, ScoreResult, predict, score
 from nextchar.server.core.vocab import OovPolicy
@@ -56,9 +57,10 @@ class OfflineModel:
     def vocab(self) -> tuple[str, ...]:
         return self.engine.vocab
 
-    def stream(self, prompt: str, max_new_chars: int = 200, *, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] | list[str] = (),
-               echo: bool = False, oov_policy: OovPolicy = OovPolicy.ERROR,
+    def stream(self, prompt: str, max_new_chars: int = 200, *, temperature: float = DEFAULT_TEMPERATURE,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               stop: tuple[str, ...] | list[str] = (), echo: bool = False,
+               oov_policy: OovPolicy = OovPolicy.ERROR,
                oov_replacement: str | None = None) -> Iterator[GenerationEvent]:
         """TextChunk events, then one Finished (its `seed` replays the text). Parameters as the server's."""
         request = GenerationRequest(
@@ -79,7 +81,7 @@ class OfflineModel:
                 return OfflineResult("".join(parts), event)
         raise AssertionError("generate() ended without a Finished event")
 
-    def predict(self, context: str, n: int = 5, *, temperature: float = 1.0,
+    def predict(self, context: str, n: int = 5, *, temperature: float = DEFAULT_TEMPERATURE,
                 oov_policy: OovPolicy = OovPolicy.ERROR,
                 oov_replacement: str | None = None) -> list[Prediction]:
         """The n most likely next characters with probabilities, most likely first."""
@@ -93,7 +95,7 @@ class OfflineModel:
                      oov_replacement=oov_replacement)
 
 
-def run_generate(path: Path, prompt: str, max_new_chars: int = 200, temperature: float = 1.0,
+def run_generate(path: Path, prompt: str, max_new_chars: int = 200, temperature: float = DEFAULT_TEMPERATURE,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop: tuple[str, ...] | list[str] = (), echo: bool = False,
                  oov_policy: OovPolicy = OovPolicy.ERROR, oov_replacement: str | None = None,
@@ -112,7 +114,7 @@ def run_generate(path: Path, prompt: str, max_new_chars: int = 200, temperature:
             on_finished(event)
 
 
-def run_predict(path: Path, context: str, n: int = 5, temperature: float = 1.0,
+def run_predict(path: Path, context: str, n: int = 5, temperature: float = DEFAULT_TEMPERATURE,
                 oov_policy: OovPolicy = OovPolicy.ERROR, oov_replacement: str | None = None,
                 ) -> list[Prediction]:
     """For `nextchar predict --model-file PATH`."""

@@ -134,6 +134,16 @@ def export_tiny(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _admin_on_a_free_port() -> Any:
+    """Servers the tests start (in-process or `nextchar serve`) put Admin on a free loopback port, not
+    the default one, which another server on this machine may hold."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("NEXTCHAR_ADMIN_ADDRESS", "127.0.0.1:0")
+    yield
+    patch.undo()
+
+
 _FOLDER_MARKERS = ("unit", "integration", "e2e")
 
 

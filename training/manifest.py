@@ -53,7 +53,7 @@ def _training_info(t: dict[str, Any]) -> manifest_pb2.TrainingInfo:
         corpus_bytes=int(corpus.get("bytes", 0)), corpus_chars=int(corpus.get("chars", 0)),
         final_train_loss=train_loss, final_val_loss=val_loss,
         steps=int(t.get("step", 0)), train_seconds=float(t.get("train_seconds", 0.0)),
-        config_json=json.dumps(t.get("train_config", {}), sort_keys=True, default=str),
+        config_json=art.public_config_json(json.dumps(t.get("train_config", {}), default=str)),
         seed=int(t.get("seed", 0)),
     )
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from google.protobuf import json_format
 
@@ -77,6 +78,31 @@ def manifest_from_json(text: str, source: str) -> ModelManifest:
         return json_format.Parse(text, ModelManifest())
     except json_format.ParseError as e:
         raise ArtifactError(f"{source}: not a valid ModelManifest: {e}") from None
+
+
+def public_config_json(text: str) -> str:
+    """A training config (JSON) fit to publish: every value that looks like a file path becomes its
+    base name, so a manifest never carries a directory of the training machine (the corpus is known
+    by TrainingInfo's corpus_name and corpus_sha256). Text that is not a JSON object is dropped."""
+    try:
+        config = json.loads(text) if text else {}
+    except ValueError:
+        return "{}"
+    if not isinstance(config, dict):
+        return "{}"
+    public = {k: PurePath(v.replace("\\", "/")).name if isinstance(v, str) and ("/" in v or "\\" in v)
+              else v for k, v in config.items()}
+    return json.dumps(public, sort_keys=True, default=str)
+
+
+def public_manifest(manifest: ModelManifest) -> ModelManifest:
+    """`manifest` as served (ListModels, GetModel): its training config without paths."""
+    if not manifest.HasField("training"):
+        return manifest
+    public = ModelManifest()
+    public.CopyFrom(manifest)
+    public.training.config_json = public_config_json(manifest.training.config_json)
+    return public
 
 
 def file_sha256(path: Path) -> str:

@@ -9,13 +9,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nextchar.server.core.sampling import InvalidParameterError, SamplingParams, sample
+from nextchar.server.core.limits import MAX_NEW_CHARS, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, shown
+from nextchar.server.core.prefill import prefill
+from nextchar.server.core.sampling import InvalidParameterError, SamplingParams, philox_uniform, sample
 from nextchar.server.core.vocab import OovPolicy, build_index, decode, encode
-
-MAX_NEW_CHARS = 100_000
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_CHARS = 64
-MAX_SEED = 2**64 - 1
 
 Clock = Callable[[], float]
 
@@ -31,9 +28,10 @@ class FinishReason(enum.Enum):
 class GenerationRequest:
     """What to generate. Validated on construction (InvalidParameterError naming the field).
 
-    Random draws come from `np.random.Generator(np.random.PCG64(seed))`, one per request, so the same
-    request with the same seed yields the same text, batched or not. `echo` prepends the prompt as
-    the model saw it (after the out-of-vocabulary policy). Stop sequences match generated text only.
+    Generated char i samples with the uniform `philox_uniform(seed, i)` (docs/sampling.md), so the same
+    request with the same seed yields the same text, batched or not, in every runtime. `echo`
+    prepends the prompt as the model saw it (after the out-of-vocabulary policy). Stop sequences
+    match generated text only.
     """
 
     prompt: str
@@ -54,19 +52,22 @@ class GenerationRequest:
                                                   "start-of-text token to condition on)")
         n = self.max_new_chars
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_NEW_CHARS:
-            raise InvalidParameterError("max_new_chars", f"must be in [1, {MAX_NEW_CHARS}], got {n!r}")
+            raise InvalidParameterError("max_new_chars", f"must be in [1, {MAX_NEW_CHARS}], got {shown(n)}")
         if not isinstance(self.sampling, SamplingParams):
             raise InvalidParameterError("sampling", f"must be SamplingParams, got {type(self.sampling)}")
         self.sampling.validate()
         s = self.seed
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
-            raise InvalidParameterError("seed", f"must be an integer in [0, 2^64-1], got {s!r}")
-        if not isinstance(self.stop, tuple) or len(self.stop) > MAX_STOP_SEQUENCES:
-            raise InvalidParameterError("stop", f"must be a tuple of at most {MAX_STOP_SEQUENCES} strings")
+            raise InvalidParameterError("seed", f"must be an integer in [0, 2^64-1], got {shown(s)}")
+        if not isinstance(self.stop, tuple):
+            raise InvalidParameterError("stop", f"must be a tuple of strings, got {type(self.stop).__name__}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidParameterError(
+                "stop", f"must have at most {MAX_STOP_SEQUENCES} sequences, got {len(self.stop)}")
         for i, seq in enumerate(self.stop):
             if not isinstance(seq, str) or not 1 <= len(seq) <= MAX_STOP_CHARS:
                 raise InvalidParameterError(
-                    f"stop[{i}]", f"must be a string of 1 to {MAX_STOP_CHARS} characters, got {seq!r}")
+                    f"stop[{i}]", f"must be a string of 1 to {MAX_STOP_CHARS} characters, got {shown(seq)}")
         if not isinstance(self.oov_policy, OovPolicy):
             raise InvalidParameterError("oov_policy", f"must be one of {[p.value for p in OovPolicy]}")
         if self.oov_policy is not OovPolicy.REPLACE and self.oov_replacement is not None:
@@ -122,8 +123,10 @@ class Decoder:
             request.prompt, index, request.oov_policy, request.oov_replacement, field="prompt")
         if self.prompt_tokens.size == 0:
             raise InvalidParameterError("prompt", "no character of it is in the model's vocabulary")
+        if request.sampling.top_k > len(vocab):
+            raise InvalidParameterError("top_k", f"must be in [0, {len(vocab)}] (0 = off; the vocabulary "
+                                                 f"size), got {request.sampling.top_k}")
         self._clock = clock
-        self._rng = np.random.Generator(np.random.PCG64(request.seed))
         self._started = clock()
         self._first_char_at: float | None = None
         self._pending = ""  # generated, not yet released: a possible start of a stop sequence
@@ -140,19 +143,27 @@ class Decoder:
         return decode(self.prompt_tokens, self.vocab)
 
     @property
-    def rng(self) -> np.random.Generator:
-        """This request's generator (seeded from request.seed), for callers that sample themselves."""
-        return self._rng
+    def seed(self) -> int:
+        """The key of this request's draws (request.seed)."""
+        return self.request.seed
+
+    @property
+    def draws(self) -> int:
+        """Chars sampled so far: the counter of the next draw, used whether or not the request is greedy."""
+        return self.generated_chars
 
     def feed(self, logits_row: np.ndarray) -> str:
         """Sample the next char from `logits_row: float32[V]`; return newly releasable text (maybe "")."""
         if self.finished:
             raise RuntimeError("feed() on a finished Decoder")
-        return self.feed_token(sample(logits_row, self.request.sampling, self._rng))
+        sampling = self.request.sampling
+        u = 0.0 if sampling.greedy else philox_uniform(self.seed, self.draws)  # greedy ignores its draw
+        return self.feed_token(sample(logits_row, sampling, u))
 
     def feed_token(self, token: int) -> str:
-        """`feed` for a token the caller sampled with request.sampling and `rng` (the batcher samples
-        all its rows in one `sample_rows` call); returns newly releasable text (maybe "")."""
+        """`feed` for a token the caller sampled with request.sampling and the uniform of draw `draws`
+        of `seed` (the batcher samples all its rows in one `sample_rows` call); returns newly
+        releasable text (maybe "")."""
         if self.finished:
             raise RuntimeError("feed_token() on a finished Decoder")
         self.generated_chars += 1
@@ -224,7 +235,8 @@ class Decoder:
 
 def generate(engine, request: GenerationRequest, *, clock: Clock = time.perf_counter,
              cancelled: Callable[[], bool] | None = None) -> Iterator[GenerationEvent]:
-    """The unbatched loop: one engine call on the whole prompt, then one per generated char.
+    """The unbatched loop: the prompt in engine calls of PREFILL_CHUNK positions, then one call per
+    generated char.
 
     `engine` is anything with `vocab`, `initial_state(batch)` and `step(tokens int64[B, T], state)`.
     Yields TextChunk events (never empty) then exactly one Finished. `cancelled()` is polled before
@@ -239,8 +251,9 @@ def generate(engine, request: GenerationRequest, *, clock: Clock = time.perf_cou
         if cancelled is not None and cancelled():
             dec.finish(FinishReason.CANCELLED)
             break
-        logits, state = engine.step(tokens, state)
-        text = dec.feed(logits[0, -1])
+        # The prompt in chunks, keeping the last position's logits only; then one char per call.
+        last, state = prefill(engine, tokens, state)
+        text = dec.feed(last[0])
         if text:
             yield TextChunk(text)
         if dec.finished:

@@ -1,4 +1,4 @@
-"""Pure-numpy next-character sampling: greedy, temperature, top-k, top-p, with an explicit generator."""
+"""The one portable seeded sampler: Philox4x32-10 uniforms and a float64 rule (docs/sampling.md)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# An upper bound that still means something: at T=100 every logit gap shrinks 100-fold, which is
-# already indistinguishable from uniform for any trained model; larger values are almost surely typos.
-MAX_TEMPERATURE = 100.0
+from nextchar.server.core.limits import DEFAULT_TEMPERATURE, MAX_TEMPERATURE
 
 
 class InvalidParameterError(ValueError):
@@ -25,19 +23,30 @@ class InvalidParameterError(ValueError):
         self.field = field
 
 
+def _float32(value: object) -> object:
+    """A number as the float32 the wire carries (widened back to a Python float); others unchanged."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return value
+    with np.errstate(over="ignore"):  # too large -> inf, which validation then refuses
+        return float(np.float32(value))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick the next character from the logits.
+    """How to pick the next character from the logits (the rule: docs/sampling.md).
 
-    temperature 0 = greedy (argmax, ties to the lowest id; the generator is not consumed);
-    top_k 0 = off; top_p 1.0 = off. Filters apply in the order temperature, top-k, top-p.
+    temperature 0 = greedy (argmax, ties to the lowest id); top_k 0 = off; top_p 1.0 = off. temperature
+    and top_p are rounded to float32 first, as the gRPC API carries them, so the offline runner, the
+    server and the JavaScript runtimes sample with the very same numbers (and refuse the same ones).
     """
 
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
     top_k: int = 0
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "temperature", _float32(self.temperature))
+        object.__setattr__(self, "top_p", _float32(self.top_p))
         self.validate()
 
     def validate(self) -> None:
@@ -61,11 +70,124 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
-    def filtered(self) -> bool:
-        """Do top-k or top-p narrow the candidates (sampled in descending logit order)?"""
-        return bool(self.top_k) or self.top_p < 1.0
 
+# ------------------------------------------------------------------------------------------------
+# Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11; Random123).
+# Counter-based: draw i of a request is a pure function of (seed, i), so it needs no generator state
+# and any number of draws can be made at once, in any order, for any set of requests.
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_MUL = np.array([[0xD2511F53], [0xCD9E8D57]], dtype=np.uint64)   # multipliers of (c0, c2)
+_WEYL = np.array([[0x9E3779B9], [0xBB67AE85]], dtype=np.uint64)  # key bumps of (k0, k1)
+_ROUNDS = 10
+_TWO_M53 = 2.0 ** -53
+_SCALAR_DRAWS = 12  # up to this many draws, philox_uniforms loops over philox_uniform
+
+
+def philox4x32(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Philox4x32-10 blocks: `counter: uint[4, N]`, `key: uint[2, N]` (32-bit words, word 0 lowest)
+    -> `uint64[4, N]` (32-bit words). Products of two 32-bit words are exact in uint64."""
+    even = np.asarray(counter, dtype=np.uint64)[0::2]  # (c0, c2): the words that are multiplied
+    odd = np.asarray(counter, dtype=np.uint64)[1::2]   # (c1, c3)
+    # Round r's key is the key bumped r times (mod 2^32): all ten at once, [rounds, 2, N].
+    bumps = np.arange(_ROUNDS, dtype=np.uint64)[:, None, None] * _WEYL
+    keys = (np.asarray(key, dtype=np.uint64)[None] + bumps) & _MASK32
+    for r in range(_ROUNDS):
+        p = (even * _MUL)[::-1]  # (M1*c2, M0*c0), exact in uint64
+        even, odd = (p >> np.uint64(32)) ^ odd ^ keys[r], p & _MASK32
+    return np.stack([even[0], odd[0], even[1], odd[1]])
+
+
+def philox_uniforms(seeds: np.ndarray, counters: np.ndarray, k: int = 1) -> np.ndarray:
+    """`seeds: uint64[B]`, `counters: uint64[B]` -> `float64[B, k]`: column j of row b is the uniform of
+    draw `counters[b] + j` of seed `seeds[b]` (key = the seed's two 32-bit halves, counter = the draw
+    index's two halves, then 0, 0)."""
+    seeds = np.asarray(seeds, dtype=np.uint64).reshape(-1)
+    draws = (np.asarray(counters, dtype=np.uint64).reshape(-1, 1)
+             + np.arange(k, dtype=np.uint64)).reshape(-1)  # wraps mod 2^64, as a uint64 counter does
+    if draws.size != seeds.size * k:
+        raise ValueError(f"seeds and counters must both be uint64[B], got {seeds.size} and {draws.size // k}")
+    if draws.size <= _SCALAR_DRAWS:  # numpy's ~50 calls cost ~100 us whatever the size; a draw ~7 us
+        keys = [int(s) for s in seeds for _ in range(k)]
+        return np.array([philox_uniform(s, int(i)) for s, i in zip(keys, draws, strict=True)],
+                        dtype=np.float64).reshape(-1, k)
+    keys = np.repeat(seeds, k)
+    zeros = np.zeros_like(draws)
+    x = philox4x32(np.stack([draws & _MASK32, draws >> np.uint64(32), zeros, zeros]),
+                   np.stack([keys & _MASK32, keys >> np.uint64(32)]))
+    return (((x[1] << np.uint64(32)) | x[0]) >> np.uint64(11)).astype(np.float64).reshape(-1, k) * _TWO_M53
+
+
+def philox_uniform(seed: int, counter: int) -> float:
+    """`philox_uniforms` for one draw, in plain Python integers: ~7 us against ~100 us for numpy's fixed
+    costs (the unbatched loop draws one per char). Tests hold the two equal."""
+    m = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter & m, (counter >> 32) & m, 0, 0
+    k0, k1 = seed & m, (seed >> 32) & m
+    for r in range(_ROUNDS):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & m, (p0 >> 32) ^ c3 ^ k1, p0 & m
+    return (((c1 << 32) | c0) >> 11) * _TWO_M53
+
+
+# ------------------------------------------------------------------------------------------------
+# exp, portably. Library exp differs between runtimes and machines (numpy's AVX-512 exp and V8's
+# Math.exp disagree in the last bit on ~10% of inputs), which would change a sampled char now and
+# then. This one uses only + - * / and exact scaling by 2^k, which IEEE 754 fixes bit for bit:
+# fdlibm's e_exp.c algorithm for z <= 0, with results below 2^-1021 flushed to 0 (never subnormal).
+
+# Public: any other implementation (e.g. an ONNX graph, docs/sampling.md) must use these very numbers.
+EXP_MIN = -708.0
+INVLN2 = 1.44269504088896338700e+00
+LN2_HI = 6.93147180369123816490e-01  # low 32 bits zero: k * LN2_HI is exact for |k| < 2^20
+LN2_LO = 1.90821492927058770002e-10
+EXP_POLY = (1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05,
+            -1.65339022054652515390e-06, 4.13813679705723846039e-08)  # P1..P5
+_P1, _P2, _P3, _P4, _P5 = EXP_POLY
+
+
+def portable_exp(z: np.ndarray) -> np.ndarray:
+    """exp of `z: float64[...]`, every z <= 0 or -inf: float64[...], within 1 ulp of exp; 0 below EXP_MIN.
+
+    In place on temporaries (the same operations in the same order): the unbatched loop calls this
+    once per char on a few dozen values, where each numpy call's fixed cost is what counts.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    r = np.maximum(z, EXP_MIN)
+    k = r * INVLN2
+    k -= 0.5
+    np.trunc(k, out=k)  # nearest integer to z / ln 2 (z <= 0), in [-1021, 0]
+    lo = k * LN2_HI
+    r -= lo  # hi = z - k * ln2_hi, exact
+    hi = r.copy()
+    np.multiply(k, LN2_LO, out=lo)
+    r -= lo  # r = hi - lo
+    t = r * r
+    c = t * _P5
+    c += _P4
+    c *= t
+    c += _P3
+    c *= t
+    c += _P2
+    c *= t
+    c += _P1
+    c *= t
+    np.subtract(r, c, out=c)  # c = r - t * (P1 + ...)
+    r *= c  # r * c
+    np.subtract(2.0, c, out=c)
+    r /= c  # (r * c) / (2 - c)
+    np.subtract(lo, r, out=r)
+    r -= hi
+    np.subtract(1.0, r, out=r)  # y
+    w = np.ldexp(r, k.astype(np.int64))
+    w[z < EXP_MIN] = 0.0
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# The rule. `sample` is the definition for one row; `sample_rows` computes the same for B rows at once.
 
 def _as_row(logits: np.ndarray) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
@@ -74,72 +196,70 @@ def _as_row(logits: np.ndarray) -> np.ndarray:
     return x
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Pick one token id from `logits: float[V]` (float64 arithmetic): the one-row definition.
+def sample(logits: np.ndarray, params: SamplingParams, u: float) -> int:
+    """Pick one token id from `logits: float[V]` with the uniform `u` in [0, 1) (float64 arithmetic).
 
-    Greedy: argmax, ties to the lowest id, no draw. Otherwise exactly one `rng.random()` draw per
-    call whatever the filters, so a request's draws depend only on its seed and step count; the draw
-    is mapped through the cumulative distribution over candidates in id order, or, when top-k or
-    top-p filter them, in descending logit order (ties by id). Either order is fixed by the logits
-    alone, so equal logits give equal tokens. `sample_rows` computes the same for a batch of rows;
-    this one-row form stays for the unbatched loop, which calls it per char: 13-20 us here against
-    ~50 us for `sample_rows` on one row (its fixed numpy overhead).
+    Candidates in descending logit order (ties: lower id first); greedy takes the first. Else keep
+    the first n = top_k (all when 0), weigh them w = exp((x - max) / T), cum = their running sum; keep
+    the smallest prefix whose mass reaches top_p; pick the first candidate whose cum exceeds u * its
+    mass. ValueError when the logits hold a NaN; infinities follow IEEE arithmetic (-inf weighs 0; a
+    +inf logit, or all -inf, makes every weight NaN and the pick order[0]).
     """
     x = _as_row(logits)
-    top = x.max()
+    top = float(x.max())
     if top != top:  # max propagates NaN
         raise ValueError("logits contain NaN")
-    if params.greedy:
-        return int(np.argmax(x))
-    if not params.filtered:
-        cum = np.exp((x - top) / params.temperature).cumsum()
-        return min(int(cum.searchsorted(rng.random() * cum[-1], side="right")), x.size - 1)
-    return _sample_filtered(x, top, params, rng)
-
-
-def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams],
-                rngs: Sequence[np.random.Generator]) -> np.ndarray:
-    """`sample` for every row of `logits: float[B, V]`, row i with params[i] and rngs[i]: int64[B],
-    -1 for a row whose logits contain NaN (its caller fails that row alone).
-
-    Row by row the same tokens and draws as `sample` whatever the other rows are (a test holds it
-    to that), so a stream's text does not depend on its batch mates. The batcher calls this for every
-    engine call: the plain-temperature rows (the common case) go together in a few numpy calls over
-    [B, V] (one exp, one cumsum, and a count of `cum <= u * total`, which is
-    `searchsorted(side="right")` on a non-decreasing row); rows with top-k or top-p go one by one.
-    """
-    x = np.asarray(logits, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] == 0 or x.shape[0] != len(params) or len(params) != len(rngs):
-        raise ValueError(f"logits must be float[B, V] with B = len(params) = len(rngs), got shape "
-                         f"{x.shape}, {len(params)} params, {len(rngs)} generators")
-    top = x.max(axis=1)  # max propagates NaN
-    tokens = x.argmax(axis=1)
-    plain = [i for i, p in enumerate(params) if not p.greedy and not p.filtered]
-    if plain:
-        rows = np.asarray(plain)
-        temperature = np.array([params[i].temperature for i in plain])
-        cum = np.exp((x[rows] - top[rows, None]) / temperature[:, None]).cumsum(axis=1)
-        u = np.array([rngs[i].random() for i in plain])
-        picked = (cum <= (u * cum[:, -1])[:, None]).sum(axis=1)
-        tokens[rows] = np.minimum(picked, x.shape[1] - 1)
-    for i, p in enumerate(params):
-        if not p.greedy and p.filtered:
-            tokens[i] = _sample_filtered(x[i], top[i], p, rngs[i])
-    tokens[top != top] = -1
-    return tokens
-
-
-def _sample_filtered(x: np.ndarray, top: float, params: SamplingParams, rng: np.random.Generator) -> int:
+    if params.greedy or not math.isfinite(top):
+        # argmax = order[0], ties to the lowest id. An infinite maximum (a +inf logit, or all -inf)
+        # makes every weight NaN, so no count of the rule grows and it picks order[0] too.
+        return int(x.argmax())
     order = np.argsort(-x, kind="stable")
     if params.top_k:
         order = order[: params.top_k]
-    cum = np.exp((x[order] - top) / params.temperature).cumsum()  # unnormalised, most likely first
+    xs = x[order]
+    xs -= top
+    xs /= params.temperature
+    cum = portable_exp(xs).cumsum()  # sequential, left to right
+    # cum never decreases (it adds weights >= 0), so the counts of the rule are binary searches.
     last = cum.size - 1
     if params.top_p < 1.0:
-        # The smallest prefix whose mass reaches top_p (always at least the most likely token).
-        last = min(int(cum.searchsorted(params.top_p * cum[-1], side="left")), last)
-    i = int(cum.searchsorted(rng.random() * cum[last], side="right"))
-    return int(order[min(i, last)])
+        last = min(last, int(cum.searchsorted(params.top_p * cum[-1], side="left")))
+    return int(order[min(last, int(cum[: last + 1].searchsorted(u * cum[last], side="right")))])
+
+
+def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], u: np.ndarray) -> np.ndarray:
+    """`sample` for every row of `logits: float[B, V]`, row b with params[b] and `u: float64[B]`:
+    int64[B], -1 for a row whose logits hold a NaN (its caller fails that row alone).
+
+    Row by row equal to `sample` whatever the other rows are (a test holds it to that): one stable
+    argsort of [B, V], one exp and one cumsum (numpy's is sequential along a row) over the sampled
+    rows, and the two prefix counts as masked sums.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    u = np.asarray(u, dtype=np.float64).reshape(-1)
+    if x.ndim != 2 or x.shape[1] == 0 or x.shape[0] != len(params) or len(params) != u.size:
+        raise ValueError(f"logits must be float[B, V] with B = len(params) = len(u), got shape "
+                         f"{x.shape}, {len(params)} params, {u.size} uniforms")
+    top = x.max(axis=1)
+    bad = np.isnan(top)  # max propagates NaN
+    finite = np.isfinite(top)  # else the rule picks order[0], the argmax (see `sample`)
+    sampled = np.array([i for i, p in enumerate(params) if not p.greedy and finite[i]], dtype=np.int64)
+    tokens = x.argmax(axis=1)
+    if sampled.size:
+        xr = x[sampled]
+        order = np.argsort(-xr, axis=1, kind="stable")
+        xs = np.take_along_axis(xr, order, axis=1)
+        temperature = np.array([params[i].temperature for i in sampled])
+        cum = np.cumsum(portable_exp((xs - xs[:, :1]) / temperature[:, None]), axis=1)
+        V, rows, col = x.shape[1], np.arange(sampled.size), np.arange(x.shape[1])
+        n = np.array([min(params[i].top_k, V) if params[i].top_k else V for i in sampled])
+        top_p = np.array([params[i].top_p for i in sampled])
+        reach = np.count_nonzero((cum < (top_p * cum[rows, n - 1])[:, None]) & (col < n[:, None]), axis=1)
+        last = np.where(top_p < 1.0, np.minimum(n - 1, reach), n - 1)
+        below = (cum <= (u[sampled] * cum[rows, last])[:, None]) & (col <= last[:, None])
+        tokens[sampled] = order[rows, np.minimum(last, np.count_nonzero(below, axis=1))]
+    tokens[bad] = -1
+    return tokens
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:

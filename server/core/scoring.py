@@ -1,4 +1,4 @@
-"""Next-character prediction and text log-likelihood, each one engine call on the whole text."""
+"""Next-character prediction and text log-likelihood, the text through the engine in bounded chunks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nextchar.server.core.limits import DEFAULT_TEMPERATURE, MAX_TEMPERATURE, shown
+from nextchar.server.core.prefill import PREFILL_CHUNK, prefill
 from nextchar.server.core.sampling import InvalidParameterError, log_softmax
 from nextchar.server.core.vocab import OovPolicy, build_index, encode
-
-MAX_TOP_N = 1_000
 
 
 def _index(engine) -> dict[str, int]:
@@ -26,32 +26,40 @@ class Prediction:
     logprob: float      # its natural log, computed stably (finite even where probability underflows)
 
 
-def predict(engine, context: str, n: int, *, temperature: float = 1.0,
+def predict(engine, context: str, n: int, *, temperature: float = DEFAULT_TEMPERATURE,
             oov_policy: OovPolicy = OovPolicy.ERROR, oov_replacement: str | None = None) -> list[Prediction]:
     """The `n` most probable next characters after `context`, most likely first (ties: lower id).
 
-    n is capped at the vocabulary size. One engine call on the whole context.
+    n is at most the vocabulary size.
     """
     if not isinstance(context, str) or not context:
         raise InvalidParameterError("context", "must be at least one character")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TOP_N:
-        raise InvalidParameterError("n", f"must be an integer in [1, {MAX_TOP_N}], got {n!r}")
+    vocab_size = len(engine.vocab)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= vocab_size:
+        raise InvalidParameterError(
+            "n", f"must be in [1, {vocab_size}] (the vocabulary size), got {shown(n)}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        0.0 < temperature <= 100.0
+        0.0 < temperature <= MAX_TEMPERATURE
     ):
         raise InvalidParameterError(
-            "temperature", f"must be in (0, 100] for probabilities, got {temperature!r}")
+            "temperature", f"must be in (0, {MAX_TEMPERATURE:g}] (absent = {DEFAULT_TEMPERATURE:g}), "
+                           f"got {shown(temperature)}")
     tokens = encode(context, _index(engine), oov_policy, oov_replacement, field="context")
     if tokens.size == 0:
         raise InvalidParameterError("context", "no character of it is in the model's vocabulary")
-    logits, _ = engine.step(tokens[None, :], engine.initial_state(1))
-    logprobs = log_softmax(np.asarray(logits[0, -1], dtype=np.float64) / temperature)
-    order = np.argsort(-logprobs, kind="stable")[: min(n, len(engine.vocab))]
-    return [Prediction(engine.vocab[i], int(i), float(np.exp(logprobs[i])), float(logprobs[i]))
-            for i in order]
+    last, _ = prefill(engine, tokens[None, :], engine.initial_state(1))
+    return top_predictions(last[0], engine.vocab, n, temperature)
 
 
-def predict_next(engine, context: str, n: int, *, temperature: float = 1.0,
+def top_predictions(logits_row: np.ndarray, vocab: tuple[str, ...], n: int,
+                    temperature: float = 1.0) -> list[Prediction]:
+    """The `n` most probable entries of `logits_row: float32[V]` at `temperature`, most likely first."""
+    logprobs = log_softmax(np.asarray(logits_row, dtype=np.float64) / temperature)
+    order = np.argsort(-logprobs, kind="stable")[: min(n, len(vocab))]
+    return [Prediction(vocab[i], int(i), float(np.exp(logprobs[i])), float(logprobs[i])) for i in order]
+
+
+def predict_next(engine, context: str, n: int, *, temperature: float = DEFAULT_TEMPERATURE,
                  oov_policy: OovPolicy = OovPolicy.ERROR,
                  oov_replacement: str | None = None) -> list[tuple[str, float]]:
     """`predict` as (char, probability) pairs."""
@@ -83,8 +91,9 @@ def score(engine, text: str, *, context: str = "", per_char: bool = False,
     Convention: the model has no start-of-text token, so something must be given before the first
     scored character. With a `context`, every character of `text` is scored given the context and
     the text before it. Without one, the first character of `text` is the condition and
-    text[1:] is scored (so `text` needs at least two characters). One engine call on
-    context + text[:-1] yields the logits for every scored position.
+    text[1:] is scored (so `text` needs at least two characters). context + text[:-1] goes through
+    the engine in chunks of PREFILL_CHUNK positions; each chunk's scored log-probabilities are
+    gathered before the next, so memory follows the chunk, not the text.
     """
     if not isinstance(text, str):
         raise InvalidParameterError("text", "must be a string")
@@ -100,10 +109,18 @@ def score(engine, text: str, *, context: str = "", per_char: bool = False,
     elif ids.size == 0:
         raise InvalidParameterError("text", "must have at least one character")
     inputs = np.concatenate([ctx, ids[:-1]])[None, :]
-    logits, _ = engine.step(inputs, engine.initial_state(1))
-    # The logits at input position t predict input t+1; the scored chars start after the context.
-    rows = log_softmax(logits[0, ctx.size - 1:])
-    logprobs = rows[np.arange(ids.size), ids]
+    # The logits at input position t predict input t+1, so the scored chars' rows start at the
+    # context's last position: scored char j is predicted at input position ctx.size - 1 + j.
+    logprobs = np.empty(ids.size, np.float64)
+    state, first = engine.initial_state(1), ctx.size - 1
+    for start in range(0, inputs.shape[1], PREFILL_CHUNK):
+        logits, state = engine.step(np.ascontiguousarray(inputs[:, start:start + PREFILL_CHUNK]), state)
+        lo = max(start, first)
+        hi = start + logits.shape[1]
+        if lo < hi:
+            rows = log_softmax(logits[0, lo - start:hi - start])
+            logprobs[lo - first:hi - first] = rows[np.arange(hi - lo), ids[lo - first:hi - first]]
+        del logits
     total = float(logprobs.sum())
     nats = -total / ids.size
     return ScoreResult(

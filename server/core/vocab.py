@@ -7,6 +7,7 @@ from enum import Enum
 
 import numpy as np
 
+from nextchar.server.core.limits import shown
 from nextchar.server.core.sampling import InvalidParameterError
 
 # How many offending characters an error message lists before it says "and N more".
@@ -49,7 +50,8 @@ def check_replacement(replacement: str | None, vocab_index: dict[str, int]) -> i
     """The token id of a REPLACE policy's replacement, which must be one vocabulary character."""
     if replacement is None or len(replacement) != 1:
         raise InvalidParameterError(
-            "oov_replacement", f"must be exactly one character for the replace policy, got {replacement!r}")
+            "oov_replacement",
+            f"must be exactly one character for the replace policy, got {shown(replacement)}")
     if replacement not in vocab_index:
         raise InvalidParameterError(
             "oov_replacement", f"{replacement!r} is not in the model's vocabulary itself")

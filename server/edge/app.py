@@ -10,33 +10,43 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from nextchar.inference import grpc_service_pb2_grpc
+from nextchar.server.core.session import SessionLimits
 from nextchar.server.edge import kserve, wire
 from nextchar.server.edge.servicer import NextCharServicer
+from nextchar.server.edge.session import SessionService
 from nextchar.server.ops.config import ServerConfig
 from nextchar.server.ops.metrics import Metrics
 from nextchar.server.ops.operations import Operations
 from nextchar.server.ops.registry import Registry, engine_loader
+from nextchar.server.ops.sessions import SessionTable
 from nextchar.server.scheduling.batching import BatchingConfig
+from nextchar.server.scheduling.budget import MemoryBudget
+from nextchar.server.scheduling.clients import ClientSlots
 from nextchar.server.scheduling.runner import Runner
+from nextchar.server.scheduling.session_steps import StepCoalescer
 from nextchar.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["NextChar"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 # Time the gRPC layer gets to flush the last messages of calls that already finished their work.
 _FLUSH_SECONDS = 1.0
 
 
 class NextCharServer:
-    """A built, bound server: start(), then shutdown() (health NOT_SERVING, drain, stop)."""
+    """A built, bound server: start(), then shutdown() (health NOT_SERVING, drain, stop).
+
+    Two listeners: the public one (NextChar, health, reflection) and Admin's own (`admin_address`)."""
 
     def __init__(self, grpc_server: grpc.aio.Server, servicer: NextCharServicer,
                  health: health_aio.HealthServicer, config: ServerConfig, ops: Operations) -> None:
         self.grpc_server, self.servicer, self.health, self.config = grpc_server, servicer, health, config
         self.ops = ops  # reload, metrics, auth, request log (server.operations)
+        self.admin_server, self.admin_address = ops.admin_server()
 
     @property
     def runner(self) -> Runner:
@@ -53,6 +63,7 @@ class NextCharServer:
             await self.health.set(name, statuses.SERVING if names else statuses.NOT_SERVING)
         for name in names:
             await self.health.set(name, statuses.SERVING)
+        await self.admin_server.start()
         await self.grpc_server.start()
 
     async def shutdown(self, grace: float | None = None) -> bool:
@@ -64,9 +75,11 @@ class NextCharServer:
         started = time.monotonic()
         await self.health.enter_graceful_shutdown()
         await self.ops.stop_changes()
+        self.servicer.sessions.table.close()  # sessions end at once (UNAVAILABLE), their state freed
         drained = await self.runner.drain(grace)
         left = max(0.0, grace - (time.monotonic() - started))
         await self.grpc_server.stop(min(_FLUSH_SECONDS, left) if drained else 0)
+        await self.admin_server.stop(0)
         self.runner.close()
         self.ops.close()
         if not drained:
@@ -89,7 +102,14 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     ) if config.batching != "off" else None
     runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars, batching=batching,
                     batch_variant_engines=config.batching == "on")
-    servicer = NextCharServicer(registry, runner, wire.Limits(config.max_prompt_chars, config.max_new_chars))
+    limits = wire.Limits(config.max_prompt_chars, config.max_new_chars)
+    servicer = NextCharServicer(registry, runner, limits, MemoryBudget(config.memory_budget_mb << 20),
+                                ClientSlots(config.max_per_client))
+    sessions = SessionTable(config.max_sessions, config.session_idle_ttl, metrics.registry)
+    steps = StepCoalescer(runner.call, config.max_batch_size, runner.batches)
+    servicer.sessions = SessionService(
+        registry, sessions, steps, servicer.limits,
+        SessionLimits(config.session_max_chars, config.session_saved_states), servicer._model)
     health = health_aio.HealthServicer()
     ops = Operations(config, metrics, registry, runner, health, overall=("", SERVICE_NAME))
     grpc_server = grpc.aio.server(interceptors=ops.interceptors, options=[
@@ -99,23 +119,33 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     inference_pb2_grpc.add_NextCharServicer_to_server(servicer, grpc_server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         kserve.InferenceServicer(servicer, health), grpc_server)  # the Open Inference Protocol
-    ops.add_to_server(grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, kserve.SERVICE_NAME, *ops.service_names,
-         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        grpc_server,
-    )
+    _add_reflection(grpc_server, (SERVICE_NAME, kserve.SERVICE_NAME,
+                                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     port = ops.bind(grpc_server)  # TLS when configured; OSError if the address is busy or bad
     return NextCharServer(grpc_server, servicer, health, config, ops), port
+
+
+def _add_reflection(grpc_server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Server reflection v1alpha and v1. grpcio-reflection (1.85) ships v1alpha only; v1's messages
+    are v1alpha's under another package name, field for field, so the same servicer answers both."""
+    names = (*services, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, grpc_server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    grpc_server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),))
 
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; the exit status (0)."""
     server, port = build_server(config)
     await server.start()
-    log.info("serving %s on %s:%d (models: %s)", SERVICE_NAME, config.host, port,
-             ", ".join(server.servicer.registry.names()))
+    log.info("serving %s on %s:%d, Admin on %s (models: %s)", SERVICE_NAME, config.host, port,
+             server.admin_address, ", ".join(server.servicer.registry.names()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

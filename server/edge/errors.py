@@ -14,10 +14,15 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from nextchar.server.core.artifact import ArtifactError, ModelNameError
+from nextchar.server.core.limits import MAX_LISTED_VIOLATIONS, MAX_MESSAGE_CHARS
 from nextchar.server.core.sampling import InvalidParameterError
+from nextchar.server.core.session import SessionTextLimitError
 from nextchar.server.core.vocab import OutOfVocabularyError
 from nextchar.server.ops.registry import ModelNotFoundError
+from nextchar.server.ops.sessions import SessionIdleError, SessionsClosedError, SessionsFullError
 from nextchar.server.scheduling.batching import CapacityError
+from nextchar.server.scheduling.budget import MemoryBudgetError
+from nextchar.server.scheduling.clients import ClientLimitError
 from nextchar.server.scheduling.runner import DeadlineError, OverloadedError, ShuttingDownError
 
 log = logging.getLogger(__name__)
@@ -32,8 +37,14 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),  # a version on disk that cannot be served
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),   # the batcher's queue is full
+    (MemoryBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # --memory-budget-mb
+    (ClientLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),   # --max-per-client
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (SessionsFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),      # --max-sessions open
+    (SessionTextLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # the per-session memory bound
+    (SessionIdleError, grpc.StatusCode.DEADLINE_EXCEEDED),        # idle past --session-idle-ttl
+    (SessionsClosedError, grpc.StatusCode.UNAVAILABLE),           # draining
 )
 
 
@@ -45,32 +56,46 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 20] + f"... ({len(text)} chars)"
+
+
 def _violations(exc: BaseException) -> list[error_details_pb2.BadRequest.FieldViolation]:
-    """BadRequest field violations: one per unknown character, or one for the field at fault."""
+    """BadRequest field violations: one per unknown character (the first MAX_LISTED_VIOLATIONS, then
+    one saying how many more), or one for the field at fault."""
+    violation = error_details_pb2.BadRequest.FieldViolation
     if isinstance(exc, OutOfVocabularyError):
-        return [
-            error_details_pb2.BadRequest.FieldViolation(
-                field=exc.field, description=f"character {ch!r} at position {pos} is not in the vocabulary")
-            for pos, ch in exc.positions
-        ]
+        listed = [violation(field=exc.field,
+                            description=f"character {ch!r} at position {pos} is not in the vocabulary")
+                  for pos, ch in exc.positions[:MAX_LISTED_VIOLATIONS]]
+        more = len(exc.positions) - len(listed)
+        if more > 0:
+            listed.append(violation(field=exc.field, description=f"and {more} more characters not in "
+                                                                 "the vocabulary"))
+        return listed
     if isinstance(exc, ModelNameError):
-        return [error_details_pb2.BadRequest.FieldViolation(field="model.name", description=str(exc))]
+        return [violation(field="model.name", description=_bounded(str(exc), MAX_MESSAGE_CHARS))]
     field = getattr(exc, "field", None)
     if field and status_code_for(exc) is grpc.StatusCode.INVALID_ARGUMENT:
         message = str(exc).removeprefix(f"{field}: ")
-        return [error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
+        return [violation(field=_bounded(field, 64), description=_bounded(message, MAX_MESSAGE_CHARS))]
     return []
 
 
 def to_status(exc: BaseException) -> grpc.Status:
-    """A domain error as a grpc.Status carrying a google.rpc.Status (with BadRequest details if any)."""
+    """A domain error as a grpc.Status carrying a google.rpc.Status (with BadRequest details if any).
+
+    Bounded whatever the request held: the message and each description are cut at
+    MAX_MESSAGE_CHARS and at most MAX_LISTED_VIOLATIONS + 1 violations are listed, so the trailers
+    stay a few KiB (clients refuse trailers past 8-16 KiB, and then report that instead of the error).
+    """
     code = status_code_for(exc)
     if code is None:
         raise TypeError(f"{type(exc).__name__} is not a domain error") from exc
     message = str(exc)
     if isinstance(exc, ModelNameError):
         message = f"model.name: {exc}"
-    status = status_pb2.Status(code=code.value[0], message=message)
+    status = status_pb2.Status(code=code.value[0], message=_bounded(message, MAX_MESSAGE_CHARS))
     violations = _violations(exc)
     if violations:
         detail = any_pb2.Any()

@@ -155,7 +155,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         final = True if streaming else None
         if step:
             tokens, state, wanted = kw.step_args(request, model, self.limits)
-            logits, new_state = await self.runner.call(model.engine.step, tokens, state)
+            with self.v1.admit(model, tokens.size, context):  # the same per-client and memory caps
+                logits, new_state = await self.runner.call(model.engine.step, tokens, state)
             response = kw.step_response(request, model, logits, new_state, wanted)
             if streaming:
                 response.parameters[kw.FINAL].bool_param = True
@@ -163,15 +164,16 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return
         gen, stream = kw.generation_request(request, model, self.limits)
         live = streaming and stream
-        run = self.runner.generate(model.engine, gen, context.time_remaining(), live=live)
-        if live:
-            async for item in run:
-                if isinstance(item, Outcome):
-                    yield kw.text_response(request, model, "", item, final=True)
-                else:
-                    yield kw.text_response(request, model, item, final=False)
-            return
-        items = [item async for item in run]
+        with self.v1.admit(model, len(gen.prompt), context):
+            run = self.runner.generate(model.engine, gen, context.time_remaining(), live=live)
+            if live:
+                async for item in run:
+                    if isinstance(item, Outcome):
+                        yield kw.text_response(request, model, "", item, final=True)
+                    else:
+                        yield kw.text_response(request, model, item, final=False)
+                return
+            items = [item async for item in run]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
         yield kw.text_response(request, model, "".join(items), outcome, final=final)
 

@@ -150,7 +150,7 @@ def generation_request(request: kpb.ModelInferRequest, model: LoadedModel, limit
         fields["seed"] = _integer(_one(inputs, "random_seed"), "random_seed", _UINT64)
     stream = bool(_one(inputs, "stream")) if "stream" in inputs else False
     v1 = pb.GenerateRequest(model=pb.ModelRef(name=model.name), **fields)
-    return renaming_fields(wire.generation_request)(v1, model, limits), stream
+    return renaming_fields(wire.generation_request)(v1, limits), stream
 
 
 def renamed(exc: BaseException) -> BaseException:

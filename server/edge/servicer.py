@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import grpc
 
 from nextchar.server.core.scoring import predict, score
 from nextchar.server.edge import wire
 from nextchar.server.edge.errors import mapped
+from nextchar.server.edge.session import SessionService
 from nextchar.server.ops.registry import LoadedModel, Registry
+from nextchar.server.scheduling.budget import MemoryBudget, call_bytes
+from nextchar.server.scheduling.clients import ClientSlots, client_key
 from nextchar.server.scheduling.runner import DeadlineError, Outcome, Runner
 from nextchar.v1 import inference_pb2 as pb
 from nextchar.v1 import inference_pb2_grpc
@@ -18,8 +23,20 @@ from nextchar.v1 import inference_pb2_grpc
 class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     """Blocking model work runs in the runner's threads, never on the event loop."""
 
-    def __init__(self, registry: Registry, runner: Runner, limits: wire.Limits) -> None:
+    def __init__(self, registry: Registry, runner: Runner, limits: wire.Limits,
+                 budget: MemoryBudget | None = None, clients: ClientSlots | None = None) -> None:
         self.registry, self.runner, self.limits = registry, runner, limits
+        self.budget = budget or MemoryBudget(1 << 62)  # None: no memory limit (tests of other things)
+        self.clients = clients or ClientSlots(0)
+        self.sessions: SessionService | None = None  # set by build_server (server.edge.session)
+
+    @contextlib.contextmanager
+    def admit(self, model: LoadedModel, chars: int, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        """Per-client cap, then memory (each RESOURCE_EXHAUSTED naming its flag), for a call on `chars`
+        characters; the runner's own --max-concurrent comes after."""
+        key = client_key(context.peer(), context.invocation_metadata() or ())
+        with self.clients.hold(key), self.budget.reserve(call_bytes(chars, len(model.artifact.vocab))):
+            yield
 
     async def _model(self, ref: pb.ModelRef, context: grpc.aio.ServicerContext) -> LoadedModel:
         """The model a request names; first, refuse calls that are shutting out or already late."""
@@ -48,16 +65,18 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     @mapped
     async def PredictNext(self, request: pb.PredictNextRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
-        args = wire.predict_args(request, model, self.limits)
-        best = await self.runner.call(functools.partial(predict, model.engine, **args))
+        args = wire.predict_args(request, self.limits)
+        with self.admit(model, len(request.context), context):
+            best = await self.runner.call(functools.partial(predict, model.engine, **args))
         return wire.predict_response(best, model)
 
     @mapped
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
-        gen = wire.generation_request(request, model, self.limits)
-        run = self.runner.generate(model.engine, gen, context.time_remaining(), live=False)
-        items = [item async for item in run]
+        gen = wire.generation_request(request, self.limits)
+        with self.admit(model, len(request.prompt), context):
+            run = self.runner.generate(model.engine, gen, context.time_remaining(), live=False)
+            items = [item async for item in run]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
         assert isinstance(outcome, Outcome)
         return pb.GenerateResponse(text="".join(items), summary=wire.summary(outcome, model))
@@ -65,13 +84,21 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     @mapped
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
-        gen = wire.generation_request(request, model, self.limits)
-        async for item in self.runner.generate(model.engine, gen, context.time_remaining()):
-            yield wire.stream_message(item, model)
+        gen = wire.generation_request(request, self.limits)
+        with self.admit(model, len(request.prompt), context):
+            async for item in self.runner.generate(model.engine, gen, context.time_remaining()):
+                yield wire.stream_message(item, model)
 
     @mapped
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         args = wire.score_args(request, self.limits)
-        result = await self.runner.call(functools.partial(score, model.engine, **args))
+        with self.admit(model, len(request.context) + len(request.text), context):
+            result = await self.runner.call(functools.partial(score, model.engine, **args))
         return wire.score_response(result, model)
+
+    @mapped
+    async def Session(self, request_iterator, context: grpc.aio.ServicerContext):
+        assert self.sessions is not None, "build_server sets the session service"
+        async for message in self.sessions.serve(request_iterator, context):
+            yield message

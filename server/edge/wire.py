@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nextchar.server.core.artifact import validate_model_name
+from nextchar.server.core.artifact import public_manifest, validate_model_name
 from nextchar.server.core.generation import FinishReason, GenerationRequest
+from nextchar.server.core.limits import DEFAULT_TEMPERATURE, MAX_STOP_SEQUENCES
 from nextchar.server.core.sampling import InvalidParameterError, SamplingParams
 from nextchar.server.core.scoring import Prediction, ScoreResult
 from nextchar.server.core.vocab import OovPolicy
 from nextchar.server.ops.registry import LoadedModel
 from nextchar.server.scheduling.runner import Outcome
 from nextchar.v1 import inference_pb2 as pb
-
-MAX_STOP_SEQUENCES = 4  # part of the API contract (inference.proto), not a server setting
 
 _OOV = {
     pb.OOV_POLICY_UNSPECIFIED: OovPolicy.ERROR,
@@ -67,28 +65,27 @@ def _oov(policy: int, replacement: str) -> dict[str, Any]:
     return {"oov_policy": _OOV[policy], "oov_replacement": replacement or None}
 
 
-def generation_request(req: pb.GenerateRequest, model: LoadedModel, limits: Limits,
+def generation_request(req: pb.GenerateRequest, limits: Limits,
                        draw_seed: Callable[[], int] = lambda: secrets.randbits(64)) -> GenerationRequest:
-    """GenerateRequest -> GenerationRequest; InvalidParameterError names the field and its range."""
+    """GenerateRequest -> GenerationRequest; InvalidParameterError names the field and its range.
+
+    Only the server's own caps are checked here; every other rule is the core's (GenerationRequest,
+    Decoder), so the offline runner refuses exactly what the server refuses.
+    """
+    # In the core's order (sampling, then the request's own fields), so a request with several
+    # faults is refused for the same field as by the offline runner.
+    sampling = SamplingParams(
+        temperature=float(req.temperature) if req.HasField("temperature") else DEFAULT_TEMPERATURE,
+        top_k=int(req.top_k),
+        top_p=float(req.top_p) if req.HasField("top_p") else 1.0,
+    )
     _text(req.prompt, "prompt", limits.max_prompt_chars)
     if not 1 <= req.max_new_chars <= limits.max_new_chars:
         raise InvalidParameterError(
             "max_new_chars", f"must be in [1, {limits.max_new_chars}], got {req.max_new_chars}")
-    vocab_size = len(model.artifact.vocab)
-    if not 0 <= req.top_k <= vocab_size:
-        raise InvalidParameterError(
-            "top_k", f"must be in [0, {vocab_size}] (0 = off; the vocabulary size), got {req.top_k}")
-    if len(req.stop) > MAX_STOP_SEQUENCES:
+    if len(req.stop) > MAX_STOP_SEQUENCES:  # before copying a huge list into a tuple
         raise InvalidParameterError(
             "stop", f"must have at most {MAX_STOP_SEQUENCES} sequences, got {len(req.stop)}")
-    for i, seq in enumerate(req.stop):
-        if not seq:
-            raise InvalidParameterError(f"stop[{i}]", "must not be empty")
-    sampling = SamplingParams(
-        temperature=float(req.temperature),
-        top_k=int(req.top_k),
-        top_p=float(req.top_p) if req.HasField("top_p") else 1.0,
-    )
     return GenerationRequest(
         prompt=req.prompt,
         max_new_chars=int(req.max_new_chars),
@@ -100,23 +97,20 @@ def generation_request(req: pb.GenerateRequest, model: LoadedModel, limits: Limi
     )
 
 
-def predict_args(req: pb.PredictNextRequest, model: LoadedModel, limits: Limits) -> dict[str, Any]:
-    """PredictNextRequest -> keyword arguments of scoring.predict (minus the engine)."""
+def predict_args(req: pb.PredictNextRequest, limits: Limits) -> dict[str, Any]:
+    """PredictNextRequest -> keyword arguments of scoring.predict (minus the engine), which checks n
+    and temperature."""
     _text(req.context, "context", limits.max_prompt_chars)
-    vocab_size = len(model.artifact.vocab)
-    if not 1 <= req.n <= vocab_size:
-        raise InvalidParameterError("n", f"must be in [1, {vocab_size}] (the vocabulary size), got {req.n}")
-    temperature = float(req.temperature) if req.HasField("temperature") else 1.0
-    if not (math.isfinite(temperature) and 0.0 < temperature <= 100.0):
-        raise InvalidParameterError("temperature", f"must be in (0, 100] (absent = 1), got {temperature}")
+    temperature = float(req.temperature) if req.HasField("temperature") else DEFAULT_TEMPERATURE
     return {"context": req.context, "n": int(req.n), "temperature": temperature,
             **_oov(req.oov_policy, req.oov_replacement)}
 
 
 def score_args(req: pb.ScoreRequest, limits: Limits) -> dict[str, Any]:
-    """ScoreRequest -> keyword arguments of scoring.score (minus the engine)."""
-    _text(req.text, "text", limits.max_prompt_chars)
+    """ScoreRequest -> keyword arguments of scoring.score (minus the engine), which refuses texts too
+    short to score (after the context's and the text's vocabulary checks, as offline)."""
     _text(req.context, "context", limits.max_prompt_chars, minimum=0)
+    _text(req.text, "text", limits.max_prompt_chars, minimum=0)
     if len(req.context) + len(req.text) > limits.max_prompt_chars:
         raise InvalidParameterError(
             "text", f"context + text must have at most {limits.max_prompt_chars} characters, "
@@ -136,7 +130,7 @@ def model_info(model: LoadedModel, versions: list[int],
     """`load_errors`: versions the server refused to load -> why (Registry.load_errors)."""
     errors = [pb.VersionLoadError(version=v, reason=r) for v, r in sorted((load_errors or {}).items())]
     return pb.ModelInfo(name=model.name, version=model.version, available_versions=versions,
-                        manifest=model.artifact.manifest, load_errors=errors)
+                        manifest=public_manifest(model.artifact.manifest), load_errors=errors)
 
 
 def predict_response(best: list[Prediction], model: LoadedModel) -> pb.PredictNextResponse:

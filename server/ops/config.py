@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# The generation core's own ceiling (server.generation.MAX_NEW_CHARS); the server's cap may be lower.
-HARD_MAX_NEW_CHARS = 100_000
+from nextchar.server.core.limits import MAX_BATCH_SIZE, MAX_NEW_CHARS
+
 VARIANTS = ("fp32", "int8")
+# Admin's own listener: loopback by default, so a proxy or load balancer in front of --port never sees it.
+DEFAULT_ADMIN_ADDRESS = "127.0.0.1:50059"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -31,6 +34,8 @@ class ServerConfig:
     max_new_chars: int = 10_000        # the cap on GenerateRequest.max_new_chars
     max_message_bytes: int = 4 << 20   # gRPC receive/send limit; larger messages are RESOURCE_EXHAUSTED
     max_concurrent: int = 64           # calls in flight (and worker threads); more: RESOURCE_EXHAUSTED
+    memory_budget_mb: int = 1024       # estimated peak bytes of the calls in flight; more: RESOURCE_EXHAUSTED
+    max_per_client: int = 0            # calls in flight per client (peer address); 0 = no per-client cap
     intra_op_threads: int = 1          # onnxruntime threads per session: parallelism comes from requests
     grace_seconds: float = 10.0        # how long running calls may finish after SIGTERM
     flush_ms: float = 5.0              # a stream flushes buffered text at least this often under load
@@ -41,6 +46,10 @@ class ServerConfig:
     max_wait_ms: float = 2.0           # an arrival at an idle batcher waits this long for company
     max_active_streams: int = 256      # batched streams decoding at once per model; more wait in the queue
     max_queue: int = 256               # streams waiting per model; beyond: RESOURCE_EXHAUSTED
+    max_sessions: int = 1024           # open Session streams; more: RESOURCE_EXHAUSTED
+    session_idle_ttl: float = 300.0    # a session that sends nothing this long is ended, its state freed
+    session_max_chars: int = 10_000    # text one session may hold: its memory bound
+    session_saved_states: int = 16     # recent states a session keeps so deletes cost no re-read
     log_level: str = "INFO"
     # Operations (server.reload, server.metrics, server.reqlog, server.security):
     reload_interval: float = 0.0       # seconds between repository scans for new/removed versions; 0 = off
@@ -52,6 +61,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a certificate this CA signed
     auth_token: str | None = field(default=None, repr=False)  # bearer token every call but health needs
     auth_token_file: Path | None = None  # ... or read from this file (a mounted secret)
+    admin_address: str = DEFAULT_ADMIN_ADDRESS  # Admin's listener (host:port or unix:PATH), never --port
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -72,6 +82,15 @@ class ServerConfig:
             # With a watcher the server may start before the repository is filled (NOT_SERVING until then).
             raise ConfigError(f"--model-repo (env NEXTCHAR_MODEL_REPO): must be an existing directory "
                               f"(or set --reload-interval to wait for one), got {str(self.model_repo)!r}")
+        if not is_local_address(self.admin_address) and self.auth_token is None \
+                and self.auth_token_file is None:
+            raise ConfigError(f"--admin-address (env NEXTCHAR_ADMIN_ADDRESS): {self.admin_address!r} is not "
+                              "loopback or a unix socket, so Admin there needs --auth-token or "
+                              "--auth-token-file")
+        if not self.admin_address.startswith("unix:") and self.port != 0 \
+                and self.admin_address.rpartition(":")[2] == str(self.port):
+            raise ConfigError(f"--admin-address (env NEXTCHAR_ADMIN_ADDRESS): must not use --port "
+                              f"{self.port}; Admin is never served on the public port")
         if self.metrics_port and self.metrics_port == self.port:
             raise ConfigError(f"--metrics-port (env NEXTCHAR_METRICS_PORT): must differ from --port, "
                               f"got {self.metrics_port}")
@@ -144,6 +163,29 @@ def _token(v: Any) -> str | None:
     return None if ok else "must be non-empty printable ASCII without spaces"
 
 
+def is_local_address(address: str) -> bool:
+    """unix:PATH, or host:port whose host is loopback (127.0.0.0/8, [::1], localhost)."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _address(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be host:port or unix:PATH"
+    if v.startswith("unix:"):
+        return None if len(v) > len("unix:") else "unix: needs a socket path"
+    host, _, port = v.rpartition(":")
+    ok = bool(host) and port.isdigit() and 0 <= int(port) <= 65535
+    return None if ok else "must be host:port (port 0-65535) or unix:PATH"
+
+
 def _repo(v: Any) -> str | None:
     # Whether it must exist yet depends on --reload-interval (ServerConfig.__post_init__).
     if not isinstance(v, Path) or not str(v):
@@ -157,29 +199,47 @@ _SPECS: dict[str, _Spec] = {
     "port": _Spec("--port", int, _int_range(0, 65535), "port to bind (0 = any free port)"),
     "max_prompt_chars": _Spec("--max-prompt-chars", int, _int_range(1, 10_000_000),
                               "longest prompt, context or scored text in characters"),
-    "max_new_chars": _Spec("--max-new-chars", int, _int_range(1, HARD_MAX_NEW_CHARS),
+    "max_new_chars": _Spec("--max-new-chars", int, _int_range(1, MAX_NEW_CHARS),
                            "cap on max_new_chars per generation"),
     "max_message_bytes": _Spec("--max-message-bytes", int, _int_range(1024, 1 << 30),
                                "largest gRPC message received or sent"),
     "max_concurrent": _Spec("--max-concurrent", int, _int_range(1, 4096),
                             "model calls in flight before RESOURCE_EXHAUSTED"),
+    "memory_budget_mb": _Spec("--memory-budget-mb", int, _int_range(16, 1 << 20),
+                              "MiB the calls in flight may take together (each reserves an estimate from "
+                              "its length and the vocabulary) before RESOURCE_EXHAUSTED"),
+    "max_per_client": _Spec("--max-per-client", int, _int_range(0, 4096),
+                            "model calls one client (peer address; behind a local proxy, its first "
+                            "x-forwarded-for) may have in flight before RESOURCE_EXHAUSTED (0 = no cap)"),
     "intra_op_threads": _Spec("--intra-op-threads", int, _int_range(1, 256), "onnxruntime threads per model"),
     "grace_seconds": _Spec("--grace-seconds", float, _float_range(0.0, 3600.0),
                            "time running calls get to finish on SIGTERM"),
     "flush_ms": _Spec("--flush-ms", float, _float_range(0.1, 1000.0), "longest a stream holds back text"),
-    "flush_chars": _Spec("--flush-chars", int, _int_range(1, 65536), "most characters in one stream message"),
+    "flush_chars": _Spec("--flush-chars", int, _int_range(1, 65536),
+                         "a stream sends its buffered text once this many characters are waiting (a "
+                         "threshold, not a cap: a message carries everything buffered, so under load it "
+                         "may hold more)"),
     "variant": _Spec("--variant", str, _one_of(VARIANTS), "model file to serve: fp32 or int8"),
     "batching": _Spec("--batching", _batching_mode, _one_of(BATCHING_MODES),
                       "merge concurrent decode steps of a model into batched engine calls: on, off, or "
                       "auto = only models whose warm-up proved a row's result independent of its batch "
                       "mates (fp32; not int8), so seeded texts never depend on other requests"),
-    "max_batch_size": _Spec("--max-batch-size", int, _int_range(1, 1024), "largest decode batch"),
+    "max_batch_size": _Spec("--max-batch-size", int, _int_range(1, MAX_BATCH_SIZE),
+                             "largest decode batch"),
     "max_wait_ms": _Spec("--max-wait-ms", float, _float_range(0.0, 1000.0),
                          "longest an arrival at an idle batcher waits for others"),
     "max_active_streams": _Spec("--max-active-streams", int, _int_range(1, 1 << 20),
                                 "batched streams decoding at once per model"),
     "max_queue": _Spec("--max-queue", int, _int_range(0, 1 << 20),
                        "batched streams waiting per model before RESOURCE_EXHAUSTED"),
+    "max_sessions": _Spec("--max-sessions", int, _int_range(0, 1 << 20),
+                          "open typing sessions (Session RPC) before RESOURCE_EXHAUSTED (0 = none)"),
+    "session_idle_ttl": _Spec("--session-idle-ttl", float, _float_range(0.01, 86400.0),
+                              "seconds a session may send nothing before it ends and its state is freed"),
+    "session_max_chars": _Spec("--session-max-chars", int, _int_range(1, 10_000_000),
+                               "characters one session may hold (bounds its memory)"),
+    "session_saved_states": _Spec("--session-saved-states", int, _int_range(0, 4096),
+                                  "recent model states a session keeps, so deleting back costs no re-read"),
     "log_level": _Spec("--log-level", str.upper, _one_of(LOG_LEVELS), "logging level"),
     "reload_interval": _Spec("--reload-interval", float, _float_range(0.0, 86400.0),
                              "seconds between scans of the repository for new or removed versions (0 = off); "
@@ -197,6 +257,9 @@ _SPECS: dict[str, _Spec] = {
     "auth_token": _Spec("--auth-token", str, _token, secret=True,
                         help="bearer token required on every call but health (Admin always needs it)"),
     "auth_token_file": _Spec("--auth-token-file", Path, _file, "read the bearer token from this file"),
+    "admin_address": _Spec("--admin-address", str, _address,
+                           "the Admin service's own listener, host:port or unix:PATH; loopback or unix "
+                           "unless a token is set (Admin is never served on --port)"),
 }
 
 

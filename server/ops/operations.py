@@ -6,8 +6,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from nextchar.server.edge.admin import SERVICE_NAME as ADMIN_SERVICE
 from nextchar.server.edge.admin import AdminServicer
+from nextchar.server.edge.malformed import MalformedRequestInterceptor
 from nextchar.server.ops.config import ServerConfig
 from nextchar.server.ops.metrics import Metrics, MetricsEndpoint
 from nextchar.server.ops.registry import Registry
@@ -32,21 +32,31 @@ class Operations:
         metrics.watch(registry, runner)
         # A version replaced by a reload unloads when its last call ends; its batcher goes with it.
         registry.on_unload = lambda model: runner.forget(model.engine)
-        # Outermost first: a refused call (UNAUTHENTICATED) is still logged and counted.
+        # Outermost first: a refused call (UNAUTHENTICATED, or bytes that do not parse) is still
+        # logged and counted.
         self.interceptors = [ObservingInterceptor(metrics, registry, config.log_prompts),
-                             AuthInterceptor(token)]
+                             AuthInterceptor(token), MalformedRequestInterceptor()]
         self.reloader = Reloader(registry, self._set_health, config.reload_interval)
         self.endpoint: MetricsEndpoint | None = None
 
-    service_names = (ADMIN_SERVICE,)
-
-    def add_to_server(self, grpc_server: grpc.aio.Server) -> None:
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.registry, self.reloader), grpc_server)
+    def admin_server(self) -> tuple[grpc.aio.Server, str]:
+        """Admin on its own listener (--admin-address), with the same interceptors and transport
+        security as the public port; never on the public port, so a proxy in front of that port
+        cannot reach it. Returns the server and the address it bound (port 0 resolved)."""
+        server = grpc.aio.server(interceptors=self.interceptors)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.registry, self.reloader), server)
+        address = self.config.admin_address
+        port = self._bind(server, address)
+        if not address.startswith("unix:"):
+            address = f"{address.rpartition(':')[0]}:{port}"
+        return server, address
 
     def bind(self, grpc_server: grpc.aio.Server) -> int:
         """Bind host:port, with TLS when a certificate is configured; the port (0 picks one)."""
+        return self._bind(grpc_server, f"{self.config.host}:{self.config.port}")
+
+    def _bind(self, grpc_server: grpc.aio.Server, address: str) -> int:
         c = self.config
-        address = f"{c.host}:{c.port}"
         try:
             if c.tls_cert is not None and c.tls_key is not None:
                 creds = server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca)

@@ -22,7 +22,8 @@ log = logging.getLogger("nextchar.requests")
 # Only calls of these services are observed: health probes and reflection would drown the log.
 OBSERVED_SERVICES = ("/nextchar.v1.NextChar/", "/nextchar.v1.Admin/")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_USER_TEXT = ("prompt", "context", "text")  # request fields holding user text: logged only when asked
+_USER_TEXT = ("prompt", "context", "text")
+DEADLINE_SLACK_S = 0.05  # request fields holding user text: logged only when asked
 
 
 class JsonFormatter(logging.Formatter):
@@ -74,12 +75,15 @@ class _Call:
         texts = {f: getattr(request, f, None) for f in _USER_TEXT} if log_prompts else {}
         self.user_text = {f: v for f, v in texts.items() if isinstance(v, str) and v}
         self.code = "OK"
-        self.chars = 0
+        self.chars = 0            # generated characters: the summary's count, else those delivered
+        self.delivered_chars = 0  # text handed to gRPC so far (a stream cut short has no summary)
+        self.has_summary = False
         self.messages = 0
         self.ttfc_s: float | None = None
         self.last_message: float | None = None
 
     def summary(self, s: Any) -> None:
+        self.has_summary = True
         self.chars = s.usage.generated_chars
         self.version = s.model.version or self.version
         if s.usage.generated_chars:
@@ -138,7 +142,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 call.code = _code(e, context)
                 raise
             finally:
-                self._finish(call)
+                self._finish(call, context)
         return unary
 
     def _stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
@@ -156,7 +160,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 self._metrics.active_streams.dec()
-                self._finish(call)
+                self._finish(call, context)
         return stream
 
     def _message(self, call: _Call, message: Any) -> None:
@@ -165,21 +169,28 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             return
         now = time.perf_counter()
         call.messages += 1
+        call.delivered_chars += len(message.text)
+        if not call.has_summary:
+            call.chars = call.delivered_chars
+        if call.ttfc_s is None and message.text:  # replaced by the summary's server-side figure
+            call.ttfc_s = now - call.started
         if call.last_message is not None and message.text and call.model:
             gap = (now - call.last_message) / len(message.text)
             self._metrics.inter_char.labels(call.model).observe(gap)
         call.last_message = now
 
-    def _finish(self, call: _Call) -> None:
+    def _finish(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
         if call.held is not None:
             self._registry.release(call.held)
+        if call.code == "OK" and context.cancelled():  # the handler finished, but the reply never left
+            call.code = _gone(context)
         duration = time.perf_counter() - call.started
-        self._metrics.observe(RequestRecord(call.method, call.model, call.code, duration, call.chars,
-                                            call.ttfc_s))
         fields = call.fields(duration)
         text = " ".join(f"{k}={json.dumps(v, ensure_ascii=False) if k in _USER_TEXT else v}"
                         for k, v in fields.items())
-        log.info("request %s", text, extra={"fields": fields})
+        log.info("request %s", text, extra={"fields": fields})  # first: a metric seen means a line written
+        self._metrics.observe(RequestRecord(call.method, call.model, call.code, duration, call.chars,
+                                            call.ttfc_s))
 
 
 def _code(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
@@ -187,7 +198,15 @@ def _code(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
     if isinstance(exc, grpc.aio.AbortError):
         code = context.code()
         return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        left = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) or context.cancelled():
+        return _gone(context)  # whatever a write to a call that is already over raised
     return "UNKNOWN"
+
+
+def _gone(context: grpc.aio.ServicerContext) -> str:
+    """A call that ended without its handler's status: its deadline passed, or the caller left.
+
+    The client's deadline runs out first (the server's clock started a transit time later) and
+    arrives as a cancellation, so a cancel within DEADLINE_SLACK_S of the deadline is the deadline."""
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left <= DEADLINE_SLACK_S else "CANCELLED"

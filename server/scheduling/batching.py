@@ -36,7 +36,9 @@ import numpy as np
 
 from nextchar.server.core.engine import Engine, State
 from nextchar.server.core.generation import Decoder, Finished, FinishReason, GenerationRequest
-from nextchar.server.core.sampling import sample_rows
+from nextchar.server.core.limits import MAX_BATCH_SIZE
+from nextchar.server.core.prefill import prefill
+from nextchar.server.core.sampling import philox_uniforms, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class BatchingConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "max_batch_size": (self.max_batch_size, 1, 4096),
+            "max_batch_size": (self.max_batch_size, 1, MAX_BATCH_SIZE),
             "max_wait_s": (self.max_wait_s, 0.0, 10.0),
             "max_active_streams": (self.max_active_streams, 1, 1 << 20),
             "max_queue": (self.max_queue, 0, 1 << 20),
@@ -228,11 +230,11 @@ class BatchCore:
             self._end(s, s.decoder.finished_event())
         return gone
 
-    def _step(self, streams: list[_Stream], tokens: np.ndarray,
-              state: State) -> tuple[np.ndarray, State] | None:
+    def _step(self, streams: list[_Stream], tokens: np.ndarray, state: State,
+              run: Callable[..., tuple[np.ndarray, State]] | None = None) -> tuple[np.ndarray, State] | None:
         t0 = time.perf_counter()
         try:
-            out = self.engine.step(tokens, state)
+            out = (run or self.engine.step)(tokens, state)
         except Exception as e:  # the engine failed this call: its streams fail, the others go on
             log.exception("engine step failed for %d stream(s)", len(streams))
             self.stats.failed_calls += 1
@@ -246,12 +248,17 @@ class BatchCore:
     def _prefill(self, group: list[_Stream]) -> None:
         self.stats.prefill_calls += 1
         tokens = np.stack([s.decoder.prompt_tokens for s in group])
-        out = self._step(group, tokens, self.engine.initial_state(len(group)))
+        out = self._step(group, tokens, self.engine.initial_state(len(group)), run=self._prefill_run)
         if out is not None:
             self._scatter(group, out)
         with self._lock:
             self.active.extend(s for s in group if not s.done)
             self._prefilling.difference_update(group)
+
+    def _prefill_run(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """Chunked prefill (core.prefill): only the last position's logits, as [B, 1, V]."""
+        last, state = prefill(self.engine, tokens, state)
+        return last[:, None, :], state
 
     def _decode(self, chunk: list[_Stream]) -> None:
         self.stats.decode_calls += 1
@@ -281,8 +288,9 @@ class BatchCore:
 
     def _scatter(self, streams: list[_Stream], out: tuple[np.ndarray, State]) -> None:
         logits, state = out
-        tokens = sample_rows(logits[:, -1], [s.decoder.request.sampling for s in streams],
-                             [s.decoder.rng for s in streams])
+        u = philox_uniforms(np.array([s.decoder.seed for s in streams], np.uint64),
+                            np.array([s.decoder.draws for s in streams], np.uint64))[:, 0]
+        tokens = sample_rows(logits[:, -1], [s.decoder.request.sampling for s in streams], u)
         for i, s in enumerate(streams):
             if tokens[i] < 0:  # only this stream fails
                 self._end(s, ValueError("logits contain NaN"))

@@ -9,78 +9,19 @@ from __future__ import annotations
 import functools
 import json
 import os
-import queue
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlencode, urlsplit
 
 import numpy as np
 import pytest
+from edge_harness import CLIENT_DIR, GENERATE_MJS, NODE_TIMEOUT_S, PageServer, open_page, run_node, serve_page
 
-ROOT = Path(__file__).resolve().parents[2]
-CLIENT_DIR = ROOT / "client"
-GENERATE_MJS = CLIENT_DIR / "js" / "generate.mjs"
-INSTALL_EDGE = ROOT / "scripts" / "install_edge.sh"
 CELLS = ("lstm", "gru", "rnn")
 VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 PROMPT = "O say"
 MAX_CHARS = 80
-# Every step below is bounded: a hung node or browser fails the test instead of stalling the suite.
-NODE_TIMEOUT_S = 60
-BROWSER_TIMEOUT_S = 60
-INSTALL_TIMEOUT_S = 900
-CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-    "--enable-logging=stderr", "--v=0",  # the page's console messages land in the log shown on failure
-)
-
-
-# ------------------------------------------------------------------------------------------------
-# Tools
-
-def _install_edge(skip_browser: bool) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EDGE_SKIP_BROWSER": "1" if skip_browser else "0"}
-    return subprocess.run(
-        ["bash", str(INSTALL_EDGE)], capture_output=True, text=True, env=env, timeout=INSTALL_TIMEOUT_S,
-        stdin=subprocess.DEVNULL, check=False,
-    )
-
-
-@pytest.fixture(scope="session")
-def node() -> str:
-    """Path of `node`, with client/js's npm packages installed."""
-    exe = shutil.which("node")
-    if exe is None or shutil.which("npm") is None:
-        pytest.skip("Node.js with npm is not installed on this machine (needed for client/js)")
-    done = _install_edge(skip_browser=True)
-    if done.returncode != 0:
-        # node and npm are here, so a failed `npm ci` is a real problem (lock file, registry), not a skip.
-        pytest.fail(f"scripts/install_edge.sh failed ({done.returncode}):\n{done.stdout[-2000:]}"
-                    f"{done.stderr[-3000:]}")
-    return exe
-
-
-@pytest.fixture(scope="session")
-def chromium(node: str) -> str:
-    """Path of Debian's chromium, installed by scripts/install_edge.sh when missing."""
-    done = _install_edge(skip_browser=False)
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip(f"chromium cannot be installed here (scripts/install_edge.sh exit {done.returncode}): "
-                    f"{done.stderr.strip()[-500:]}")
-    return exe
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,105 +87,22 @@ def greedy_offline_cli(model_file: Path, prompt: str, max_chars: int) -> str:
     return done.stdout[:-1]  # the command ends its output with one newline of its own
 
 
-def run_node(node: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [node, str(GENERATE_MJS), *args], capture_output=True, encoding="utf-8", timeout=NODE_TIMEOUT_S,
-        stdin=subprocess.DEVNULL, check=False,
-    )
-
-
 def greedy_node(node: str, model_file: Path, prompt: str, max_chars: int) -> str:
     done = subprocess.run(
         [node, str(GENERATE_MJS), "--model", str(model_file), "--prompt", prompt,
-         "--max-chars", str(max_chars), "--json"],
+         "--max-chars", str(max_chars), "--temperature", "0", "--json"],
         capture_output=True, encoding="utf-8", timeout=NODE_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False,
     )
     assert done.returncode == 0, f"generate.mjs failed ({done.returncode}): {done.stderr}"
     return json.loads(done.stdout)["text"]
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    """Static files from client/, /models/ from the model repository; POST /report/<id> into a queue."""
-
-    extensions_map = {  # noqa: RUF012 (the base class's API is a plain dict attribute)
-        ".html": "text/html", ".mjs": "text/javascript", ".js": "text/javascript",
-        ".wasm": "application/wasm", ".onnx": "application/octet-stream", "": "application/octet-stream",
-    }
-
-    def translate_path(self, path: str) -> str:
-        rel = unquote(urlsplit(path).path)
-        if rel.startswith("/models/"):
-            target = (self.server.models_dir / rel.removeprefix("/models/")).resolve()
-            return str(target) if target.is_relative_to(self.server.models_dir) else "/nonexistent"
-        return super().translate_path(path)
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.server.reports.put((self.path.removeprefix("/report/"), json.loads(body)))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:  # keep the test output readable
-        pass
-
-
-@dataclass(frozen=True)
-class PageServer:
-    url: str
-    reports: queue.Queue
-
-
-@contextmanager
-def serve_page(models_dir: Path) -> Iterator[PageServer]:
-    """client/ and `models_dir` (as /models/) over HTTP on 127.0.0.1, on a free port."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(CLIENT_DIR)))
-    server.models_dir = models_dir.resolve()
-    server.reports = queue.Queue()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield PageServer(f"http://127.0.0.1:{server.server_address[1]}", server.reports)
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture(scope="session")
-def page_server(model_repo: Path) -> Iterator[PageServer]:
-    with serve_page(model_repo) as server:
-        yield server
-
-
 def greedy_browser(chromium: str, server: PageServer, model_path: str, prompt: str, max_chars: int,
                    profile: Path) -> str:
-    """Open client/web in headless chromium with auto=1 and wait for the page's POSTed report."""
-    run_id = uuid.uuid4().hex  # a report from an earlier page (late, after its test gave up) is ignored
-    query = urlencode({"model": f"/models/{model_path}", "prompt": prompt, "max": max_chars, "auto": 1,
-                       "report": f"/report/{run_id}"})
-    log = profile / "chromium.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"{server.url}/web/index.html?{query}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-        )
-    deadline = time.monotonic() + BROWSER_TIMEOUT_S
-    try:
-        while True:
-            got, report = server.reports.get(timeout=max(0.0, deadline - time.monotonic()))
-            if got == run_id:
-                break
-    except queue.Empty:
-        pytest.fail(f"the page reported nothing in {BROWSER_TIMEOUT_S} s; chromium said:\n"
-                    f"{log.read_text()[-3000:]}")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the browser and its helper processes, started above
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert report["state"] == "done", f"the page failed: {report.get('error')}"
-    return report["text"]
+    """Open client/web in headless chromium with auto=1 (temperature 0) and return the page's text."""
+    query = {"model": f"/models/{model_path}", "prompt": prompt, "max": max_chars, "temperature": 0,
+             "auto": 1}
+    return open_page(chromium, server, "/web/index.html", query, profile)["text"]
 
 
 def first_difference(a: str, b: str) -> int | None:

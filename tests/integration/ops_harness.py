@@ -28,16 +28,18 @@ class ServerProcess:
                  channel: Callable[[str], grpc.Channel] | None = None) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.admin_address = f"127.0.0.1:{free_port()}"  # Admin's own listener (--admin-address)
         self.log_path = log_path
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
             nextchar_cmd("serve", "--model-repo", str(repo), "--host", "127.0.0.1", "--port", str(self.port),
-                         *args),
+                         "--admin-address", self.admin_address, *args),
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, text=True,
             env=None if env is None else {**__import__("os").environ, **env},
         )
         self._channel_factory = channel or grpc.insecure_channel
         self.channel = self._channel_factory(self.address)
+        self.admin_channel = self._channel_factory(self.admin_address)
         self.wait_serving()
 
     def wait_serving(self, service: str = "") -> None:
@@ -65,7 +67,7 @@ class ServerProcess:
 
     @property
     def admin(self) -> admin_pb2_grpc.AdminStub:
-        return admin_pb2_grpc.AdminStub(self.channel)
+        return admin_pb2_grpc.AdminStub(self.admin_channel)
 
     def log(self) -> str:
         self._log.flush()
@@ -82,6 +84,7 @@ class ServerProcess:
 
     def close(self) -> None:
         self.channel.close()
+        self.admin_channel.close()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)

@@ -95,7 +95,8 @@ def wait_serving(address: str, service: str = "", timeout: float = START_TIMEOUT
 def server_config(model_repo: Path, **overrides: Any):
     from nextchar.server.ops.config import ServerConfig
 
-    return dataclasses.replace(ServerConfig(model_repo=model_repo, host="127.0.0.1", port=0), **overrides)
+    base = ServerConfig(model_repo=model_repo, host="127.0.0.1", port=0, admin_address="127.0.0.1:0")
+    return dataclasses.replace(base, **overrides)
 
 
 def free_port() -> int:

@@ -20,12 +20,15 @@ def _char(line: str) -> str:
 
 def test_generate_streams_greedy_text_to_stdout(server) -> None:
     with NextCharClient(server.address) as c:
-        expected = c.generate("lstm", PROMPT, 80).text
+        expected = c.generate("lstm", PROMPT, 80, temperature=0.0).text
     result = run_cli("generate", "--server", server.address, "--model", "lstm", "--prompt", PROMPT,
                      "--max-chars", "80", "--temperature", "0")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == expected + "\n"
+    assert result.stdout == expected + "\n"  # the newline ends the output; it is not generated text
     assert "[lstm v1] finish=length prompt=17 generated=80 seed=" in result.stderr
+    exact = run_cli("generate", "--server", server.address, "--model", "lstm", "--prompt", PROMPT,
+                    "--max-chars", "80", "--temperature", "0", "--no-newline", "--quiet")
+    assert (exact.returncode, exact.stdout, exact.stderr) == (0, expected, "")
 
 
 def test_generate_prints_while_the_server_is_still_generating(server) -> None:
@@ -112,7 +115,7 @@ def test_health_exit_status(server) -> None:
 def test_offline_model_file_matches_the_server(server, model_repo: Path) -> None:
     model_file = str(model_repo / "gru" / "1" / "model.onnx")
     with NextCharClient(server.address) as c:
-        expected = c.generate("gru", PROMPT, 60).text
+        expected = c.generate("gru", PROMPT, 60, temperature=0.0).text
         best = c.predict_next("gru", PROMPT, 2)
     result = run_cli("generate", "--model-file", model_file, "--prompt", PROMPT, "--max-chars", "60",
                      "--temperature", "0", "--quiet")

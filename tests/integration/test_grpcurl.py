@@ -53,7 +53,8 @@ def test_lists_and_describes_the_service_without_a_proto(grpcurl: str, server) -
 
 
 def test_streams_a_generation(grpcurl: str, server) -> None:
-    request = {"model": {"name": "lstm"}, "prompt": "O say can you see", "max_new_chars": 200}  # greedy
+    request = {"model": {"name": "lstm"}, "prompt": "O say can you see", "max_new_chars": 200,
+               "temperature": 0}  # greedy (absent is 1)
     result = _run(grpcurl, "-d", json.dumps(request), server.address, "nextchar.v1.NextChar/GenerateStream")
     assert result.returncode == 0, result.stderr
     messages = _json_stream(result.stdout)
@@ -65,7 +66,7 @@ def test_streams_a_generation(grpcurl: str, server) -> None:
     assert summary["usage"] == {"prompt_chars": 17, "generated_chars": 200}
     assert summary["model"] == {"name": "lstm", "version": "1"}
     with NextCharClient(server.address) as c:
-        assert text == c.generate("lstm", "O say can you see", 200).text
+        assert text == c.generate("lstm", "O say can you see", 200, temperature=0.0).text
 
 
 def test_health_and_errors_through_grpcurl(grpcurl: str, server) -> None:

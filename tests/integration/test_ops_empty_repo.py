@@ -33,7 +33,7 @@ def test_server_waits_not_serving_for_a_model(model_repo: Path, tmp_path: Path, 
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             nextchar_cmd("serve", "--model-repo", str(repo), "--host", "127.0.0.1", "--port", str(port),
-                         "--reload-interval", str(RELOAD_S)),
+                         "--admin-address", "127.0.0.1:0", "--reload-interval", str(RELOAD_S)),
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     health = health_pb2_grpc.HealthStub(channel)
@@ -74,7 +74,8 @@ def test_server_waits_not_serving_for_a_model(model_repo: Path, tmp_path: Path, 
 def test_without_the_watcher_an_empty_repository_still_fails_fast(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     result = subprocess.run(
-        nextchar_cmd("serve", "--model-repo", str(missing), "--host", "127.0.0.1", "--port", "0"),
+        nextchar_cmd("serve", "--model-repo", str(missing), "--host", "127.0.0.1", "--port", "0",
+                     "--admin-address", "127.0.0.1:0"),
         capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode != 0
     assert "--model-repo (env NEXTCHAR_MODEL_REPO): must be an existing directory" in result.stderr

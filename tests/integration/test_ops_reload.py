@@ -188,7 +188,7 @@ def test_removed_unloaded_and_reloaded_models(model_repo_copy: Path, tmp_path: P
 
     try:
         shutil.rmtree(model_repo_copy / "rnn")
-        result = run_cli("admin", "reload", "--server", server.address)  # the CLI's Admin client
+        result = run_cli("admin", "reload", "--server", server.admin_address)  # the CLI's Admin client
         assert result.returncode == 0 and result.stdout == "rnn: removed\n", result.stderr
         with pytest.raises(grpc.RpcError) as gone:
             generate("rnn")
@@ -201,7 +201,7 @@ def test_removed_unloaded_and_reloaded_models(model_repo_copy: Path, tmp_path: P
             generate("gru")
         assert unloaded.value.code() is grpc.StatusCode.NOT_FOUND
         assert list(admin.ReloadRepository(admin_pb2.ReloadRepositoryRequest(), timeout=30).changes) == []
-        result = run_cli("admin", "load", "gru", "--server", server.address)
+        result = run_cli("admin", "load", "gru", "--server", server.admin_address)
         assert result.returncode == 0 and result.stdout == "gru: serving v1\n", result.stderr
         assert generate("gru").summary.model.version == 1
         assert server.health("gru") == health_pb2.HealthCheckResponse.SERVING

@@ -32,8 +32,9 @@ def in_process(repo: Path, name: str, n: int, seed: int, temperature: float) -> 
 
 def test_one_batched_stream_equals_in_process_greedy(batched, model_repo: Path) -> None:
     with NextCharClient(batched.address) as c:
-        assert c.generate("lstm", PROMPT, 300).text == in_process(model_repo, "lstm", 300, 0, 0.0)
-        assert "".join(c.generate_stream("lstm", PROMPT, 300)) == in_process(model_repo, "lstm", 300, 0, 0.0)
+        want = in_process(model_repo, "lstm", 300, 0, 0.0)
+        assert c.generate("lstm", PROMPT, 300, temperature=0.0).text == want
+        assert "".join(c.generate_stream("lstm", PROMPT, 300, temperature=0.0)) == want
 
 
 def test_concurrent_streams_are_batched_and_keep_their_seeded_text(batched, model_repo: Path) -> None:

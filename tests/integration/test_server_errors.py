@@ -43,7 +43,7 @@ def _gen(**overrides):
     ({"top_p": 1.5}, "top_p", "(0, 1]"),
     ({"top_p": -0.1}, "top_p", "(0, 1]"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 sequences, got 5"),
-    ({"stop": ["a", ""]}, "stop[1]", "must not be empty"),
+    ({"stop": ["a", ""]}, "stop[1]", "1 to 64 characters, got ''"),
     ({"model": ""}, "model.name", "is required"),
     ({"model": "../etc"}, "model.name", "invalid"),
     ({"version": -2}, "model.version", ">= 1"),
@@ -128,8 +128,10 @@ def test_predict_n_out_of_range(client: NextCharClient, vocab_size: int) -> None
 
 
 def test_score_of_empty_or_too_short_text(client: NextCharClient) -> None:
-    with pytest.raises(InvalidArgument, match=r"text: must have 1 to 2000 characters, got 0"):
+    with pytest.raises(InvalidArgument, match=r"text: must have at least two characters when no context"):
         client.score("lstm", "")
+    with pytest.raises(InvalidArgument, match=r"text: must have at least one character"):
+        client.score("lstm", "", context="O say")
     with pytest.raises(InvalidArgument, match=r"text: must have at least two characters when no context"):
         client.score("lstm", "O")
     with pytest.raises(InvalidArgument, match=r"text: context \+ text must have at most 2000 characters"):

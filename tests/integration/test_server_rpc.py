@@ -68,10 +68,11 @@ def test_versions_are_addressable_and_latest_is_the_default(vserver) -> None:
         assert lstm.version == 2 and lstm.available_versions == (1, 2)
         assert c.get_model("lstm").cell == "gru"          # v2 (latest) holds the GRU weights
         assert c.get_model("lstm", 1).cell == "lstm"      # v1 loads on demand
-        g1 = c.generate("lstm", "O say", 40, version=1)
-        g2 = c.generate("lstm", "O say", 40)
+        g1 = c.generate("lstm", "O say", 40, version=1, temperature=0.0)
+        g2 = c.generate("lstm", "O say", 40, temperature=0.0)
         assert (g1.summary.version, g2.summary.version) == (1, 2)
-        assert g2.text == c.generate("gru", "O say", 40).text  # same weights, same greedy text
+        # same weights, same greedy text
+        assert g2.text == c.generate("gru", "O say", 40, temperature=0.0).text
         with pytest.raises(NotFound, match="no version 3"):
             c.get_model("lstm", 3)
 
@@ -118,37 +119,38 @@ def test_server_draws_and_returns_a_seed_that_replays(client: NextCharClient) ->
 
 
 def test_top_k_one_is_greedy_and_top_p_small_is_greedy(client: NextCharClient) -> None:
-    greedy = client.generate("rnn", "O say", 60).text
+    greedy = client.generate("rnn", "O say", 60, temperature=0.0).text
     assert client.generate("rnn", "O say", 60, temperature=1.5, top_k=1, seed=3).text == greedy
     assert client.generate("rnn", "O say", 60, temperature=1.0, top_p=1e-6, seed=3).text == greedy
 
 
 def test_stop_sequences_end_generation_and_are_not_returned(client: NextCharClient) -> None:
-    full = client.generate("lstm", "O say can you see", 200).text
+    full = client.generate("lstm", "O say can you see", 200, temperature=0.0).text
     stop = full[10:13]
     first = full.find(stop)
-    g = client.generate("lstm", "O say can you see", 200, stop=["zzzz", stop])
+    g = client.generate("lstm", "O say can you see", 200, stop=["zzzz", stop], temperature=0.0)
     assert g.text == full[:first]
     assert g.summary.finish_reason == "stop_sequence" and g.summary.stop_sequence == stop
     assert g.summary.generated_chars == first + len(stop)
-    streamed = client.generate_stream("lstm", "O say can you see", 200, stop=[stop])
+    streamed = client.generate_stream("lstm", "O say can you see", 200, stop=[stop], temperature=0.0)
     assert "".join(streamed) == full[:first] and streamed.summary.finish_reason == "stop_sequence"
 
 
 def test_echo_returns_the_prompt_first(client: NextCharClient) -> None:
-    plain = client.generate("gru", "O say", 30).text
-    echoed = client.generate("gru", "O say", 30, echo=True).text
+    plain = client.generate("gru", "O say", 30, temperature=0.0).text
+    echoed = client.generate("gru", "O say", 30, echo=True, temperature=0.0).text
     assert echoed == "O say" + plain
-    assert "".join(client.generate_stream("gru", "O say", 30, echo=True)) == echoed
+    assert "".join(client.generate_stream("gru", "O say", 30, echo=True, temperature=0.0)) == echoed
 
 
 def test_oov_policies_skip_and_replace(client: NextCharClient) -> None:
     vocab = set(client.get_model("lstm").manifest.vocab)
     assert "é" not in vocab and "#" not in vocab
-    clean = client.generate("lstm", "O say", 30)
-    skipped = client.generate("lstm", "O s#ay", 30, oov_policy="skip")
+    clean = client.generate("lstm", "O say", 30, temperature=0.0)
+    skipped = client.generate("lstm", "O s#ay", 30, oov_policy="skip", temperature=0.0)
     assert skipped.text == clean.text and skipped.summary.prompt_chars == 5
-    replaced = client.generate("lstm", "O sa#", 30, oov_policy="replace", oov_replacement="y", echo=True)
+    replaced = client.generate("lstm", "O sa#", 30, oov_policy="replace", oov_replacement="y", echo=True,
+                               temperature=0.0)
     assert replaced.text == "O say" + clean.text
     assert client.score("lstm", "O sé", oov_policy="skip").scored_chars == 2
 

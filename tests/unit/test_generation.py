@@ -16,7 +16,7 @@ from nextchar.server.core.generation import (
     TextChunk,
     generate,
 )
-from nextchar.server.core.sampling import InvalidParameterError, SamplingParams
+from nextchar.server.core.sampling import InvalidParameterError, SamplingParams, philox_uniform
 from nextchar.server.core.vocab import OovPolicy
 
 GREEDY = SamplingParams(temperature=0)
@@ -69,6 +69,19 @@ def test_same_seed_same_text_different_seed_different_text():
     again = "".join(run(FakeEngine(), sampling=SamplingParams(), seed=1, max_new_chars=40)[0])
     assert texts[1] == again
     assert len(set(texts.values())) == 3
+
+
+def test_char_i_is_sampled_with_draw_i_of_the_seed_greedy_or_not():
+    """Flat logits over V chars: cum = 1..V, so char i is floor(u_i * V), u_i = philox_uniform(seed, i)."""
+    vocab = tuple("abcdefgh")
+    seed = 2**64 - 5
+    dec = Decoder(GenerationRequest(prompt="a", max_new_chars=40, seed=seed), vocab)
+    assert (dec.seed, dec.draws) == (seed, 0)
+    text = "".join(dec.feed(np.zeros(len(vocab), np.float32)) for _ in range(40))
+    assert text == "".join(vocab[int(philox_uniform(seed, i) * len(vocab))] for i in range(40))
+    greedy = Decoder(GenerationRequest(prompt="a", max_new_chars=5, sampling=GREEDY, seed=seed), vocab)
+    greedy.feed(np.zeros(len(vocab), np.float32))
+    assert greedy.draws == 1  # a greedy char still owns its draw index
 
 
 def test_max_new_chars_exact():

@@ -60,11 +60,12 @@ def test_predict_next_returns_the_most_probable_chars():
     best = predict_next(engine, "bad", 3)
     assert [c for c, _ in best] == [engine.vocab[i] for i in np.argsort(-probs)[:3]]
     assert np.allclose([p for _, p in best], np.sort(probs)[::-1][:3])
-    everything = predict_next(engine, "bad", 1000)
+    everything = predict_next(engine, "bad", engine.vocab_size)
     assert len(everything) == engine.vocab_size
     assert sum(p for _, p in everything) == pytest.approx(1.0)
-    with pytest.raises(InvalidParameterError):
-        predict_next(engine, "bad", 0)
+    for n in (0, engine.vocab_size + 1):  # the server's rule too: n is at most the vocabulary size
+        with pytest.raises(InvalidParameterError, match=r"n: .*the vocabulary size"):
+            predict_next(engine, "bad", n)
 
 
 def test_predict_gives_ids_and_stable_logprobs():

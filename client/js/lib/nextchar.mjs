@@ -1,4 +1,5 @@
-// nextchar without Python: read a model.onnx's own vocab and manifest, then generate greedily.
+// nextchar without Python: read a model.onnx's own vocab and manifest, then generate (greedy or
+// seeded sampling with lib/sampler.mjs: the same text as the server for the same seed and parameters).
 //
 // Shared by the Node CLI (generate.mjs, onnxruntime-node) and the browser page (client/web,
 // onnxruntime-web): every function takes the `ort` module it should use, and nothing here touches
@@ -12,16 +13,13 @@ export class ModelFormatError extends Error {
   }
 }
 
-/** A bad argument (prompt, max chars): the message names the field and the allowed range. */
-export class InvalidArgumentError extends Error {
-  constructor(field, message) {
-    super(`${field}: ${message}`);
-    this.name = 'InvalidArgumentError';
-    this.field = field;
-  }
-}
+import { InvalidArgumentError, sample, samplingParams, seedKey, uniform } from './sampler.mjs';
+
+export { InvalidArgumentError, argmax } from './sampler.mjs';
 
 export const MAX_NEW_CHARS = 100_000;
+export const MAX_STOP_SEQUENCES = 16;
+export const MAX_STOP_CHARS = 64;
 const MANIFEST_KEY = 'nextchar.manifest';
 const VOCAB_KEY = 'nextchar.vocab';
 const CELLS = { CELL_TYPE_RNN: 'rnn', CELL_TYPE_LSTM: 'lstm', CELL_TYPE_GRU: 'gru' };
@@ -228,35 +226,65 @@ export function encode(info, text) {
   return ids;
 }
 
-/** Index of the largest of values[start, start+n); ties go to the lowest index, as numpy's argmax. */
-export function argmax(values, start, n) {
-  let best = 0;
-  let bestValue = values[start];
-  for (let i = 1; i < n; i++) {
-    if (values[start + i] > bestValue) {
-      bestValue = values[start + i];
-      best = i;
+
+/** A fresh uint64 seed, as the server draws one when a request has none. */
+export function drawSeed() {
+  const words = crypto.getRandomValues(new Uint32Array(2));
+  return (BigInt(words[1]) << 32n) | BigInt(words[0]);
+}
+
+function checkStops(stop) {
+  if (!Array.isArray(stop) || stop.length > MAX_STOP_SEQUENCES) {
+    throw new InvalidArgumentError('stop', `must be a list of at most ${MAX_STOP_SEQUENCES} strings`);
+  }
+  stop.forEach((seq, i) => {
+    const n = typeof seq === 'string' ? Array.from(seq).length : 0;
+    if (n < 1 || n > MAX_STOP_CHARS) {
+      throw new InvalidArgumentError(`stop[${i}]`, `must be a string of 1 to ${MAX_STOP_CHARS} characters, ` +
+        `got ${JSON.stringify(seq)}`);
+    }
+  });
+}
+
+/** Length of the longest suffix of `text` that is a proper prefix of a stop sequence (held back). */
+function heldSuffix(text, stop) {
+  let held = 0;
+  for (const seq of stop) {
+    for (let k = Math.min(seq.length - 1, text.length); k > held; k--) {
+      if (text.endsWith(seq.slice(0, k))) {
+        held = k;
+        break;
+      }
     }
   }
-  return best;
+  return held;
 }
 
 /**
- * Greedy generation: the whole prompt in ONE run, then one run per new char, state carried.
+ * Generation as the server does it: the whole prompt in ONE run, then one run per new char, state
+ * carried; char i is sampled with the uniform of draw i of the seed (docs/sampling.md). A stop
+ * sequence ends generation and is not part of the text; text that may start one is held back.
  * @param {object} ort the onnxruntime module the session came from (for ort.Tensor)
  * @param {{session: object, info: object}} model from loadModel
  * @param {string} prompt at least one character, all in the model's vocabulary
- * @param {number} maxChars characters to generate, 1..MAX_NEW_CHARS
- * @param {(ch: string) => void} [onChar] called with each generated char as it is chosen
- * @returns {Promise<string>} the generated characters (without the prompt)
+ * @param {{maxChars?: number, temperature?: number, topK?: number, topP?: number,
+ *          seed?: bigint|string|null, stop?: string[]}} options temperature 0 = greedy; seed null = a fresh one
+ * @param {(text: string) => void} [onText] called with each piece of text as it is released
+ * @returns {Promise<{text: string, seed: bigint, finishReason: 'length'|'stop_sequence',
+ *                    stopSequence: string|null, generatedChars: number}>}
  */
-export async function generateGreedy(ort, { session, info }, prompt, maxChars, onChar) {
+export async function generate(ort, { session, info }, prompt, options = {}, onText = undefined) {
+  const { maxChars = 100, stop = [], seed = null, ...sampling } = options;
   if (typeof prompt !== 'string' || prompt.length === 0) {
     throw new InvalidArgumentError('prompt', 'must be at least one character (the model has no start-of-text token)');
   }
   if (!Number.isInteger(maxChars) || maxChars < 1 || maxChars > MAX_NEW_CHARS) {
     throw new InvalidArgumentError('max chars', `must be an integer in [1, ${MAX_NEW_CHARS}], got ${maxChars}`);
   }
+  const params = samplingParams(sampling);
+  checkStops(stop);
+  const used = seed ?? drawSeed();
+  const key = seedKey(used);
   const { io, vocab } = info;
   const V = vocab.length;
   const stateDims = [info.numLayers, 1, info.hiddenSize];
@@ -264,19 +292,38 @@ export async function generateGreedy(ort, { session, info }, prompt, maxChars, o
   let h = zeros();
   let c = io.c0 ? zeros() : null;
   let tokens = encode(info, prompt);
-  const out = [];
-  for (let step = 0; step < maxChars; step++) {
+  let text = '';     // released
+  let pending = '';  // generated, not yet released: a possible start of a stop sequence
+  for (let i = 0; i < maxChars; i++) {
     const feeds = { [io.tokens]: new ort.Tensor('int64', tokens, [1, tokens.length]), [io.h0]: h };
     if (c) feeds[io.c0] = c;
     const result = await session.run(feeds);
     const logits = result[io.logits];
     const T = logits.dims[1];
-    const next = argmax(logits.data, (T - 1) * V, V);
+    const u = params.temperature === 0 ? 0 : uniform(key, i); // greedy ignores its draw
+    const next = sample(logits.data, (T - 1) * V, V, params, u);
     h = result[io.hn];
     if (c) c = result[io.cn];
-    out.push(vocab[next]);
-    if (onChar) onChar(vocab[next]);
+    pending += vocab[next];
+    // Checked after every char, so a match ends at the last one; among stops completing together
+    // the longest (earliest start) wins, as in the server.
+    const hit = stop.filter((seq) => pending.endsWith(seq)).sort((a, b) => b.length - a.length)[0];
+    if (hit !== undefined) {
+      const out = pending.slice(0, pending.length - hit.length);
+      if (out && onText) onText(out);
+      return { text: text + out, seed: BigInt(used), finishReason: 'stop_sequence', stopSequence: hit,
+        generatedChars: i + 1 };
+    }
+    const held = heldSuffix(pending, stop);
+    const out = pending.slice(0, pending.length - held);
+    pending = pending.slice(pending.length - held);
+    if (out) {
+      text += out;
+      if (onText) onText(out);
+    }
     tokens = BigInt64Array.of(BigInt(next));
   }
-  return out.join('');
+  if (pending && onText) onText(pending);
+  return { text: text + pending, seed: BigInt(used), finishReason: 'length', stopSequence: null,
+    generatedChars: maxChars };
 }

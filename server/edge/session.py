@@ -1,0 +1,158 @@
+"""The Session RPC's loop: edits and requests in order, answered on the stream; state freed at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from nextchar.server.core.sampling import InvalidParameterError
+from nextchar.server.core.scoring import top_predictions
+from nextchar.server.core.session import SessionLimits, SessionOptions, Step, TypingSession
+from nextchar.server.edge import session_wire as sw
+from nextchar.server.edge import wire
+from nextchar.server.ops.registry import LoadedModel, Registry
+from nextchar.server.ops.sessions import SessionIdleError, SessionsClosedError, SessionTable
+from nextchar.server.scheduling.session_steps import StepCoalescer
+from nextchar.v1 import inference_pb2 as pb
+
+EDITS = ("append", "delete", "reset", "options", "accept")
+
+
+class _Live:
+    """One open session as its stream sees it: the model, the text and state, the options."""
+
+    def __init__(self, model: LoadedModel, session: TypingSession, opts: SessionOptions) -> None:
+        self.model, self.session, self.opts = model, session, opts
+
+
+class SessionService:
+    """Serves Session streams. `resolve` turns a ModelRef into a loaded model (the servicer's `_model`)."""
+
+    def __init__(self, registry: Registry, table: SessionTable, steps: StepCoalescer, limits: wire.Limits,
+                 session_limits: SessionLimits,
+                 resolve: Callable[[pb.ModelRef, grpc.aio.ServicerContext], Awaitable[LoadedModel]]) -> None:
+        self.registry, self.table, self.steps = registry, table, steps
+        self.limits, self.session_limits, self._resolve = limits, session_limits, resolve
+
+    async def serve(self, requests: Any,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
+        reader = self.table.reader(requests)
+        first = await reader.next()
+        if first is None:
+            return
+        if first.WhichOneof("action") != "open":
+            raise InvalidParameterError("open", "the first message of a session must be open, and only it")
+        model = await self._resolve(first.open.model, context)
+        opts = sw.options(first.open.options, model)
+        held = self.registry.acquire(model.name, model.version)  # a reload unloads it after the session
+        session = TypingSession(model.artifact.vocab, model.engine.vocab_index, self.session_limits)
+        live, reason = _Live(model, session, opts), "error"
+        try:
+            with self.table.hold(session):
+                try:
+                    yield sw.opened(first.id, model, self.session_limits.max_chars)
+                    if first.open.text or opts.n:
+                        step = session.append(session.encode(first.open.text, "open.text", opts.oov_policy,
+                                                             opts.oov_replacement), "open.text")
+                        yield await self._edit(live, first.id, step)
+                    while (request := await reader.next()) is not None:
+                        async for message in self._answer(live, request):
+                            yield message
+                    # A client that cancels can look like one that closed its side first.
+                    reason = "cancelled" if context.cancelled() else "closed"
+                except SessionIdleError:
+                    reason = "idle"
+                    raise
+                except SessionsClosedError:
+                    reason = "drain"
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    reason = "cancelled"
+                    raise
+                finally:
+                    self.table.ended_by(reason)
+        finally:
+            if held is not None:
+                self.registry.release(held)
+
+    async def _answer(self, live: _Live, request: pb.SessionRequest) -> AsyncIterator[pb.SessionResponse]:
+        """The answers to one request; a bad request gets an error answer and changes nothing."""
+        arrived = time.perf_counter()
+        kind = request.WhichOneof("action") or "none"
+        self.table.edits.labels(kind).inc()
+        try:
+            if kind in EDITS:
+                yield await self._edit(live, request.id, self._prepare(live, request, kind))
+                self.table.keystroke.observe(time.perf_counter() - arrived)
+            elif kind == "predict":
+                n = sw.predict_n(request.predict, live.opts, live.model)
+                yield self._predictions(live, request.id, 0, n)
+            elif kind == "complete":
+                async for message in self._complete(live, request):
+                    yield message
+            else:
+                raise InvalidParameterError(kind, "open is only allowed as the first message"
+                                            if kind == "open" else "the request has no action")
+        except Exception as e:
+            answer = sw.error(request.id, live.session.length, e)
+            if answer is None:
+                raise
+            yield answer
+
+    def _prepare(self, live: _Live, request: pb.SessionRequest, kind: str) -> Step:
+        s = live.session
+        if kind == "append":
+            if not request.append:
+                raise InvalidParameterError("append", "must have at least one character")
+            opts = live.opts
+            return s.append(s.encode(request.append, "append", opts.oov_policy, opts.oov_replacement))
+        if kind == "delete":
+            return s.delete(int(request.delete))
+        if kind == "reset":
+            return s.reset()
+        if kind == "accept":
+            if not s.last_completion:
+                raise InvalidParameterError("accept", "there is no completion to accept (or it was empty)")
+            step = s.append(s.encode(s.last_completion, "accept"), "accept")
+            s.last_completion = ""
+            return step
+        live.opts = sw.options(request.options, live.model)
+        return Step(np.zeros(0, np.int64), s.state, s.length, s.logits)
+
+    async def _edit(self, live: _Live, rid: int, step: Step) -> pb.SessionResponse:
+        logits, state = step.logits, step.state
+        if step.tokens.size:
+            logits, state = await self.steps.step(live.model.engine, step.tokens, step.state)
+        live.session.commit(step, logits, state)
+        return self._predictions(live, rid, int(step.tokens.size), live.opts.n)
+
+    def _predictions(self, live: _Live, rid: int, computed: int, n: int) -> pb.SessionResponse:
+        s = live.session
+        if s.logits is None or n == 0:
+            return sw.predictions(rid, s.length, computed, [])
+        best = top_predictions(s.logits, s.vocab, n, live.opts.temperature)
+        return sw.predictions(rid, s.length, computed, best)
+
+    async def _complete(self, live: _Live, request: pb.SessionRequest) -> AsyncIterator[pb.SessionResponse]:
+        """Sample from the session's last logits, step copies of its state; the session is unchanged."""
+        s, rid = live.session, request.id
+        c = sw.completion(request.complete, live.model, self.limits)
+        decoder = s.completion(c.max_new_chars, c.sampling, c.seed, c.stop)
+        state, pieces, computed = s.state, [], 0
+        text = decoder.feed(s.logits)
+        while True:
+            if text:
+                pieces.append(text)
+                yield sw.completion_text(rid, s.length, text)
+            if decoder.finished:
+                break
+            logits, state = await self.steps.step(live.model.engine, np.array([decoder.next_token]), state)
+            computed += 1
+            text = decoder.feed(logits)
+        s.last_completion = "".join(pieces)
+        yield sw.completion_summary(rid, s.length, computed, decoder.finished_event(), live.model)

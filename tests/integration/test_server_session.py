@@ -1,0 +1,175 @@
+"""The Session RPC via the typed client against a real server: parity with PredictNext, edits, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from server_harness import wait_until
+
+from nextchar.client.client import AsyncNextCharClient, NextCharClient
+from nextchar.client.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from nextchar.v1 import inference_pb2 as pb
+from nextchar.v1 import inference_pb2_grpc
+
+MODELS = ("lstm", "gru", "rnn")
+TEXT = "O say can you see, by the dawn’s early light,"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with NextCharClient(server.address, timeout=30) as c:
+        yield c
+
+
+def _table(server):
+    return server.server.servicer.sessions.table
+
+
+def _same(session_preds, full_preds) -> None:
+    assert [p.char for p in session_preds] == [p.char for p in full_preds]
+    for a, b in zip(session_preds, full_preds, strict=True):
+        assert abs(a.probability - b.probability) <= TOL and abs(a.logprob - b.logprob) <= TOL
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_keystroke_matches_predict_next_on_the_whole_text(client: NextCharClient, model: str) -> None:
+    n = 8
+    with client.session(model, n=n) as session:
+        for i, ch in enumerate(TEXT, start=1):
+            update = session.append(ch)
+            assert update.text_chars == i and update.computed_chars == 1  # one step, not a re-read
+            _same(update.predictions, client.predict_next(model, TEXT[:i], n))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_delete_then_append_equals_a_fresh_session(client: NextCharClient, model: str) -> None:
+    with client.session(model, n=6) as session:
+        for ch in TEXT:
+            session.append(ch)
+        restored = session.delete(3)  # back to a length it passed through: a saved state
+        assert restored.text_chars == len(TEXT) - 3 and restored.computed_chars == 0
+        after = session.append("wry")
+        assert after.computed_chars == 3  # one step of the three new characters
+        far = session.delete(30)  # below the 16 saved states: re-read the 15 characters left
+        assert far.text_chars == 15 and far.computed_chars == 15
+        _same(far.predictions, client.predict_next(model, TEXT[:15], 6))
+    edited = TEXT[:-3] + "wry"
+    with client.session(model, n=6, text=edited) as fresh:
+        _same(after.predictions, fresh.opened.predictions)
+    _same(after.predictions, client.predict_next(model, edited, 6))
+
+
+def test_a_delete_beyond_the_saved_states_re_reads_the_text(make_server, model_repo) -> None:
+    server = make_server(session_saved_states=4)
+    with NextCharClient(server.address, timeout=30) as c, c.session("gru", n=4) as session:
+        for ch in TEXT[:20]:
+            session.append(ch)
+        near = session.delete(2)
+        assert near.computed_chars == 0
+        far = session.delete(10)  # saved: 15..18 (and 18 is the current end): re-read 8 chars from 0
+        assert far.text_chars == 8 and far.computed_chars == 8
+        _same(far.predictions, c.predict_next("gru", TEXT[:8], 4))
+
+
+def test_a_completion_streams_and_leaves_the_session_unless_accepted(client: NextCharClient) -> None:
+    with client.session("lstm", n=5, text="O say") as session:
+        pieces = list(session.complete(40, temperature=0.8, top_k=10, seed=7))
+        summary = session.summary
+        reference = client.generate("lstm", "O say", 40, temperature=0.8, top_k=10, seed=7)
+        assert "".join(pieces) == reference.text and summary.seed == 7
+        assert summary.generated_chars == reference.summary.generated_chars
+        unchanged = session.predict(5)
+        _same(unchanged, client.predict_next("lstm", "O say", 5))
+        accepted = session.accept()
+        assert accepted.text_chars == 5 + len(reference.text)
+        _same(accepted.predictions, client.predict_next("lstm", "O say" + reference.text, 5))
+
+
+def test_a_bad_request_is_answered_and_the_session_goes_on(client: NextCharClient) -> None:
+    with client.session("lstm", n=3, text="O sa") as session:
+        with pytest.raises(InvalidArgument) as bad:
+            session.append("€")
+        assert bad.value.field_violations[0].field == "append"
+        with pytest.raises(InvalidArgument, match="delete"):
+            session.delete(99)
+        with pytest.raises(InvalidArgument, match="max_new_chars"):
+            list(session.complete(0))
+        assert session.append("y").text_chars == 5
+
+
+def test_the_first_message_must_be_open(server) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = inference_pb2_grpc.NextCharStub(channel)
+        call = stub.Session(iter([pb.SessionRequest(id=1, append="x")]), timeout=10)
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "open" in e.value.details()
+
+
+def test_a_disconnect_frees_the_state_at_once(client: NextCharClient, server) -> None:
+    table = _table(server)
+    before = table.ended.get("cancelled", 0) + table.ended.get("closed", 0)
+    metrics = server.server.ops.metrics.registry
+    session = client.session("lstm", n=2, text=TEXT)
+    assert metrics.get_sample_value("nextchar_sessions_active") == 1
+    assert metrics.get_sample_value("nextchar_session_state_bytes") > 0
+    session._call.cancel()  # what a vanished client looks like to the server
+    wait_until(lambda: not table.active, 10, f"the cancelled session freed (ended: {table.ended})")
+    # grpc may deliver the cancel as the end of the request stream first: then it reads as "closed".
+    assert table.ended.get("cancelled", 0) + table.ended.get("closed", 0) == before + 1, table.ended
+    assert metrics.get_sample_value("nextchar_sessions_active") == 0
+    assert metrics.get_sample_value("nextchar_session_state_bytes") == 0
+    session = client.session("lstm", n=2, text=TEXT)
+    session.close()  # a clean close ends the stream with OK
+    assert not table.active and table.ended.get("closed", 0) >= 1
+
+
+def test_max_sessions_idle_ttl_and_drain(make_server) -> None:
+    server = make_server(max_sessions=2, session_idle_ttl=0.5)
+    table = _table(server)
+    with NextCharClient(server.address, timeout=30) as c:
+        a, b = c.session("rnn", n=1, text="O"), c.session("rnn", n=1, text="O")
+        with pytest.raises(ResourceExhausted, match="max_sessions=2"):
+            c.session("rnn", n=1)
+        # a keeps typing, b stays idle past the TTL: b is evicted, a is not.
+        wait_until(lambda: a.append("a") and table.ended.get("idle") == 1, 10, "b evicted", interval=0.05)
+        assert len(table.active) == 1
+        with pytest.raises(DeadlineExceeded, match="idle"):
+            b.append("a")
+        server.run(server.server.shutdown(1.0))
+        with pytest.raises(Unavailable):
+            a.append("a")
+        assert not table.active and table.ended.get("drain") == 1
+
+
+def test_async_session_matches_the_sync_one(server, client: NextCharClient) -> None:
+    async def run() -> list:
+        async with AsyncNextCharClient(server.address, timeout=30) as ac:
+            session = await ac.session("gru", n=4, text="O say")
+            update = await session.append(" c")
+            text = "".join([t async for t in session.complete(10, seed=3, temperature=1.0)])
+            await session.close()
+            return [update, text]
+
+    update, text = asyncio.run(run())
+    _same(update.predictions, client.predict_next("gru", "O say c", 4))
+    assert text == client.generate("gru", "O say c", 10, seed=3, temperature=1.0).text
+
+
+def test_cli_type_reads_a_pipe_one_line_per_key(server, client: NextCharClient) -> None:
+    import subprocess
+
+    from server_harness import ROOT, nextchar_cmd
+
+    keys = "O sab\x7fzy"  # a typo erased with backspace, a key outside the vocabulary, the right key
+    done = subprocess.run(nextchar_cmd("type", "--server", server.address, "--model", "gru", "-n", "3"),
+                          input=keys, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [int(line.split("\t")[0]) for line in lines] == [1, 2, 3, 4, 5, 4, 5]
+    assert "'z'" in done.stderr and "vocabulary" in done.stderr  # reported; the session went on
+    best = client.predict_next("gru", "O say", 3)
+    assert lines[-1].split("\t")[1] == "  ".join(f"{p.char!r} {p.probability:.4f}" for p in best)
