@@ -2,7 +2,7 @@
 # Serve the host's CPU torch wheel on 127.0.0.1 for the trainer build (TORCH_FIND_LINKS), outside any
 # build context, so no image build sends it (188 MB) and only the trainer build fetches it.
 #
-#   bash scripts/deploy/stage-wheels.sh start   # prints TORCH_FIND_LINKS=http://127.0.0.1:PORT/ (or nothing)
+#   bash scripts/deploy/stage-wheels.sh start   # prints TORCH_FIND_LINKS=http://127.0.0.1:50058/ (or nothing)
 #   bash scripts/deploy/stage-wheels.sh stop
 # The trainer pins torch==2.13.0. On PyPI that version for linux x86_64 is the CUDA build (GBs of
 # nvidia-* wheels); the CPU build (+cpu) is not on PyPI. Where the host has the CPU wheel in a local
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 source scripts/deploy/env.sh
 dest=$NEXTCHAR_DEPLOY_CACHE/wheels
 pidfile=$NEXTCHAR_DEPLOY_CACHE/wheels-server.pid
-port=${NEXTCHAR_WHEELS_PORT:-50059}
+port=${NEXTCHAR_WHEELS_PORT:-50058}
 
 stop() {
   if [ -f "$pidfile" ]; then

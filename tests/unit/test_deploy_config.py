@@ -112,6 +112,10 @@ def test_podman_override_uses_only_the_host_network() -> None:
             assert service["build"].get("network") == "host", name
     for name in REPLICA_PORTS:
         assert config["services"][name]["environment"]["NEXTCHAR_HOST"] == "127.0.0.1"
+    # The replicas share the host's loopback: each binds Admin on a loopback port of its own.
+    admin = [config["services"][name]["environment"]["NEXTCHAR_ADMIN_ADDRESS"] for name in REPLICA_PORTS]
+    assert all(a.startswith("127.0.0.1:") for a in admin) and len(set(admin)) == len(REPLICA_PORTS)
+    assert not {int(a.rpartition(":")[2]) for a in admin} & set(REPLICA_PORTS.values())
     hosts = config["services"]["lb"]["extra_hosts"]
     assert sorted(hosts) == sorted(f"{name}=127.0.0.1" for name in REPLICA_PORTS)
     assert config["services"]["json"]["extra_hosts"] == ["lb=127.0.0.1"]
