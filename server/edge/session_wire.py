@@ -61,7 +61,7 @@ def completion(c: pb.SessionComplete, model: LoadedModel, limits: wire.Limits,
         as_generate.top_p = c.top_p
     if c.HasField("seed"):
         as_generate.seed = c.seed
-    gen = wire.generation_request(as_generate, model, limits, draw_seed)
+    gen = wire.generation_request(as_generate, limits, draw_seed)
     return Completion(gen.max_new_chars, gen.sampling, gen.seed, gen.stop)
 
 

@@ -74,11 +74,11 @@ def test_generate_returns_json(curl: str, gateway: str, server) -> None:
 
 
 def test_streams_as_a_json_array(curl: str, gateway: str, server) -> None:
-    body = {"model": {"name": "gru"}, "prompt": PROMPT, "max_new_chars": 80}  # greedy
+    body = {"model": {"name": "gru"}, "prompt": PROMPT, "max_new_chars": 80, "temperature": 0}  # greedy
     code, messages = _curl(curl, f"{gateway}/nextchar.v1.NextChar/GenerateStream", body)
     assert code == 200 and isinstance(messages, list), messages
     with NextCharClient(server.address, timeout=60) as client:
-        direct = client.generate("gru", PROMPT, 80)
+        direct = client.generate("gru", PROMPT, 80, temperature=0.0)
     assert "".join(m.get("text", "") for m in messages) == direct.text
     assert messages[-1]["summary"]["usage"]["generated_chars"] == 80
 
