@@ -63,7 +63,7 @@ cleanup() {
   printf '\n== total %ss, exit %d\n' "$(since "$START")" "$rc"
 }
 
-for port in 50050 50051 50052 50053 50058 50061 50062 50063 9090 9901 8080 9902; do
+for port in 50050 50051 50052 50053 50061 50062 50063 9090 9901 8080 9902; do
   if (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port on 127.0.0.1 is in use; stop what listens there first" >&2
     exit 1
