@@ -1,0 +1,166 @@
+"""The generation graph: an ONNX Loop over the one-step model plus in-graph sampling, K chars per Run.
+
+    tokens int64[B, T], h0 (, c0) float32[L, B, H], u float64[B, K], temperature float64[B],
+    top_k int64[B], top_p float64[B]  ->  new_tokens int64[B, K], hn (, cn)
+
+Iteration 0 steps the whole `tokens` (a prompt, or the last sampled char: T = 1); every later
+iteration steps the char it sampled. Iteration i samples with u[:, i] by the portable rule of
+SAMPLER_SPEC (float64; greedy rows, temperature 0, take order[0]; a row whose logits hold NaN gets
+-1 and is fed 0 from then on, its caller fails it). So K chars cost one Run and the GIL is held
+only around it, and the uniforms come from (seed, draw index) per row: the text is the same for any
+K and any batch mates. `build_generation_graph(model)` is the one function every runtime uses
+(the exporter writes its output as generate.onnx; the server builds it in memory from the hashed
+model.onnx, so artifacts exported before it existed work too).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+GENERATION_FILE = "generate.onnx"
+INPUTS = ("u", "temperature", "top_k", "top_p")  # after the model's tokens and state inputs
+OUTPUT_TOKENS = "new_tokens"
+_P = "gen/"  # prefix of every value the builder defines: must not collide with the model's names
+_D = TensorProto.DOUBLE
+_I = TensorProto.INT64
+
+
+def _const(name: str, value: float | int | list, dtype: int) -> onnx.NodeProto:
+    dims = [len(value)] if isinstance(value, list) else []
+    vals = value if isinstance(value, list) else [value]
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, vals))
+
+
+def _sampling_nodes(logits: str, step: str, tok_out: str) -> list[onnx.NodeProto]:
+    """logits float32[B, T, V] (last position used), iteration `step` -> tok_out int64[B, 1]."""
+    p = _P + "s/"
+    n = helper.make_node
+    return [
+        _const(p + "last", -1, _I), _const(p + "zero_i", [0], _I), _const(p + "one_i", 1, _I),
+        _const(p + "ax1", [1], _I), _const(p + "ax1s", 1, _I), _const(p + "zero_d", 0.0, _D),
+        _const(p + "one_d", 1.0, _D), _const(p + "zero_s", 0, _I), _const(p + "minus1", -1, _I),
+        n("Gather", [logits, p + "last"], [p + "row32"], axis=1),           # [B, V]
+        n("Cast", [p + "row32"], [p + "x"], to=_D),
+        n("IsNaN", [p + "x"], [p + "isnan"]),
+        n("Cast", [p + "isnan"], [p + "isnan_d"], to=_D),
+        n("ReduceMax", [p + "isnan_d"], [p + "nan_d"], axes=[1], keepdims=1),  # [B, 1]
+        n("Cast", [p + "nan_d"], [p + "nan"], to=TensorProto.BOOL),
+        n("Shape", [p + "x"], [p + "xshape"]),
+        n("Gather", [p + "xshape", p + "ax1"], [p + "V1"], axis=0),        # [1]
+        n("Gather", [p + "xshape", p + "ax1s"], [p + "V"], axis=0),        # scalar
+        # Sorted descending, ties to the lower id: the spec's `order`.
+        n("TopK", [p + "x", p + "V1"], [p + "vals", p + "order"], axis=1, largest=1, sorted=1),
+        n("Gather", [p + "vals", p + "zero_i"], [p + "x0"], axis=1),        # [B, 1]
+        n("Gather", [p + "order", p + "zero_i"], [p + "greedy_tok"], axis=1),
+        n("Unsqueeze", ["temperature", p + "ax1"], [p + "T"]),              # [B, 1]
+        n("Equal", [p + "T", p + "zero_d"], [p + "is_greedy"]),
+        n("Where", [p + "is_greedy", p + "one_d", p + "T"], [p + "T_safe"]),
+        n("Sub", [p + "vals", p + "x0"], [p + "d"]),
+        n("Div", [p + "d", p + "T_safe"], [p + "z"]),
+        n("Exp", [p + "z"], [p + "w_all"]),
+        n("Range", [p + "zero_s", p + "V", p + "one_i"], [p + "j"]),       # [V]
+        n("Unsqueeze", ["top_k", p + "ax1"], [p + "k"]),                   # [B, 1]
+        n("Min", [p + "k", p + "V"], [p + "k_min"]),
+        n("Equal", [p + "k", p + "zero_s"], [p + "k_off"]),
+        n("Where", [p + "k_off", p + "V", p + "k_min"], [p + "n"]),        # candidates per row
+        n("Less", [p + "j", p + "n"], [p + "cand"]),                       # [B, V]
+        n("Where", [p + "cand", p + "w_all", p + "zero_d"], [p + "w"]),
+        n("CumSum", [p + "w", p + "ax1s"], [p + "cum"]),                   # sequential, float64
+        n("Sub", [p + "n", p + "one_i"], [p + "n_last"]),
+        n("GatherElements", [p + "cum", p + "n_last"], [p + "total"], axis=1),
+        n("Unsqueeze", ["top_p", p + "ax1"], [p + "tp"]),
+        n("Mul", [p + "tp", p + "total"], [p + "mass"]),
+        n("Less", [p + "cum", p + "mass"], [p + "below"]),
+        n("And", [p + "below", p + "cand"], [p + "below_c"]),
+        n("Cast", [p + "below_c"], [p + "below_i"], to=_I),
+        n("ReduceSum", [p + "below_i", p + "ax1"], [p + "nbelow"], keepdims=1),
+        n("Min", [p + "n_last", p + "nbelow"], [p + "last_p"]),
+        n("GreaterOrEqual", [p + "tp", p + "one_d"], [p + "p_off"]),
+        n("Where", [p + "p_off", p + "n_last", p + "last_p"], [p + "lastj"]),  # [B, 1]
+        n("Gather", ["u", step], [p + "u"], axis=1),                       # [B]
+        n("Unsqueeze", [p + "u", p + "ax1"], [p + "u1"]),
+        n("GatherElements", [p + "cum", p + "lastj"], [p + "cum_last"], axis=1),
+        n("Mul", [p + "u1", p + "cum_last"], [p + "thr"]),
+        n("LessOrEqual", [p + "cum", p + "thr"], [p + "le"]),
+        n("LessOrEqual", [p + "j", p + "lastj"], [p + "upto"]),
+        n("And", [p + "le", p + "upto"], [p + "le_c"]),
+        n("Cast", [p + "le_c"], [p + "le_i"], to=_I),
+        n("ReduceSum", [p + "le_i", p + "ax1"], [p + "count"], keepdims=1),
+        n("Min", [p + "lastj", p + "count"], [p + "pick"]),
+        n("GatherElements", [p + "order", p + "pick"], [p + "sampled_tok"], axis=1),
+        n("Where", [p + "is_greedy", p + "greedy_tok", p + "sampled_tok"], [p + "tok"]),
+        n("Where", [p + "nan", p + "minus1", p + "tok"], [tok_out]),
+    ]
+
+
+def build_generation_graph(model: onnx.ModelProto, io: dict[str, str]) -> onnx.ModelProto:
+    """The K-step generation graph of a one-step `model` whose inputs/outputs are named by `io`
+    (keys tokens, h0, c0, logits, hn, cn; c0/cn empty without a cell state). The metadata is kept.
+    """
+    g = model.graph
+    state_in = [io["h0"]] + ([io["c0"]] if io.get("c0") else [])
+    state_out = [io["hn"]] + ([io["cn"]] if io.get("cn") else [])
+    inits = {i.name for i in g.initializer}
+
+    def rename(name: str) -> str:  # the model's own values live in the body under a prefix
+        return name if not name or name in inits else _P + "m/" + name
+
+    body_nodes = []
+    for node in g.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = _P + "m/" + node.name
+        copy.input[:] = [rename(x) for x in node.input]
+        copy.output[:] = [rename(x) for x in node.output]
+        body_nodes.append(copy)
+    carried = [rename(n) for n in (io["tokens"], *state_in)]
+    tok_next, tok_scan = _P + "tok_next", _P + "tok_scan"
+    body_nodes += _sampling_nodes(rename(io["logits"]), _P + "iter", _P + "tok_raw")
+    body_nodes += [
+        _const(_P + "zero_tok", 0, _I),
+        helper.make_node("Max", [_P + "tok_raw", _P + "zero_tok"], [tok_next]),  # NaN rows feed 0
+        helper.make_node("Identity", [_P + "tok_raw"], [tok_scan]),
+        helper.make_node("Identity", [_P + "cond_in"], [_P + "cond_out"]),
+    ]
+    f32 = TensorProto.FLOAT
+    body = helper.make_graph(
+        body_nodes, "generation_step",
+        [helper.make_tensor_value_info(_P + "iter", _I, []),
+         helper.make_tensor_value_info(_P + "cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info(carried[0], _I, None),
+         *[helper.make_tensor_value_info(c, f32, None) for c in carried[1:]]],
+        [helper.make_tensor_value_info(_P + "cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info(tok_next, _I, None),
+         *[helper.make_tensor_value_info(rename(s), f32, None) for s in state_out],
+         helper.make_tensor_value_info(tok_scan, _I, None)],
+    )
+    outer_in = [io["tokens"], *state_in]
+    nodes = [
+        helper.make_node("Shape", ["u"], [_P + "ushape"]),
+        _const(_P + "one", 1, _I),
+        helper.make_node("Gather", [_P + "ushape", _P + "one"], [_P + "K"], axis=0),
+        helper.make_node("Loop", [_P + "K", "", *outer_in],
+                         [_P + "tok_final", *state_out, _P + "scan"], body=body),
+        _const(_P + "ax2", [2], _I),
+        helper.make_node("Squeeze", [_P + "scan", _P + "ax2"], [_P + "scan2"]),  # [K, B]
+        helper.make_node("Transpose", [_P + "scan2"], [OUTPUT_TOKENS], perm=[1, 0]),
+    ]
+    inputs_by_name = {i.name: i for i in g.input}
+    outputs_by_name = {o.name: o for o in g.output}
+    graph = helper.make_graph(
+        nodes, "generation",
+        [inputs_by_name[n] for n in outer_in] + [
+            helper.make_tensor_value_info("u", _D, ["batch", "k"]),
+            helper.make_tensor_value_info("temperature", _D, ["batch"]),
+            helper.make_tensor_value_info("top_k", _I, ["batch"]),
+            helper.make_tensor_value_info("top_p", _D, ["batch"])],
+        [helper.make_tensor_value_info(OUTPUT_TOKENS, _I, ["batch", "k"]),
+         *[outputs_by_name[n] for n in state_out]],
+        initializer=list(g.initializer),
+    )
+    out = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="nextchar-kstep")
+    out.ir_version = model.ir_version
+    for prop in model.metadata_props:
+        out.metadata_props.add(key=prop.key, value=prop.value)
+    return out

@@ -1,0 +1,45 @@
+"""A private numpy reference of SAMPLER_SPEC (Philox4x32-10 uniforms and the float64 rule), for tests only."""
+
+from __future__ import annotations
+
+import numpy as np
+
+M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+MASK = 0xFFFFFFFF
+
+
+def philox(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(10):
+        p0, p1 = M0 * c0, M1 * c2
+        hi0, lo0, hi1, lo1 = p0 >> 32, p0 & MASK, p1 >> 32, p1 & MASK
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        if r < 9:
+            k0, k1 = (k0 + W0) & MASK, (k1 + W1) & MASK
+    return c0, c1, c2, c3
+
+
+def uniform(seed: int, i: int) -> float:
+    x0, x1, _, _ = philox((i & MASK, i >> 32, 0, 0), (seed & MASK, seed >> 32))
+    return (((x1 << 32) | x0) >> 11) * 2.0**-53
+
+
+def uniforms(seeds, counters, k: int) -> np.ndarray:
+    """float64[B, k]: row b, column j = uniform(seeds[b], counters[b] + j)."""
+    return np.array([[uniform(int(s), int(c) + j) for j in range(k)] for s, c in zip(seeds, counters)])
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
+    x = np.asarray(logits, np.float64)
+    if np.isnan(x).any():
+        return -1
+    order = np.argsort(-x, kind="stable")
+    if temperature == 0:
+        return int(order[0])
+    n = x.size if top_k == 0 else min(top_k, x.size)
+    w = np.exp((x[order[:n]] - x[order[0]]) / temperature)
+    cum = np.cumsum(w)
+    last = n - 1 if top_p >= 1 else min(n - 1, int((cum < top_p * cum[n - 1]).sum()))
+    pick = min(last, int((cum[: last + 1] <= u * cum[last]).sum()))
+    return int(order[pick])
