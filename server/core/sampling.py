@@ -142,6 +142,32 @@ def _sample_filtered(x: np.ndarray, top: float, params: SamplingParams, rng: np.
     return int(order[min(i, last)])
 
 
+_PHILOX_M = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
+_PHILOX_W = (np.uint64(0x9E3779B9), np.uint64(0xBB67AE85))
+_LO = np.uint64(0xFFFFFFFF)
+
+
+def philox_uniforms(seeds: np.ndarray, counters: np.ndarray, k: int = 1) -> np.ndarray:
+    """float64[B, k]: row b, column j = the SAMPLER_SPEC uniform of (seeds[b], counters[b] + j).
+
+    Philox4x32-10 keyed by the seed, counter = the draw index; u = (x1:x0 >> 11) * 2^-53 in [0, 1).
+    (Provisional copy for the K-step engine; the sampler branch owns the definitive one.)
+    """
+    seeds = np.asarray(seeds, np.uint64).reshape(-1, 1)
+    i = np.asarray(counters, np.uint64).reshape(-1, 1) + np.arange(k, dtype=np.uint64)
+    s32 = np.uint64(32)
+    c0, c1 = i & _LO, i >> s32
+    c2 = c3 = np.zeros_like(i)
+    k0, k1 = seeds & _LO, seeds >> s32
+    with np.errstate(over="ignore"):
+        for r in range(10):
+            p0, p1 = _PHILOX_M[0] * c0, _PHILOX_M[1] * c2
+            c0, c1, c2, c3 = (p1 >> s32) ^ c1 ^ k0, p1 & _LO, (p0 >> s32) ^ c3 ^ k1, p0 & _LO
+            if r < 9:
+                k0, k1 = (k0 + _PHILOX_W[0]) & _LO, (k1 + _PHILOX_W[1]) & _LO
+    return (((c1 << s32) | c0) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable log-softmax in float64: float[..., V] -> float64[..., V]."""
     x = np.asarray(logits, dtype=np.float64)

@@ -43,3 +43,19 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: 
     last = n - 1 if top_p >= 1 else min(n - 1, int((cum < top_p * cum[n - 1]).sum()))
     pick = min(last, int((cum[: last + 1] <= u * cum[last]).sum()))
     return int(order[pick])
+
+
+def per_step_generate(engine, request):
+    """The per-step loop of SAMPLER_SPEC: one engine.step per char, the numpy rule, uniform(seed, i).
+    Returns (text, Finished): what every K and every batch must reproduce."""
+    from nextchar.server.core.generation import Decoder
+
+    dec = Decoder(request, engine.vocab, engine.vocab_index)
+    p = request.sampling
+    tokens, state, parts = dec.prompt_tokens[None, :], engine.initial_state(1), []
+    while not dec.finished:
+        logits, state = engine.step(tokens, state)
+        token = sample(logits[0, -1], p.temperature, p.top_k, p.top_p, uniform(request.seed, dec.generated_chars))
+        parts.append(dec.feed_token(token))
+        tokens = np.array([[token]], np.int64)
+    return "".join(parts), dec.finished_event()
