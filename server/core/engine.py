@@ -67,12 +67,11 @@ class Engine:
     The session is safe to call from several threads at once; onnxruntime releases the GIL in run().
     """
 
-    def __init__(self, artifact: Artifact, session: ort.InferenceSession,
-                 generation: ort.InferenceSession) -> None:
+    def __init__(self, artifact: Artifact, session: ort.InferenceSession, *, intra_op_threads: int = 0,
+                 inter_op_threads: int = 1) -> None:
         self.artifact = artifact
         self.name = artifact.name
         self.session = session
-        self.generation = generation
         m = artifact.manifest
         self.vocab: tuple[str, ...] = artifact.vocab
         self.vocab_index: dict[str, int] = build_index(self.vocab)
@@ -88,15 +87,15 @@ class Engine:
         self.pad_single_rows = False
         self.batch_invariant: bool | None = None
         self._check_graph()
+        self.generation = _generation_session(artifact.model_path, artifact.manifest.io, intra_op_threads,
+                                              inter_op_threads)
 
     @classmethod
     def load(cls, artifact: Artifact, *, intra_op_threads: int = 0, inter_op_threads: int = 1) -> Engine:
         """Create the sessions for `artifact.model_path` and check the graph against the manifest.
         intra_op_threads 0 = available_cores()."""
         session = _session(artifact.model_path, intra_op_threads, inter_op_threads)
-        generation = _generation_session(artifact.model_path, artifact.manifest.io,
-                                         intra_op_threads, inter_op_threads)
-        return cls(artifact, session, generation)
+        return cls(artifact, session, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
 
     @classmethod
     def from_file(cls, path: Path, *, intra_op_threads: int = 0, inter_op_threads: int = 1) -> Engine:
@@ -123,8 +122,7 @@ class Engine:
                                 f"!= {len(vocab)} vocab characters")
         artifact = Artifact(name=manifest.name, version=manifest.version, path=path.parent,
                             model_path=path, manifest=manifest, vocab=vocab)
-        generation = _generation_session(path, manifest.io, intra_op_threads, inter_op_threads)
-        return cls(artifact, session, generation)
+        return cls(artifact, session, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
 
     def _check_graph(self) -> None:
         where = str(self.artifact.model_path)

@@ -27,7 +27,8 @@ def uniform(seed: int, i: int) -> float:
 
 def uniforms(seeds, counters, k: int) -> np.ndarray:
     """float64[B, k]: row b, column j = uniform(seeds[b], counters[b] + j)."""
-    return np.array([[uniform(int(s), int(c) + j) for j in range(k)] for s, c in zip(seeds, counters)])
+    return np.array([[uniform(int(s), int(c) + j) for j in range(k)]
+                     for s, c in zip(seeds, counters, strict=True)])
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
@@ -55,7 +56,8 @@ def per_step_generate(engine, request):
     tokens, state, parts = dec.prompt_tokens[None, :], engine.initial_state(1), []
     while not dec.finished:
         logits, state = engine.step(tokens, state)
-        token = sample(logits[0, -1], p.temperature, p.top_k, p.top_p, uniform(request.seed, dec.generated_chars))
+        u = uniform(request.seed, dec.generated_chars)
+        token = sample(logits[0, -1], p.temperature, p.top_k, p.top_p, u)
         parts.append(dec.feed_token(token))
         tokens = np.array([[token]], np.int64)
     return "".join(parts), dec.finished_event()

@@ -11,7 +11,7 @@ import pytest
 from fake_engine import FakeEngine, ScriptedEngine
 from philox_ref import per_step_generate
 
-from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest, TextChunk
 from nextchar.server.core.sampling import SamplingParams
 from nextchar.server.scheduling.batcher import Batcher
 from nextchar.server.scheduling.batching import (
