@@ -8,6 +8,9 @@ from typing import Protocol
 import numpy as np
 
 State = tuple[np.ndarray, ...]  # (h,) or (h, c), each float32[num_layers, B, hidden_size]
+# The generation graph's (server.core.kstep) inputs after the model's tokens and state, and its output.
+GENERATION_INPUTS = ("u", "temperature", "top_k", "top_p")
+GENERATION_OUTPUT = "new_tokens"
 
 
 class ModelEngine(Protocol):

@@ -7,13 +7,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from nextchar.server.core import artifact as art
 from nextchar.server.core.artifact import Artifact, ArtifactError
-from nextchar.server.core.contract import State, take
-from nextchar.server.core.kstep import INPUTS, OUTPUT_TOKENS, build_generation_graph
+from nextchar.server.core.contract import GENERATION_INPUTS, GENERATION_OUTPUT, State, take
 from nextchar.server.core.vocab import build_index
 from nextchar.v1 import manifest_pb2
 
@@ -53,6 +51,10 @@ def _session(path: Path | bytes, intra_op_threads: int, inter_op_threads: int) -
 def _generation_session(engine_path: Path, io: manifest_pb2.IoNames, intra_op_threads: int,
                         inter_op_threads: int) -> ort.InferenceSession:
     """The K-step graph, built from the (hash-checked) one-step file: old artifacts need no re-export."""
+    import onnx  # here, not at the top: the offline client steps per char and never needs it
+
+    from nextchar.server.core.kstep import build_generation_graph
+
     io_map = {k: getattr(io, k) for k in ("tokens", "h0", "c0", "logits", "hn", "cn")}
     try:
         graph = build_generation_graph(onnx.load(str(engine_path)), io_map)
@@ -68,7 +70,7 @@ class Engine:
     """
 
     def __init__(self, artifact: Artifact, session: ort.InferenceSession, *, intra_op_threads: int = 0,
-                 inter_op_threads: int = 1) -> None:
+                 inter_op_threads: int = 1, generation: bool = True) -> None:
         self.artifact = artifact
         self.name = artifact.name
         self.session = session
@@ -82,13 +84,16 @@ class Engine:
         io = m.io
         self._inputs = [io.tokens, io.h0] + ([io.c0] if self.has_cell_state else [])
         self._outputs = [io.logits, io.hn] + ([io.cn] if self.has_cell_state else [])
-        self._gen_outputs = [OUTPUT_TOKENS, *self._outputs[1:]]
+        self._gen_outputs = [GENERATION_OUTPUT, *self._outputs[1:]]
         # Set by warmup(): see _probe_batch_invariance.
         self.pad_single_rows = False
         self.batch_invariant: bool | None = None
         self._check_graph()
-        self.generation = _generation_session(artifact.model_path, artifact.manifest.io, intra_op_threads,
-                                              inter_op_threads)
+        self._threads = (intra_op_threads, inter_op_threads)
+        # The K-step session: built now for a server (a bad graph fails the load), on first use else.
+        self._generation: ort.InferenceSession | None = None
+        if generation:
+            self._generation_session()
 
     @classmethod
     def load(cls, artifact: Artifact, *, intra_op_threads: int = 0, inter_op_threads: int = 1) -> Engine:
@@ -122,7 +127,14 @@ class Engine:
                                 f"!= {len(vocab)} vocab characters")
         artifact = Artifact(name=manifest.name, version=manifest.version, path=path.parent,
                             model_path=path, manifest=manifest, vocab=vocab)
-        return cls(artifact, session, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+        return cls(artifact, session, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
+                   generation=False)
+
+    def _generation_session(self) -> ort.InferenceSession:
+        if self._generation is None:
+            self._generation = _generation_session(self.artifact.model_path, self.artifact.manifest.io,
+                                                   *self._threads)
+        return self._generation
 
     def _check_graph(self) -> None:
         where = str(self.artifact.model_path)
@@ -200,8 +212,8 @@ class Engine:
         feed = {self._inputs[0]: np.ascontiguousarray(tokens)}
         for name, s in zip(self._inputs[1:], state, strict=True):
             feed[name] = np.ascontiguousarray(s, dtype=np.float32)
-        feed.update(zip(INPUTS, params, strict=True))
-        out, *new = self.generation.run(self._gen_outputs, feed)
+        feed.update(zip(GENERATION_INPUTS, params, strict=True))
+        out, *new = self._generation_session().run(self._gen_outputs, feed)
         return out, tuple(new)
 
     def _run(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
@@ -223,6 +235,9 @@ class Engine:
                     f"{self.artifact.model_path}: outputs have shapes {shapes}, expected {want}")
             if not np.isfinite(logits).all():
                 raise ArtifactError(f"{self.artifact.model_path}: warm-up logits are not finite")
+        if self._generation is None:  # an offline engine: its generation graph is built on first use
+            self._probe_batch_invariance()
+            return
         ones = np.ones(2)
         out, _ = self.generate(np.zeros((2, 3), np.int64), self.initial_state(2), np.full((2, 4), 0.5),
                                ones, np.zeros(2, np.int64), ones)

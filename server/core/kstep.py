@@ -18,9 +18,9 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from nextchar.server.core.contract import GENERATION_OUTPUT as OUTPUT_TOKENS
+
 GENERATION_FILE = "generate.onnx"
-INPUTS = ("u", "temperature", "top_k", "top_p")  # after the model's tokens and state inputs
-OUTPUT_TOKENS = "new_tokens"
 _P = "gen/"  # prefix of every value the builder defines: must not collide with the model's names
 _D = TensorProto.DOUBLE
 _I = TensorProto.INT64
