@@ -66,7 +66,7 @@ class BatcherClosedError(CapacityError):
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_size: int = 32       # rows per engine call, decode and prefill alike
+    max_batch_size: int = 64       # rows per engine call, decode and prefill alike
     max_wait_s: float = 0.002      # an arrival at an idle batcher waits this long for others to join
     max_active_streams: int = 256  # streams decoding at once; more arrivals wait in the queue
     max_queue: int = 256           # arrivals waiting for a free stream slot; beyond: CapacityError

@@ -116,6 +116,7 @@ class Runner:
 
     def __init__(self, max_concurrent: int, flush_s: float, flush_chars: int, *,
                  batching: BatchingConfig | None = None, batch_variant_engines: bool = True,
+                 chars_per_call: BatchingConfig | None = None,
                  clock: Clock = time.perf_counter, track_history: int = 256) -> None:
         self.max_concurrent = max_concurrent
         self.flush_s, self.flush_chars = flush_s, flush_chars
@@ -128,8 +129,9 @@ class Runner:
         self.tracks: deque[GenerationTrack] = deque(maxlen=track_history)
         self._idle: asyncio.Event | None = None
         self._batching = batching  # None: every generation loops on its own worker thread
-        # Unbatched generations still advance K chars per engine call, one row each.
-        self._unbatched = dataclasses.replace(batching or BatchingConfig(), max_batch_size=1, max_wait_s=0.0,
+        # Unbatched generations still advance K chars per engine call (K settings from chars_per_call).
+        k_settings = chars_per_call or batching or BatchingConfig()
+        self._unbatched = dataclasses.replace(k_settings, max_batch_size=1, max_wait_s=0.0,
                                               max_active_streams=1, max_queue=0)
         self._batch_variant_engines = batch_variant_engines
         self._batchers: dict[int, Batcher] = {}  # id(engine) -> its batcher
