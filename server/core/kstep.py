@@ -49,8 +49,10 @@ def _sampling_nodes(logits: str, step: str, tok_out: str) -> list[onnx.NodeProto
         n("Shape", [p + "x"], [p + "xshape"]),
         n("Gather", [p + "xshape", p + "ax1"], [p + "V1"], axis=0),        # [1]
         n("Gather", [p + "xshape", p + "ax1s"], [p + "V"], axis=0),        # scalar
-        # Sorted descending, ties to the lower id: the spec's `order`.
-        n("TopK", [p + "x", p + "V1"], [p + "vals", p + "order"], axis=1, largest=1, sorted=1),
+        # Sorted descending, ties to the lower id: the spec's `order`. Sorted in float32 (the logits'
+        # own type; float64 values are the same numbers in the same order), ~2x faster than float64.
+        n("TopK", [p + "row32", p + "V1"], [p + "vals32", p + "order"], axis=1, largest=1, sorted=1),
+        n("Cast", [p + "vals32"], [p + "vals"], to=_D),
         n("Gather", [p + "vals", p + "zero_i"], [p + "x0"], axis=1),        # [B, 1]
         n("Gather", [p + "order", p + "zero_i"], [p + "greedy_tok"], axis=1),
         n("Unsqueeze", ["temperature", p + "ax1"], [p + "T"]),              # [B, 1]

@@ -17,7 +17,7 @@ from nextchar.server.core.artifact import ArtifactError, ModelNameError
 from nextchar.server.core.sampling import InvalidParameterError
 from nextchar.server.core.vocab import OutOfVocabularyError
 from nextchar.server.ops.registry import ModelNotFoundError
-from nextchar.server.scheduling.batching import CapacityError
+from nextchar.server.scheduling.batching import BatcherClosedError, CapacityError
 from nextchar.server.scheduling.runner import DeadlineError, OverloadedError, ShuttingDownError
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),   # the batcher's queue is full
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+    (BatcherClosedError, grpc.StatusCode.UNAVAILABLE),     # its model version was unloaded meanwhile
 )
 
 

@@ -57,11 +57,8 @@ class CapacityError(RuntimeError):
         self.limit = limit
 
 
-class BatcherClosedError(CapacityError):
-    """The batcher is shutting down (UNAVAILABLE rather than RESOURCE_EXHAUSTED, where told apart)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("closed", message)
+class BatcherClosedError(RuntimeError):
+    """The batcher is shutting down (UNAVAILABLE: the model version was unloaded or the server stops)."""
 
 
 @dataclass(frozen=True)
