@@ -1,16 +1,17 @@
 """The server vs the same loop in-process: one stream's chars/s; time to first char after a long prompt.
 
-Usage: .venv/bin/python -m bench.bench_server [--chars 2000] [--prompt-chars 1000] [--repeats 15] [--batching]
-                                              [--out bench/results/server.md]
+Usage: .venv/bin/python -m bench.bench_server [--chars 2000] [--prompt-chars 1000] [--repeats 15]
+                                              [--batching 0|1] [--out bench/results/server.md]
 
 Exports an untrained 2-layer LSTM-256 (one-hot input over the anthem's vocabulary, torch seed 0) into a
 temporary repository (in a subprocess, so torch stays out of the measuring process), starts
 `nextchar serve` on it as a subprocess (the server has its own process),
 and measures from this process (the client) with the typed sync client. The in-process figures run
-the very loop the server runs (server.engine.Engine + server.generation.generate, one onnxruntime
-thread) in a worker subprocess without gRPC; each repeat runs the two sides back to back (alternating
+the plain per-char loop (server.engine.Engine.step + server.generation.generate, batch 1, one
+onnxruntime thread) in a worker subprocess without gRPC; the server runs its defaults (K chars per
+engine call). Each repeat runs the two sides back to back (alternating
 which goes first) so both see the same machine load, and the ratio is the median of the per-pair ratios.
-Ratios: throughput = server chars/s / in-process chars/s (want >= 0.8); time to first char =
+Ratios: throughput = server chars/s / in-process chars/s (want >= 1.0); time to first char =
 client-measured first text of a max_new_chars=1 stream / one in-process prefill call (want <= 1.2).
 """
 
