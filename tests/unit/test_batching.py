@@ -21,6 +21,7 @@ from nextchar.server.scheduling.batching import (
     BatchingConfigError,
     CapacityError,
     admit_count,
+    chars_per_call,
     prefill_groups,
 )
 
@@ -89,6 +90,21 @@ def test_admit_respects_free_slots():
     assert admit_count([0.0] * 5, 4, 9.0, c) == (0, None)
     assert admit_count([0.0] * 5, 3, 0.0, c) == (1, None)
     assert admit_count([0.0, 0.0], 2, 0.0, c) == (2, None)
+
+
+def test_k_is_one_while_arrivals_wait_then_doubles_within_its_bounds():
+    c = BatchingConfig(max_chars_per_call=64, max_call_s=0.03)
+
+    def k(previous=8, waiting=False, remaining=1000, spc=0.0, deadline=None):
+        return chars_per_call(previous, arrivals_waiting=waiting, remaining=remaining, seconds_per_char=spc,
+                              until_deadline_s=deadline, config=c)
+
+    assert k(waiting=True) == 1                      # their prefill is next: keep this call short
+    assert [k(p) for p in (1, 2, 16, 32, 64)] == [2, 4, 32, 64, 64]
+    assert k(remaining=5) == 5                       # no chars beyond what the rows still want
+    assert k(spc=0.001) == 16                        # 30 ms / 1 ms per char
+    assert k(spc=0.001, deadline=0.004) == 4         # a near deadline is checked between calls
+    assert k(spc=1.0) == 1 and k(remaining=0) == 1   # never below one char
 
 
 def test_prefill_groups_by_equal_length_in_arrival_order():
@@ -455,3 +471,14 @@ def test_close_ends_running_streams(engines):
     assert isinstance(ends[0], BatcherClosedError) and not isinstance(ends[0], CapacityError)
     with pytest.raises(BatcherClosedError):
         batcher.submit(GenerationRequest("O", 1), on_text=lambda t: None, on_end=lambda e: None)
+
+
+def test_the_scheduler_does_not_load_onnxruntime():
+    """The scheduler codes against contract.ModelEngine; only the engine module imports onnxruntime."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport nextchar.server.scheduling.runner, nextchar.server.scheduling.batcher\n"
+            "print(sorted(m for m in ('onnxruntime', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
