@@ -162,7 +162,7 @@ _SPECS: dict[str, _Spec] = {
                             "model calls in flight before RESOURCE_EXHAUSTED"),
     "intra_op_threads": _Spec("--intra-op-threads", int, _int_range(0, 256),
                               "onnxruntime threads per model; 0 = the CPUs available to the process "
-                              "(affinity mask, cgroup cpu.max quota)"),
+                              "(affinity mask, cgroup cpu.max quota) unless one thread is faster at warm-up"),
     "grace_seconds": _Spec("--grace-seconds", float, _float_range(0.0, 3600.0),
                            "time running calls get to finish on SIGTERM"),
     "flush_ms": _Spec("--flush-ms", float, _float_range(0.1, 1000.0), "longest a stream holds back text"),
