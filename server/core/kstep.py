@@ -32,66 +32,73 @@ def _const(name: str, value: float | int | list, dtype: int) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, vals))
 
 
-def _sampling_nodes(logits: str, step: str, tok_out: str) -> list[onnx.NodeProto]:
-    """logits float32[B, T, V] (last position used), iteration `step` -> tok_out int64[B, 1]."""
-    p = _P + "s/"
+def _row_nodes(vocab_size: int) -> list[onnx.NodeProto]:
+    """What depends on each row's parameters only, computed once per Run outside the Loop (each node
+    in the Loop body costs ~1-2 us per iteration, which is most of an iteration at batch 1)."""
+    r = _P + "r/"
     n = helper.make_node
     return [
-        _const(p + "last", -1, _I), _const(p + "zero_i", [0], _I), _const(p + "one_i", 1, _I),
-        _const(p + "ax1", [1], _I), _const(p + "ax1s", 1, _I), _const(p + "zero_d", 0.0, _D),
-        _const(p + "one_d", 1.0, _D), _const(p + "zero_s", 0, _I), _const(p + "minus1", -1, _I),
+        _const(r + "ax1", [1], _I), _const(r + "zero_d", 0.0, _D), _const(r + "one_d", 1.0, _D),
+        _const(r + "zero", 0, _I), _const(r + "one", 1, _I), _const(r + "V", vocab_size, _I),
+        _const(r + "j", list(range(vocab_size)), _I),                      # [V]: sorted positions
+        n("Unsqueeze", ["temperature", r + "ax1"], [r + "T"]),             # [B, 1]
+        n("Equal", [r + "T", r + "zero_d"], [r + "is_greedy"]),
+        n("Where", [r + "is_greedy", r + "one_d", r + "T"], [r + "T_safe"]),
+        n("Unsqueeze", ["top_k", r + "ax1"], [r + "k"]),
+        n("Min", [r + "k", r + "V"], [r + "k_min"]),
+        n("Equal", [r + "k", r + "zero"], [r + "k_off"]),
+        n("Where", [r + "k_off", r + "V", r + "k_min"], [r + "n"]),        # candidates per row
+        n("Sub", [r + "n", r + "one"], [r + "n_last"]),
+        n("Less", [r + "j", r + "n"], [r + "cand"]),                       # [B, V]
+        n("Unsqueeze", ["top_p", r + "ax1"], [r + "tp"]),
+        n("GreaterOrEqual", [r + "tp", r + "one_d"], [r + "p_off"]),
+    ]
+
+
+def _sampling_nodes(logits: str, step: str, tok_out: str, vocab_size: int) -> list[onnx.NodeProto]:
+    """logits float32[B, T, V] (last position used), iteration `step` -> tok_out int64[B, 1]."""
+    p, r = _P + "s/", _P + "r/"
+    n = helper.make_node
+    return [
+        _const(p + "last", -1, _I), _const(p + "zero_i", [0], _I), _const(p + "ax1", [1], _I),
+        _const(p + "ax1s", 1, _I), _const(p + "zero_d", 0.0, _D), _const(p + "minus1", -1, _I),
+        _const(p + "V1", [vocab_size], _I),
         n("Gather", [logits, p + "last"], [p + "row32"], axis=1),           # [B, V]
-        n("Cast", [p + "row32"], [p + "x"], to=_D),
-        n("IsNaN", [p + "x"], [p + "isnan"]),
-        n("Cast", [p + "isnan"], [p + "isnan_d"], to=_D),
-        n("ReduceMax", [p + "isnan_d"], [p + "nan_d"], axes=[1], keepdims=1),  # [B, 1]
-        n("Cast", [p + "nan_d"], [p + "nan"], to=TensorProto.BOOL),
-        n("Shape", [p + "x"], [p + "xshape"]),
-        n("Gather", [p + "xshape", p + "ax1"], [p + "V1"], axis=0),        # [1]
-        n("Gather", [p + "xshape", p + "ax1s"], [p + "V"], axis=0),        # scalar
+        n("IsNaN", [p + "row32"], [p + "isnan"]),
+        n("Cast", [p + "isnan"], [p + "isnan_f"], to=TensorProto.FLOAT),
+        n("ReduceMax", [p + "isnan_f"], [p + "nan_f"], axes=[1], keepdims=1),  # [B, 1]
+        n("Cast", [p + "nan_f"], [p + "nan"], to=TensorProto.BOOL),
         # Sorted descending, ties to the lower id: the spec's `order`. Sorted in float32 (the logits'
         # own type; float64 values are the same numbers in the same order), ~2x faster than float64.
         n("TopK", [p + "row32", p + "V1"], [p + "vals32", p + "order"], axis=1, largest=1, sorted=1),
         n("Cast", [p + "vals32"], [p + "vals"], to=_D),
         n("Gather", [p + "vals", p + "zero_i"], [p + "x0"], axis=1),        # [B, 1]
         n("Gather", [p + "order", p + "zero_i"], [p + "greedy_tok"], axis=1),
-        n("Unsqueeze", ["temperature", p + "ax1"], [p + "T"]),              # [B, 1]
-        n("Equal", [p + "T", p + "zero_d"], [p + "is_greedy"]),
-        n("Where", [p + "is_greedy", p + "one_d", p + "T"], [p + "T_safe"]),
         n("Sub", [p + "vals", p + "x0"], [p + "d"]),
-        n("Div", [p + "d", p + "T_safe"], [p + "z"]),
+        n("Div", [p + "d", r + "T_safe"], [p + "z"]),
         n("Exp", [p + "z"], [p + "w_all"]),
-        n("Range", [p + "zero_s", p + "V", p + "one_i"], [p + "j"]),       # [V]
-        n("Unsqueeze", ["top_k", p + "ax1"], [p + "k"]),                   # [B, 1]
-        n("Min", [p + "k", p + "V"], [p + "k_min"]),
-        n("Equal", [p + "k", p + "zero_s"], [p + "k_off"]),
-        n("Where", [p + "k_off", p + "V", p + "k_min"], [p + "n"]),        # candidates per row
-        n("Less", [p + "j", p + "n"], [p + "cand"]),                       # [B, V]
-        n("Where", [p + "cand", p + "w_all", p + "zero_d"], [p + "w"]),
+        n("Where", [r + "cand", p + "w_all", p + "zero_d"], [p + "w"]),
         n("CumSum", [p + "w", p + "ax1s"], [p + "cum"]),                   # sequential, float64
-        n("Sub", [p + "n", p + "one_i"], [p + "n_last"]),
-        n("GatherElements", [p + "cum", p + "n_last"], [p + "total"], axis=1),
-        n("Unsqueeze", ["top_p", p + "ax1"], [p + "tp"]),
-        n("Mul", [p + "tp", p + "total"], [p + "mass"]),
+        n("GatherElements", [p + "cum", r + "n_last"], [p + "total"], axis=1),
+        n("Mul", [r + "tp", p + "total"], [p + "mass"]),
         n("Less", [p + "cum", p + "mass"], [p + "below"]),
-        n("And", [p + "below", p + "cand"], [p + "below_c"]),
+        n("And", [p + "below", r + "cand"], [p + "below_c"]),
         n("Cast", [p + "below_c"], [p + "below_i"], to=_I),
         n("ReduceSum", [p + "below_i", p + "ax1"], [p + "nbelow"], keepdims=1),
-        n("Min", [p + "n_last", p + "nbelow"], [p + "last_p"]),
-        n("GreaterOrEqual", [p + "tp", p + "one_d"], [p + "p_off"]),
-        n("Where", [p + "p_off", p + "n_last", p + "last_p"], [p + "lastj"]),  # [B, 1]
+        n("Min", [r + "n_last", p + "nbelow"], [p + "last_p"]),
+        n("Where", [r + "p_off", r + "n_last", p + "last_p"], [p + "lastj"]),  # [B, 1]
         n("Gather", ["u", step], [p + "u"], axis=1),                       # [B]
         n("Unsqueeze", [p + "u", p + "ax1"], [p + "u1"]),
         n("GatherElements", [p + "cum", p + "lastj"], [p + "cum_last"], axis=1),
         n("Mul", [p + "u1", p + "cum_last"], [p + "thr"]),
         n("LessOrEqual", [p + "cum", p + "thr"], [p + "le"]),
-        n("LessOrEqual", [p + "j", p + "lastj"], [p + "upto"]),
+        n("LessOrEqual", [r + "j", p + "lastj"], [p + "upto"]),
         n("And", [p + "le", p + "upto"], [p + "le_c"]),
         n("Cast", [p + "le_c"], [p + "le_i"], to=_I),
         n("ReduceSum", [p + "le_i", p + "ax1"], [p + "count"], keepdims=1),
         n("Min", [p + "lastj", p + "count"], [p + "pick"]),
         n("GatherElements", [p + "order", p + "pick"], [p + "sampled_tok"], axis=1),
-        n("Where", [p + "is_greedy", p + "greedy_tok", p + "sampled_tok"], [p + "tok"]),
+        n("Where", [r + "is_greedy", p + "greedy_tok", p + "sampled_tok"], [p + "tok"]),
         n("Where", [p + "nan", p + "minus1", p + "tok"], [tok_out]),
     ]
 
@@ -101,6 +108,10 @@ def build_generation_graph(model: onnx.ModelProto, io: dict[str, str]) -> onnx.M
     (keys tokens, h0, c0, logits, hn, cn; c0/cn empty without a cell state). The metadata is kept.
     """
     g = model.graph
+    logits_out = next(o for o in g.output if o.name == io["logits"])
+    vocab_size = logits_out.type.tensor_type.shape.dim[2].dim_value
+    if vocab_size <= 0:
+        raise ValueError(f"output {io['logits']!r} must have a fixed vocabulary dimension")
     state_in = [io["h0"]] + ([io["c0"]] if io.get("c0") else [])
     state_out = [io["hn"]] + ([io["cn"]] if io.get("cn") else [])
     inits = {i.name for i in g.initializer}
@@ -118,7 +129,7 @@ def build_generation_graph(model: onnx.ModelProto, io: dict[str, str]) -> onnx.M
         body_nodes.append(copy)
     carried = [rename(n) for n in (io["tokens"], *state_in)]
     tok_next, tok_scan = _P + "tok_next", _P + "tok_scan"
-    body_nodes += _sampling_nodes(rename(io["logits"]), _P + "iter", _P + "tok_raw")
+    body_nodes += _sampling_nodes(rename(io["logits"]), _P + "iter", _P + "tok_raw", vocab_size)
     body_nodes += [
         _const(_P + "zero_tok", 0, _I),
         helper.make_node("Max", [_P + "tok_raw", _P + "zero_tok"], [tok_next]),  # NaN rows feed 0
@@ -142,6 +153,7 @@ def build_generation_graph(model: onnx.ModelProto, io: dict[str, str]) -> onnx.M
     )
     outer_in = [io["tokens"], *state_in]
     nodes = [
+        *_row_nodes(vocab_size),
         helper.make_node("Shape", ["u"], [_P + "ushape"]),
         _const(_P + "one", 1, _I),
         helper.make_node("Gather", [_P + "ushape", _P + "one"], [_P + "K"], axis=0),
