@@ -41,7 +41,7 @@ class LoadedModel:
         return self.artifact.version
 
 
-def engine_loader(variant: str = "fp32", intra_op_threads: int = 1) -> Callable[[Path], LoadedModel]:
+def engine_loader(variant: str = "fp32", intra_op_threads: int = 0) -> Callable[[Path], LoadedModel]:
     """The real loader: validate the files (load_artifact), build the onnxruntime engine, warm it up."""
 
     def load(version_dir: Path) -> LoadedModel:
