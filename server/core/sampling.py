@@ -268,22 +268,3 @@ def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     m = np.max(x, axis=axis, keepdims=True)
     z = x - m
     return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """float[V] -> float64[V] probabilities at `temperature` (> 0)."""
-    if not temperature > 0.0:
-        raise InvalidParameterError("temperature", f"must be > 0 for probabilities, got {temperature!r}")
-    return np.exp(log_softmax(_as_row(logits) / temperature))
-
-
-def top_n(logits: np.ndarray, n: int, temperature: float = 1.0) -> list[tuple[int, float]]:
-    """The `n` most probable ids of `logits: float[V]` as (id, probability), most probable first.
-
-    Probabilities are over the whole vocabulary (not renormalised over the n). Ties go to the lower id.
-    """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise InvalidParameterError("n", f"must be an integer >= 1, got {n!r}")
-    probs = softmax(logits, temperature)
-    order = np.argsort(-probs, kind="stable")[:n]
-    return [(int(i), float(probs[i])) for i in order]
