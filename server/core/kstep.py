@@ -15,6 +15,8 @@ model.onnx, so artifacts exported before it existed work too).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -115,7 +117,7 @@ def exp_nodes(z: str, w: str, prefix: str = _P + "exp/") -> list[onnx.NodeProto]
         return helper.make_node("Constant", [], [prefix + name],
                                 value=numpy_helper.from_array(np.asarray(value, np.float64), prefix + name))
 
-    def op(kind: str, inputs: list[str], out: str, **attrs: object) -> onnx.NodeProto:
+    def op(kind: str, inputs: list[str], out: str, **attrs: Any) -> onnx.NodeProto:
         names = [i if i == z else prefix + i for i in inputs]
         return helper.make_node(kind, names, [prefix + out], **attrs)
 

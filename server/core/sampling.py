@@ -103,15 +103,15 @@ def philox_uniforms(seeds: np.ndarray, counters: np.ndarray, k: int = 1) -> np.n
     draw `counters[b] + j` of seed `seeds[b]` (key = the seed's two 32-bit halves, counter = the draw
     index's two halves, then 0, 0)."""
     seeds = np.asarray(seeds, dtype=np.uint64).reshape(-1)
-    draws = (np.asarray(counters, dtype=np.uint64).reshape(-1, 1)
-             + np.arange(k, dtype=np.uint64)).reshape(-1)  # wraps mod 2^64, as a uint64 counter does
+    draws: np.ndarray = (np.asarray(counters, dtype=np.uint64).reshape(-1, 1)
+                         + np.arange(k, dtype=np.uint64)).reshape(-1)  # wraps mod 2^64 like a uint64 counter
     if draws.size != seeds.size * k:
         raise ValueError(f"seeds and counters must both be uint64[B], got {seeds.size} and {draws.size // k}")
     if draws.size <= _SCALAR_DRAWS:  # numpy's ~50 calls cost ~100 us whatever the size; a draw ~7 us
-        keys = [int(s) for s in seeds for _ in range(k)]
-        return np.array([philox_uniform(s, int(i)) for s, i in zip(keys, draws, strict=True)],
+        row_seeds = [int(s) for s in seeds for _ in range(k)]
+        return np.array([philox_uniform(s, int(i)) for s, i in zip(row_seeds, draws, strict=True)],
                         dtype=np.float64).reshape(-1, k)
-    keys = np.repeat(seeds, k)
+    keys: np.ndarray = np.repeat(seeds, k)
     zeros = np.zeros_like(draws)
     x = philox4x32(np.stack([draws & _MASK32, draws >> np.uint64(32), zeros, zeros]),
                    np.stack([keys & _MASK32, keys >> np.uint64(32)]))

@@ -69,7 +69,8 @@ class NextCharServer:
         started = time.monotonic()
         await self.health.enter_graceful_shutdown()
         await self.ops.stop_changes()
-        self.servicer.sessions.table.close()  # sessions end at once (UNAVAILABLE), their state freed
+        if self.servicer.sessions is not None:
+            self.servicer.sessions.table.close()  # sessions end at once (UNAVAILABLE), their state freed
         drained = await self.runner.drain(grace)
         left = max(0.0, grace - (time.monotonic() - started))
         await self.grpc_server.stop(min(_FLUSH_SECONDS, left) if drained else 0)

@@ -79,7 +79,7 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
             items = [item async for item in run]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
         assert isinstance(outcome, Outcome)
-        return pb.GenerateResponse(text="".join(items), summary=wire.summary(outcome, model))
+        return pb.GenerateResponse(text="".join(str(i) for i in items), summary=wire.summary(outcome, model))
 
     @mapped
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):

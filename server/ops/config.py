@@ -273,7 +273,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shown = f" ({default}env {spec.env})"
         # Booleans work bare (`--log-prompts`) or with a value (`--log-prompts false`); so does
         # --batching (bare = on).
-        bare = {"nargs": "?", "const": "true"} if spec.parse in (_bool, _batching_mode) else {}
+        bare: dict[str, Any] = {"nargs": "?", "const": "true"} if spec.parse in (_bool, _batching_mode) \
+            else {}
         parser.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().split("_")[-1],
                             help=spec.help + shown, **bare)
 

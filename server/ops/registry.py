@@ -196,8 +196,11 @@ class Registry:
     def acquire(self, name: str, version: int | None) -> LoadedModel | None:
         """The loaded model a call will use, counted as in flight until `release`; None if not loaded."""
         with self._lock:
-            key = (name, self._latest.get(name) if version is None else version)
-            model = self._loaded.get(key)  # type: ignore[arg-type]
+            chosen = self._latest.get(name) if version is None else version
+            if chosen is None:
+                return None
+            key = (name, chosen)
+            model = self._loaded.get(key)
             if model is not None:
                 self._in_flight[key] = self._in_flight.get(key, 0) + 1
             return model

@@ -43,8 +43,8 @@ from nextchar.server.core.sampling import philox_uniforms
 
 log = logging.getLogger(__name__)
 
-OnText = Callable[[str], None]
-OnEnd = Callable[[Finished | BaseException], None]
+OnText = Callable[[str], object]  # return values are ignored
+OnEnd = Callable[[Finished | BaseException], object]
 
 
 class BatchingConfigError(ValueError):
