@@ -16,8 +16,9 @@ proto: $(STAMP)     ## regenerate the Python protobuf/gRPC code from proto/ (nev
 test: $(STAMP) proto   ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(STAMP) proto   ## ruff, then mypy over server/, client/, training/ (scripts/typecheck.sh)
 	$(PY) -m ruff check .
+	bash scripts/typecheck.sh
 
 bench: $(STAMP) proto
 	$(PY) -m bench.run_all

@@ -18,19 +18,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ("lstm", "gru", "rnn")
+# The tinyshakespeare character set (65 chars), for figures comparable with issue 10's; no download.
+SHAKESPEARE_VOCAB = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 def export_untrained(repo: Path, cells: Sequence[str] = CELLS, hidden: int = 256, layers: int = 2, *,
-                     bare_names: bool = False, int8: bool = False) -> Path:
+                     bare_names: bool = False, int8: bool = False, shakespeare: bool = False) -> Path:
     """Export untrained 2-layer one-hot models over the anthem vocabulary as `<repo>/<cell>256/1`
     (`<repo>/<cell>/1` with bare_names; plus model.int8.onnx with int8).
 
     Runs in a subprocess so torch never shares the measuring process (its threads, its memory);
-    untrained weights cost the same per step as trained ones.
+    untrained weights cost the same per step as trained ones. `shakespeare`: SHAKESPEARE_VOCAB instead.
     """
     cmd = [sys.executable, "-m", "bench.common", "export", str(repo), "--hidden", str(hidden),
            "--layers", str(layers), *cells, *(["--bare-names"] if bare_names else []),
-           *(["--int8"] if int8 else [])]
+           *(["--int8"] if int8 else []), *(["--shakespeare"] if shakespeare else [])]
     subprocess.run(cmd, cwd=ROOT, check=True)
     return repo
 
@@ -49,7 +51,8 @@ def model_name(cell: str, hidden: int = 256) -> str:
     return f"{cell}{hidden}"
 
 
-def _export(repo: Path, cells: Sequence[str], hidden: int, layers: int, bare_names: bool, int8: bool) -> None:
+def _export(repo: Path, cells: Sequence[str], hidden: int, layers: int, bare_names: bool, int8: bool,
+            shakespeare: bool = False) -> None:
     import torch
 
     from nextchar.training.config import ModelConfig
@@ -58,12 +61,18 @@ def _export(repo: Path, cells: Sequence[str], hidden: int, layers: int, bare_nam
     from nextchar.training.model import CharModel
 
     torch.set_num_threads(1)
-    vocab = build_vocab(load_corpus("anthem").text)
+    vocab = SHAKESPEARE_VOCAB if shakespeare else build_vocab(load_corpus("anthem").text)
     for cell in cells:
         torch.manual_seed(0)
         config = ModelConfig(vocab_size=len(vocab), cell=cell, hidden_size=hidden, num_layers=layers)
         name = cell if bare_names else model_name(cell, hidden)
         export_model(CharModel(config), vocab, repo, name, version=1, int8=int8)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far, all its threads (/proc/PID/stat utime + stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load_engine(repo: Path, name: str, threads: int = 1):
@@ -194,8 +203,9 @@ def main() -> None:
     e.add_argument("--layers", type=int, default=2)
     e.add_argument("--bare-names", action="store_true", help="name models <cell> rather than <cell><hidden>")
     e.add_argument("--int8", action="store_true", help="also export the dynamically quantized variant")
+    e.add_argument("--shakespeare", action="store_true", help="the tinyshakespeare vocabulary (65 chars)")
     a = p.parse_args()
-    _export(a.repo, a.cells, a.hidden, a.layers, a.bare_names, a.int8)
+    _export(a.repo, a.cells, a.hidden, a.layers, a.bare_names, a.int8, a.shakespeare)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Usage: .venv/bin/python -m bench.run_all [--out bench/results/suite] [--only eng
 
 Benches (each prints ratios measured in its own run): engine (onnxruntime step by batch), teaching
 (re-run growing text vs carried state), torch_vs_ort, server (bench.bench_server: one stream, TTFC),
-concurrent (64 streams: batched server vs in-process batched loop vs unbatched server; also with 2
-onnxruntime threads, and for RNN-256 whose engine gains most from batching), ttfc (time
+concurrent (64 streams of 400 chars through the server vs the plain 64-row onnxruntime loop at its best
+thread count, LSTM/GRU/RNN-256), cancel (cancel latency while 64 streams run), ttfc (time
 to first char vs prompt length), train (bench.bench_train), batch_invariance (bench.batch_invariance
 on untrained fp32+int8 exports), ops (bench.bench_ops: the operations layer's cost on one stream).
 Each runs as a subprocess so torch, gRPC channels and onnxruntime
@@ -32,9 +32,8 @@ def benches(repo: Path, invariance_repo: Path) -> dict[str, list[str]]:
         "teaching": ["bench.bench_teaching", "--repo", r],
         "torch_vs_ort": ["bench.bench_torch_vs_ort"],
         "server": ["bench.bench_server"],
-        "concurrent": ["bench.bench_concurrent", "--repo", r],
-        "concurrent_threads2": ["bench.bench_concurrent", "--repo", r, "--threads", "2"],
-        "concurrent_rnn": ["bench.bench_concurrent", "--repo", r, "--cell", "rnn"],
+        "concurrent": ["bench.bench_concurrent"],  # its own exports: the tinyshakespeare charset
+        "cancel": ["bench.bench_cancel"],
         "ttfc": ["bench.bench_ttfc", "--repo", r],
         "train": ["bench.bench_train"],
         "batch_invariance": ["bench.batch_invariance", "--repo", str(invariance_repo), "--rounds", "1"],

@@ -18,7 +18,8 @@ from nextchar.v1 import inference_pb2_grpc, manifest_pb2
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 30.0
 SESSION_TIMEOUT_S = 3600.0  # a typing session's deadline: the whole stream, not one keystroke
-OOV_POLICIES = {"error": pb.OOV_POLICY_ERROR, "skip": pb.OOV_POLICY_SKIP, "replace": pb.OOV_POLICY_REPLACE}
+OOV_POLICIES: dict[str, pb.OovPolicy] = {
+    "error": pb.OOV_POLICY_ERROR, "skip": pb.OOV_POLICY_SKIP, "replace": pb.OOV_POLICY_REPLACE}
 _FINISH = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
 
 
@@ -80,7 +81,7 @@ def _ref(model: str, version: int | None) -> pb.ModelRef:
     return pb.ModelRef(name=model) if version is None else pb.ModelRef(name=model, version=version)
 
 
-def _oov(policy: str) -> int:
+def _oov(policy: str) -> pb.OovPolicy:
     if policy not in OOV_POLICIES:
         raise ValueError(f"oov_policy must be one of {', '.join(OOV_POLICIES)}, got {policy!r}")
     return OOV_POLICIES[policy]

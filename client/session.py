@@ -23,7 +23,13 @@ class SessionUpdate:
     predictions: list[Any]   # client.Prediction, most likely first (empty when the session's n is 0)
 
 
-def options_message(n: int, temperature: float | None, oov_policy: int,
+def _oov(policy: str) -> pb.OovPolicy:
+    from nextchar.client.client import _oov as oov  # client imports this module: resolve at call time
+
+    return oov(policy)
+
+
+def options_message(n: int, temperature: float | None, oov_policy: pb.OovPolicy,
                     oov_replacement: str) -> pb.SessionOptions:
     o = pb.SessionOptions(n=n, oov_policy=oov_policy, oov_replacement=oov_replacement)
     if temperature is not None:
@@ -120,10 +126,11 @@ class TypingSession(_Protocol):
     def reset(self) -> SessionUpdate:
         return self._edit(reset=pb.SessionReset())
 
-    def set_options(self, n: int, temperature: float | None = None, oov_policy: int = pb.OOV_POLICY_ERROR,
+    def set_options(self, n: int, temperature: float | None = None, oov_policy: str = "error",
                     oov_replacement: str = "") -> SessionUpdate:
+        """New prediction options (oov_policy "error" | "skip" | "replace", as everywhere in the client)."""
         self._n = n
-        return self._edit(options=options_message(n, temperature, oov_policy, oov_replacement))
+        return self._edit(options=options_message(n, temperature, _oov(oov_policy), oov_replacement))
 
     def accept(self) -> SessionUpdate:
         """Append the last completion's text (as streamed, without a stop sequence)."""
@@ -205,8 +212,8 @@ class AsyncTypingSession(_Protocol):
         return await self._edit(reset=pb.SessionReset())
 
     async def set_options(self, n: int, temperature: float | None = None,
-                          oov_policy: int = pb.OOV_POLICY_ERROR, oov_replacement: str = "") -> SessionUpdate:
-        return await self._edit(options=options_message(n, temperature, oov_policy, oov_replacement))
+                          oov_policy: str = "error", oov_replacement: str = "") -> SessionUpdate:
+        return await self._edit(options=options_message(n, temperature, _oov(oov_policy), oov_replacement))
 
     async def accept(self) -> SessionUpdate:
         return await self._edit(accept=pb.SessionAccept())

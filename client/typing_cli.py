@@ -21,7 +21,7 @@ def run(client: Any, args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout
     opened = client.session(args.model, version=args.model_version, n=args.n, temperature=args.temperature,
                             oov_policy=args.oov, oov_replacement=args.oov_replacement)
     with opened as session, _raw(stdin, live):
-        text, best = "", []
+        text, best = "", list[Any]()
         for key in _keys(stdin):
             if live and key in QUIT:
                 break

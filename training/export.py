@@ -16,12 +16,18 @@ import torch
 from torch import nn
 
 from nextchar.server.core import artifact as art
+from nextchar.server.core.kstep import GENERATION_FILE, build_generation_graph
 from nextchar.training.checkpoint import CheckpointError, load_checkpoint
 from nextchar.training.config import ModelConfig
 from nextchar.training.corpora import BUILTIN, Corpus
 from nextchar.training.manifest import build_manifest, without_file_hashes
 from nextchar.training.model import CharModel
-from nextchar.training.onnx_checks import ExportError, check_symbolic_dims, parity_check
+from nextchar.training.onnx_checks import (
+    ExportError,
+    check_generation_graph,
+    check_symbolic_dims,
+    parity_check,
+)
 from nextchar.training.quantize import quantize_int8
 from nextchar.v1 import manifest_pb2
 
@@ -161,6 +167,12 @@ def _write_version(
     embedded = without_file_hashes(manifest)
     _set_metadata(fp32, embedded, vocab)
     parity_check(fp32, model, io)
+    # The K-step generation graph for every runtime (the server builds the same from model.onnx).
+    generation = out / GENERATION_FILE
+    io_map = {k: getattr(io, k) for k in ("tokens", "h0", "c0", "logits", "hn", "cn")}
+    onnx.save(build_generation_graph(onnx.load(str(fp32)), io_map), str(generation))
+    _fsync(generation)
+    check_generation_graph(fp32, generation, io, config)
     manifest.model_sha256, manifest.model_size_bytes = art.file_sha256(fp32), fp32.stat().st_size
     if int8:
         int8_path = out / art.INT8_FILE

@@ -90,3 +90,40 @@ def parity_check(path: Path, model: CharModel, io: manifest_pb2.IoNames) -> floa
                 )
             worst = max(worst, diff)
     return worst
+
+
+def check_generation_graph(model_path: Path, generation_path: Path, io: manifest_pb2.IoNames,
+                           config: ModelConfig, k: int = 12) -> None:
+    """The generation graph must reproduce the per-step loop of model.onnx bitwise: greedy tokens
+    (argmax of each step's logits) and the final states; and K chars in one Run must equal two Runs
+    of K/2 for sampled rows (temperature, top-k, top-p). Raises ExportError otherwise."""
+    step, gen = session(model_path), session(generation_path)
+    rng = np.random.default_rng(0)
+    batch = 3
+    tokens = rng.integers(0, config.vocab_size, (batch, 5))
+    state = [rng.standard_normal((config.num_layers, batch, config.hidden_size)).astype(np.float32) * 0.5
+             for _ in range(2 if config.has_cell_state else 1)]
+    state_in, state_out = [io.h0, io.c0][:len(state)], [io.hn, io.cn][:len(state)]
+
+    def run_gen(x: np.ndarray, s: list[np.ndarray], u: np.ndarray, t: float) -> list[np.ndarray]:
+        feeds = {io.tokens: x, **dict(zip(state_in, s, strict=True)), "u": u,
+                 "temperature": np.full(batch, t), "top_k": np.array([0, 5, 0]),
+                 "top_p": np.array([1.0, 1.0, 0.9])}
+        return gen.run(None, feeds)
+
+    u = rng.random((batch, k))
+    greedy, *greedy_state = run_gen(tokens, state, u, 0.0)
+    x, s, want = tokens, state, []
+    for _ in range(k):
+        logits, *s = step.run([io.logits, *state_out], {io.tokens: x, **dict(zip(state_in, s, strict=True))})
+        x = logits[:, -1].argmax(axis=1)[:, None]
+        want.append(x[:, 0])
+    # The graph's final state has stepped the first K-1 sampled chars, like the loop above.
+    if not np.array_equal(greedy, np.stack(want, axis=1)) or not all(
+            np.array_equal(a, b) for a, b in zip(greedy_state, s, strict=True)):
+        raise ExportError(f"{generation_path.name}: greedy tokens or states differ from the per-step loop")
+    full = run_gen(tokens, state, u, 0.8)
+    half = run_gen(tokens, state, u[:, :k // 2], 0.8)
+    rest = run_gen(half[0][:, -1:], half[1:], u[:, k // 2:], 0.8)
+    if not np.array_equal(full[0], np.concatenate([half[0], rest[0]], axis=1)):
+        raise ExportError(f"{generation_path.name}: K={k} chars differ from two runs of {k // 2}")

@@ -48,10 +48,6 @@ class Artifact:
     manifest: ModelManifest
     vocab: tuple[str, ...]
 
-    @property
-    def has_cell_state(self) -> bool:
-        return self.manifest.architecture.cell == manifest_pb2.CELL_TYPE_LSTM
-
 
 def validate_model_name(name: str) -> str:
     """Return `name` if it is a safe directory name: [A-Za-z0-9][A-Za-z0-9._-]*, no '..', ≤128 chars."""
@@ -137,14 +133,6 @@ def list_versions(root: Path, name: str) -> list[int]:
     if not model_dir.is_dir():
         return []
     return sorted(int(d.name) for d in model_dir.iterdir() if d.is_dir() and _VERSION.fullmatch(d.name))
-
-
-def latest_version(root: Path, name: str) -> int:
-    """The highest version of `name`; ArtifactError if the model has none."""
-    versions = list_versions(root, name)
-    if not versions:
-        raise ArtifactError(f"model {name!r} has no versions in {str(root)!r}")
-    return versions[-1]
 
 
 def load_artifact(version_dir: Path, *, variant: str = "fp32") -> Artifact:

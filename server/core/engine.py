@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +13,30 @@ import onnxruntime as ort
 
 from nextchar.server.core import artifact as art
 from nextchar.server.core.artifact import Artifact, ArtifactError
+from nextchar.server.core.contract import GENERATION_INPUTS, GENERATION_OUTPUT, State, take
 from nextchar.server.core.vocab import build_index
 from nextchar.v1 import manifest_pb2
 
-State = tuple[np.ndarray, ...]  # (h,) or (h, c), each float32[num_layers, B, hidden_size]
+log = logging.getLogger(__name__)
 
 
-def _session(path: Path, intra_op_threads: int, inter_op_threads: int) -> ort.InferenceSession:
+def available_cores() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 `cpu.max` quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file (macOS, cgroup v1): the affinity mask decides
+        pass
+    return max(1, cores)
+
+
+def _session(path: Path | bytes, intra_op_threads: int, inter_op_threads: int) -> ort.InferenceSession:
+    """intra_op_threads 0 = available_cores(): one call uses the machine, since the batcher puts
+    every stream of a model into few calls (1 and 2 threads give bitwise-identical outputs)."""
     opts = ort.SessionOptions()
+    intra_op_threads = intra_op_threads or available_cores()
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = inter_op_threads
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -26,10 +44,27 @@ def _session(path: Path, intra_op_threads: int, inter_op_threads: int) -> ort.In
     # Idle worker threads must not spin: the host runs several models and the gRPC loop.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    source = path if isinstance(path, bytes) else str(path)
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind exception types for unreadable graphs
-        raise ArtifactError(f"{path}: onnxruntime cannot load it: {e}") from None
+        where = "its generation graph" if isinstance(path, bytes) else path
+        raise ArtifactError(f"{where}: onnxruntime cannot load it: {e}") from None
+
+
+def _generation_session(engine_path: Path, io: manifest_pb2.IoNames, intra_op_threads: int,
+                        inter_op_threads: int) -> ort.InferenceSession:
+    """The K-step graph, built from the (hash-checked) one-step file: old artifacts need no re-export."""
+    import onnx  # here, not at the top: the offline client steps per char and never needs it
+
+    from nextchar.server.core.kstep import build_generation_graph
+
+    io_map = {k: getattr(io, k) for k in ("tokens", "h0", "c0", "logits", "hn", "cn")}
+    try:
+        graph = build_generation_graph(onnx.load(str(engine_path)), io_map)
+    except (KeyError, ValueError) as e:
+        raise ArtifactError(f"{engine_path}: cannot build its generation graph: {e}") from None
+    return _session(graph.SerializeToString(), intra_op_threads, inter_op_threads)
 
 
 class Engine:
@@ -38,8 +73,10 @@ class Engine:
     The session is safe to call from several threads at once; onnxruntime releases the GIL in run().
     """
 
-    def __init__(self, artifact: Artifact, session: ort.InferenceSession) -> None:
+    def __init__(self, artifact: Artifact, session: ort.InferenceSession, *, intra_op_threads: int = 0,
+                 inter_op_threads: int = 1, generation: bool = True) -> None:
         self.artifact = artifact
+        self.name = artifact.name
         self.session = session
         m = artifact.manifest
         self.vocab: tuple[str, ...] = artifact.vocab
@@ -51,18 +88,28 @@ class Engine:
         io = m.io
         self._inputs = [io.tokens, io.h0] + ([io.c0] if self.has_cell_state else [])
         self._outputs = [io.logits, io.hn] + ([io.cn] if self.has_cell_state else [])
+        self._gen_outputs = [GENERATION_OUTPUT, *self._outputs[1:]]
         # Set by warmup(): see _probe_batch_invariance.
         self.pad_single_rows = False
         self.batch_invariant: bool | None = None
         self._check_graph()
+        self._auto_threads = intra_op_threads == 0 and available_cores() > 1
+        self.intra_op_threads = intra_op_threads or available_cores()
+        self._threads = (self.intra_op_threads, inter_op_threads)
+        # The K-step session: built now for a server (a bad graph fails the load), on first use else.
+        self._generation: ort.InferenceSession | None = None
+        if generation:
+            self._generation_session()
 
     @classmethod
-    def load(cls, artifact: Artifact, *, intra_op_threads: int = 1, inter_op_threads: int = 1) -> Engine:
-        """Create the session for `artifact.model_path` and check the graph against the manifest."""
-        return cls(artifact, _session(artifact.model_path, intra_op_threads, inter_op_threads))
+    def load(cls, artifact: Artifact, *, intra_op_threads: int = 0, inter_op_threads: int = 1) -> Engine:
+        """Create the sessions for `artifact.model_path` and check the graph against the manifest.
+        intra_op_threads 0 = available_cores()."""
+        session = _session(artifact.model_path, intra_op_threads, inter_op_threads)
+        return cls(artifact, session, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
 
     @classmethod
-    def from_file(cls, path: Path, *, intra_op_threads: int = 1, inter_op_threads: int = 1) -> Engine:
+    def from_file(cls, path: Path, *, intra_op_threads: int = 0, inter_op_threads: int = 1) -> Engine:
         """Load a bare model.onnx: manifest and vocab come from its metadata, no manifest.json needed."""
         path = Path(path)
         if not path.is_file():
@@ -86,7 +133,14 @@ class Engine:
                                 f"!= {len(vocab)} vocab characters")
         artifact = Artifact(name=manifest.name, version=manifest.version, path=path.parent,
                             model_path=path, manifest=manifest, vocab=vocab)
-        return cls(artifact, session)
+        return cls(artifact, session, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
+                   generation=False)
+
+    def _generation_session(self) -> ort.InferenceSession:
+        if self._generation is None:
+            self._generation = _generation_session(self.artifact.model_path, self.artifact.manifest.io,
+                                                   *self._threads)
+        return self._generation
 
     def _check_graph(self) -> None:
         where = str(self.artifact.model_path)
@@ -123,6 +177,13 @@ class Engine:
 
     def step(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """tokens: int64[B, T], state: float32[L, B, H] each -> (logits float32[B, T, V], new state)."""
+        self._check(tokens, state)
+        if tokens.shape[0] == 1 and self.pad_single_rows:
+            logits, new = self._run(np.repeat(tokens, 2, axis=0), take(state, [0, 0]))
+            return logits[:1], take(new, slice(0, 1))
+        return self._run(tokens, state)
+
+    def _check(self, tokens: np.ndarray, state: State) -> None:
         if tokens.dtype != np.int64 or tokens.ndim != 2 or 0 in tokens.shape:
             raise ValueError(f"tokens must be int64[B, T] with B, T >= 1, got {tokens.dtype}{tokens.shape}")
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
@@ -132,10 +193,34 @@ class Engine:
         if len(state) != len(self._inputs) - 1 or any(s.shape != want for s in state):
             raise ValueError(f"state must be {len(self._inputs) - 1} float32{want}, "
                              f"got {[s.shape for s in state]}")
-        if tokens.shape[0] == 1 and self.pad_single_rows:
-            logits, new = self._run(np.repeat(tokens, 2, axis=0), self.take(state, [0, 0]))
-            return logits[:1], self.take(new, slice(0, 1))
-        return self._run(tokens, state)
+
+    def generate(self, tokens: np.ndarray, state: State, u: np.ndarray, temperature: np.ndarray,
+                 top_k: np.ndarray, top_p: np.ndarray) -> tuple[np.ndarray, State]:
+        """K chars per row in one Run of the generation graph (see contract.ModelEngine.generate):
+        tokens int64[B, T], u float64[B, K], temperature/top_p float64[B], top_k int64[B]
+        -> (int64[B, K], state)."""
+        self._check(tokens, state)
+        b = tokens.shape[0]
+        params = [np.asarray(u, np.float64), np.asarray(temperature, np.float64),
+                  np.asarray(top_k, np.int64), np.asarray(top_p, np.float64)]
+        if params[0].ndim != 2 or params[0].shape[0] != b or params[0].shape[1] < 1 or any(
+                p.shape != (b,) for p in params[1:]):
+            raise ValueError(f"u must be float64[{b}, K>=1] and temperature/top_k/top_p [{b}], got "
+                             f"{[p.shape for p in params]}")
+        if b == 1 and self.pad_single_rows:
+            out, new = self._generate(np.repeat(tokens, 2, axis=0), take(state, [0, 0]),
+                                      [np.repeat(p, 2, axis=0) for p in params])
+            return out[:1], take(new, slice(0, 1))
+        return self._generate(tokens, state, params)
+
+    def _generate(self, tokens: np.ndarray, state: State,
+                  params: list[np.ndarray]) -> tuple[np.ndarray, State]:
+        feed = {self._inputs[0]: np.ascontiguousarray(tokens)}
+        for name, s in zip(self._inputs[1:], state, strict=True):
+            feed[name] = np.ascontiguousarray(s, dtype=np.float32)
+        feed.update(zip(GENERATION_INPUTS, params, strict=True))
+        out, *new = self._generation_session().run(self._gen_outputs, feed)
+        return out, tuple(new)
 
     def _run(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         feed = {self._inputs[0]: np.ascontiguousarray(tokens)}
@@ -156,7 +241,45 @@ class Engine:
                     f"{self.artifact.model_path}: outputs have shapes {shapes}, expected {want}")
             if not np.isfinite(logits).all():
                 raise ArtifactError(f"{self.artifact.model_path}: warm-up logits are not finite")
+        if self._generation is None:  # an offline engine: its generation graph is built on first use
+            self._probe_batch_invariance()
+            return
+        if self._auto_threads:
+            self._choose_threads()
+        ones = np.ones(2)
+        out, _ = self.generate(np.zeros((2, 3), np.int64), self.initial_state(2), np.full((2, 4), 0.5),
+                               ones, np.zeros(2, np.int64), ones)
+        if out.shape != (2, 4) or out.min() < 0 or out.max() >= self.vocab_size:
+            raise ArtifactError(f"{self.artifact.model_path}: the generation graph returned {out.shape} "
+                                f"tokens in [{out.min()}, {out.max()}], expected (2, 4) ids in the vocab")
         self._probe_batch_invariance()
+
+    def _choose_threads(self, batch: int = 64, k: int = 8, rounds: int = 3) -> None:
+        """intra_op_threads 0: all available cores, unless one thread runs a batch-`batch` generation
+        call faster (interleaved, best of `rounds`). Measured, not assumed: on 2 loaded cores GRU-256
+        took 5x the CPU per step with 2 threads (onnxruntime's GRU kernel splits a step into tiny tasks)
+        while LSTM gained 1.7x on an idle box."""
+        one = _generation_session(self.artifact.model_path, self.artifact.manifest.io, 1, self._threads[1])
+        many = self._generation_session()
+        tokens, state = np.zeros((batch, 1), np.int64), self.initial_state(batch)
+        feed = {self._inputs[0]: tokens, **dict(zip(self._inputs[1:], state, strict=True)),
+                **dict(zip(GENERATION_INPUTS, (np.full((batch, k), 0.5), np.full(batch, 0.8),
+                                               np.zeros(batch, np.int64), np.ones(batch)), strict=True))}
+        best = {1: float("inf"), self.intra_op_threads: float("inf")}
+        for r in range(rounds + 1):  # round 0 warms both up
+            for threads, session in ((1, one), (self.intra_op_threads, many)):
+                t0 = time.perf_counter()
+                session.run(self._gen_outputs, feed)
+                if r:
+                    best[threads] = min(best[threads], time.perf_counter() - t0)
+        if best[1] < best[self.intra_op_threads]:
+            self.intra_op_threads = 1
+            self._threads = (1, self._threads[1])
+            self._generation = one
+            self.session = _session(self.artifact.model_path, 1, self._threads[1])
+        log.info("%s: %d onnxruntime thread(s) per call (a batch-%d call of %d chars: %s)", self.name,
+                 self.intra_op_threads, batch, k,
+                 ", ".join(f"{t} thread(s) {s * 1e3:.1f} ms" for t, s in best.items()))
 
     def _probe_batch_invariance(self) -> None:
         """Decide `pad_single_rows` and `batch_invariant` by experiment, not by cell type.
@@ -184,18 +307,7 @@ class Engine:
         self.pad_single_rows = self.pad_single_rows and invariant
 
     def _rows(self, tokens: np.ndarray, state: State, rows: list[int]) -> tuple[np.ndarray, State]:
-        return self._run(tokens[rows], self.take(state, rows))
-
-    # Batching helpers: a stream is a row (axis 1) of the state tensors.
-    @staticmethod
-    def take(state: State, rows: Sequence[int] | np.ndarray | slice) -> State:
-        """The state rows `rows` as a new batch: float32[L, len(rows), H] each."""
-        return tuple(s[:, rows, :] for s in state)
-
-    @staticmethod
-    def concat_states(states: Sequence[State]) -> State:
-        """Stack per-stream states along the batch axis, in order."""
-        return tuple(np.concatenate(parts, axis=1) for parts in zip(*states, strict=True))
+        return self._run(tokens[rows], take(state, rows))
 
 
 def _same_row0(a: tuple[np.ndarray, State], b: tuple[np.ndarray, State]) -> bool:

@@ -103,15 +103,15 @@ def philox_uniforms(seeds: np.ndarray, counters: np.ndarray, k: int = 1) -> np.n
     draw `counters[b] + j` of seed `seeds[b]` (key = the seed's two 32-bit halves, counter = the draw
     index's two halves, then 0, 0)."""
     seeds = np.asarray(seeds, dtype=np.uint64).reshape(-1)
-    draws = (np.asarray(counters, dtype=np.uint64).reshape(-1, 1)
-             + np.arange(k, dtype=np.uint64)).reshape(-1)  # wraps mod 2^64, as a uint64 counter does
+    draws: np.ndarray = (np.asarray(counters, dtype=np.uint64).reshape(-1, 1)
+                         + np.arange(k, dtype=np.uint64)).reshape(-1)  # wraps mod 2^64 like a uint64 counter
     if draws.size != seeds.size * k:
         raise ValueError(f"seeds and counters must both be uint64[B], got {seeds.size} and {draws.size // k}")
     if draws.size <= _SCALAR_DRAWS:  # numpy's ~50 calls cost ~100 us whatever the size; a draw ~7 us
-        keys = [int(s) for s in seeds for _ in range(k)]
-        return np.array([philox_uniform(s, int(i)) for s, i in zip(keys, draws, strict=True)],
+        row_seeds = [int(s) for s in seeds for _ in range(k)]
+        return np.array([philox_uniform(s, int(i)) for s, i in zip(row_seeds, draws, strict=True)],
                         dtype=np.float64).reshape(-1, k)
-    keys = np.repeat(seeds, k)
+    keys: np.ndarray = np.repeat(seeds, k)
     zeros = np.zeros_like(draws)
     x = philox4x32(np.stack([draws & _MASK32, draws >> np.uint64(32), zeros, zeros]),
                    np.stack([keys & _MASK32, keys >> np.uint64(32)]))
@@ -268,22 +268,3 @@ def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     m = np.max(x, axis=axis, keepdims=True)
     z = x - m
     return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """float[V] -> float64[V] probabilities at `temperature` (> 0)."""
-    if not temperature > 0.0:
-        raise InvalidParameterError("temperature", f"must be > 0 for probabilities, got {temperature!r}")
-    return np.exp(log_softmax(_as_row(logits) / temperature))
-
-
-def top_n(logits: np.ndarray, n: int, temperature: float = 1.0) -> list[tuple[int, float]]:
-    """The `n` most probable ids of `logits: float[V]` as (id, probability), most probable first.
-
-    Probabilities are over the whole vocabulary (not renormalised over the n). Ties go to the lower id.
-    """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise InvalidParameterError("n", f"must be an integer >= 1, got {n!r}")
-    probs = softmax(logits, temperature)
-    order = np.argsort(-probs, kind="stable")[:n]
-    return [(int(i), float(probs[i])) for i in order]

@@ -59,14 +59,6 @@ def top_predictions(logits_row: np.ndarray, vocab: tuple[str, ...], n: int,
     return [Prediction(vocab[i], int(i), float(np.exp(logprobs[i])), float(logprobs[i])) for i in order]
 
 
-def predict_next(engine, context: str, n: int, *, temperature: float = DEFAULT_TEMPERATURE,
-                 oov_policy: OovPolicy = OovPolicy.ERROR,
-                 oov_replacement: str | None = None) -> list[tuple[str, float]]:
-    """`predict` as (char, probability) pairs."""
-    return [(p.char, p.probability) for p in predict(
-        engine, context, n, temperature=temperature, oov_policy=oov_policy, oov_replacement=oov_replacement)]
-
-
 @dataclass(frozen=True)
 class ScoreResult:
     """How likely the model finds a text.

@@ -113,6 +113,7 @@ class TypingSession:
         for k in [k for k in self._saved if k > self.length]:
             del self._saved[k]
         if self.tokens and self.limits.saved_states:
+            assert self.state is not None and self.logits is not None  # set above: tokens exist
             self._saved[self.length] = (self.state, self.logits)
             self._saved.move_to_end(self.length)
             while len(self._saved) > self.limits.saved_states:

@@ -75,7 +75,8 @@ class NextCharServer:
         started = time.monotonic()
         await self.health.enter_graceful_shutdown()
         await self.ops.stop_changes()
-        self.servicer.sessions.table.close()  # sessions end at once (UNAVAILABLE), their state freed
+        if self.servicer.sessions is not None:
+            self.servicer.sessions.table.close()  # sessions end at once (UNAVAILABLE), their state freed
         drained = await self.runner.drain(grace)
         left = max(0.0, grace - (time.monotonic() - started))
         await self.grpc_server.stop(min(_FLUSH_SECONDS, left) if drained else 0)
@@ -99,9 +100,11 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     batching = BatchingConfig(
         max_batch_size=config.max_batch_size, max_wait_s=config.max_wait_ms / 1e3,
         max_active_streams=config.max_active_streams, max_queue=config.max_queue,
-    ) if config.batching != "off" else None
-    runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars, batching=batching,
-                    batch_variant_engines=config.batching == "on")
+        max_chars_per_call=config.max_chars_per_call, max_call_s=config.max_call_ms / 1e3,
+    )
+    runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars,
+                    batching=batching if config.batching != "off" else None,
+                    batch_variant_engines=config.batching == "on", chars_per_call=batching)
     limits = wire.Limits(config.max_prompt_chars, config.max_new_chars)
     servicer = NextCharServicer(registry, runner, limits, MemoryBudget(config.memory_budget_mb << 20),
                                 ClientSlots(config.max_per_client))

@@ -20,7 +20,7 @@ from nextchar.server.core.session import SessionTextLimitError
 from nextchar.server.core.vocab import OutOfVocabularyError
 from nextchar.server.ops.registry import ModelNotFoundError
 from nextchar.server.ops.sessions import SessionIdleError, SessionsClosedError, SessionsFullError
-from nextchar.server.scheduling.batching import CapacityError
+from nextchar.server.scheduling.batching import BatcherClosedError, CapacityError
 from nextchar.server.scheduling.budget import MemoryBudgetError
 from nextchar.server.scheduling.clients import ClientLimitError
 from nextchar.server.scheduling.runner import DeadlineError, OverloadedError, ShuttingDownError
@@ -45,6 +45,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (SessionTextLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # the per-session memory bound
     (SessionIdleError, grpc.StatusCode.DEADLINE_EXCEEDED),        # idle past --session-idle-ttl
     (SessionsClosedError, grpc.StatusCode.UNAVAILABLE),           # draining
+    (BatcherClosedError, grpc.StatusCode.UNAVAILABLE),     # its model version was unloaded meanwhile
 )
 
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -149,7 +149,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _infer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext,
-                     streaming: bool) -> AsyncIterator[kpb.ModelInferResponse]:
+                     streaming: bool) -> AsyncGenerator[kpb.ModelInferResponse, None]:
         """One request's responses: one, or (a streamed generation) one per text chunk, then the end."""
         model, step = await self._model(request.model_name, request.model_version, context)
         final = True if streaming else None
@@ -175,7 +175,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 return
             items = [item async for item in run]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
-        yield kw.text_response(request, model, "".join(items), outcome, final=final)
+        assert isinstance(outcome, Outcome)
+        yield kw.text_response(request, model, "".join(str(i) for i in items), outcome, final=final)
 
 
 def _message(exc: BaseException) -> str:

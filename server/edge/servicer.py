@@ -12,7 +12,7 @@ from nextchar.server.core.scoring import predict, score
 from nextchar.server.edge import wire
 from nextchar.server.edge.errors import mapped
 from nextchar.server.edge.session import SessionService
-from nextchar.server.ops.registry import LoadedModel, Registry
+from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
 from nextchar.server.scheduling.budget import MemoryBudget, call_bytes
 from nextchar.server.scheduling.clients import ClientSlots, client_key
 from nextchar.server.scheduling.runner import DeadlineError, Outcome, Runner
@@ -33,10 +33,19 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     @contextlib.contextmanager
     def admit(self, model: LoadedModel, chars: int, context: grpc.aio.ServicerContext) -> Iterator[None]:
         """Per-client cap, then memory (each RESOURCE_EXHAUSTED naming its flag), for a call on `chars`
-        characters; the runner's own --max-concurrent comes after."""
+        characters; the runner's own --max-concurrent comes after. While admitted the call holds the
+        exact model version it uses (Registry.acquire), so a version replaced by a hot reload unloads
+        only once its last call has ended."""
         key = client_key(context.peer(), context.invocation_metadata() or ())
         with self.clients.hold(key), self.budget.reserve(call_bytes(chars, len(model.artifact.vocab))):
-            yield
+            held = self.registry.acquire(model.name, model.version)
+            if held is None:  # unloaded between its lookup and now (an Admin UnloadModel)
+                raise ModelNotFoundError("model.name", f"{model.name!r} version {model.version} was just "
+                                                       "unloaded; retry for the current version")
+            try:
+                yield
+            finally:
+                self.registry.release(held)
 
     async def _model(self, ref: pb.ModelRef, context: grpc.aio.ServicerContext) -> LoadedModel:
         """The model a request names; first, refuse calls that are shutting out or already late."""
@@ -79,7 +88,7 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
             items = [item async for item in run]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
         assert isinstance(outcome, Outcome)
-        return pb.GenerateResponse(text="".join(items), summary=wire.summary(outcome, model))
+        return pb.GenerateResponse(text="".join(str(i) for i in items), summary=wire.summary(outcome, model))
 
     @mapped
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):

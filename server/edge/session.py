@@ -144,6 +144,7 @@ class SessionService:
         c = sw.completion(request.complete, live.model, self.limits)
         decoder = s.completion(c.max_new_chars, c.sampling, c.seed, c.stop)
         state, pieces, computed = s.state, [], 0
+        assert s.logits is not None  # a session answers completions only once it holds text
         text = decoder.feed(s.logits)
         while True:
             if text:

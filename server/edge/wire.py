@@ -17,7 +17,7 @@ from nextchar.server.ops.registry import LoadedModel
 from nextchar.server.scheduling.runner import Outcome
 from nextchar.v1 import inference_pb2 as pb
 
-_OOV = {
+_OOV: dict[int, OovPolicy] = {
     pb.OOV_POLICY_UNSPECIFIED: OovPolicy.ERROR,
     pb.OOV_POLICY_ERROR: OovPolicy.ERROR,
     pb.OOV_POLICY_SKIP: OovPolicy.SKIP,

@@ -36,14 +36,16 @@ class ServerConfig:
     max_concurrent: int = 64           # calls in flight (and worker threads); more: RESOURCE_EXHAUSTED
     memory_budget_mb: int = 1024       # estimated peak bytes of the calls in flight; more: RESOURCE_EXHAUSTED
     max_per_client: int = 0            # calls in flight per client (peer address); 0 = no per-client cap
-    intra_op_threads: int = 1          # onnxruntime threads per session: parallelism comes from requests
+    intra_op_threads: int = 0          # onnxruntime threads per session; 0 = the cores this process may use
     grace_seconds: float = 10.0        # how long running calls may finish after SIGTERM
     flush_ms: float = 5.0              # a stream flushes buffered text at least this often under load
     flush_chars: int = 64              # ... or when this many characters are buffered
     variant: str = "fp32"              # which ONNX file of each version to serve
     batching: str = "auto"             # on / off / auto: batch the models proved batch-invariant (fp32)
-    max_batch_size: int = 32           # the batcher's largest batch
+    max_batch_size: int = 64           # the batcher's largest batch
     max_wait_ms: float = 2.0           # an arrival at an idle batcher waits this long for company
+    max_chars_per_call: int = 64       # K's ceiling: chars a stream advances per engine call
+    max_call_ms: float = 30.0          # K is cut so one engine call lasts about this long (cancel latency)
     max_active_streams: int = 256      # batched streams decoding at once per model; more wait in the queue
     max_queue: int = 256               # streams waiting per model; beyond: RESOURCE_EXHAUSTED
     max_sessions: int = 1024           # open Session streams; more: RESOURCE_EXHAUSTED
@@ -211,7 +213,9 @@ _SPECS: dict[str, _Spec] = {
     "max_per_client": _Spec("--max-per-client", int, _int_range(0, 4096),
                             "model calls one client (peer address; behind a local proxy, its first "
                             "x-forwarded-for) may have in flight before RESOURCE_EXHAUSTED (0 = no cap)"),
-    "intra_op_threads": _Spec("--intra-op-threads", int, _int_range(1, 256), "onnxruntime threads per model"),
+    "intra_op_threads": _Spec("--intra-op-threads", int, _int_range(0, 256),
+                              "onnxruntime threads per model; 0 = the CPUs available to the process "
+                              "(affinity mask, cgroup cpu.max quota) unless one thread is faster at warm-up"),
     "grace_seconds": _Spec("--grace-seconds", float, _float_range(0.0, 3600.0),
                            "time running calls get to finish on SIGTERM"),
     "flush_ms": _Spec("--flush-ms", float, _float_range(0.1, 1000.0), "longest a stream holds back text"),
@@ -228,6 +232,10 @@ _SPECS: dict[str, _Spec] = {
                              "largest decode batch"),
     "max_wait_ms": _Spec("--max-wait-ms", float, _float_range(0.0, 1000.0),
                          "longest an arrival at an idle batcher waits for others"),
+    "max_chars_per_call": _Spec("--max-chars-per-call", int, _int_range(1, 4096),
+                                "most chars a stream advances per engine call (K; 1 = one char per call)"),
+    "max_call_ms": _Spec("--max-call-ms", float, _float_range(0.0, 10_000.0),
+                         "K is cut so one engine call lasts about this long: a cancel waits at most that"),
     "max_active_streams": _Spec("--max-active-streams", int, _int_range(1, 1 << 20),
                                 "batched streams decoding at once per model"),
     "max_queue": _Spec("--max-queue", int, _int_range(0, 1 << 20),
@@ -271,7 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shown = f" ({default}env {spec.env})"
         # Booleans work bare (`--log-prompts`) or with a value (`--log-prompts false`); so does
         # --batching (bare = on).
-        bare = {"nargs": "?", "const": "true"} if spec.parse in (_bool, _batching_mode) else {}
+        bare: dict[str, Any] = {"nargs": "?", "const": "true"} if spec.parse in (_bool, _batching_mode) \
+            else {}
         parser.add_argument(spec.flag, dest=name, default=None, metavar=name.upper().split("_")[-1],
                             help=spec.help + shown, **bare)
 

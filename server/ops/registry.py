@@ -41,7 +41,7 @@ class LoadedModel:
         return self.artifact.version
 
 
-def engine_loader(variant: str = "fp32", intra_op_threads: int = 1) -> Callable[[Path], LoadedModel]:
+def engine_loader(variant: str = "fp32", intra_op_threads: int = 0) -> Callable[[Path], LoadedModel]:
     """The real loader: validate the files (load_artifact), build the onnxruntime engine, warm it up."""
 
     def load(version_dir: Path) -> LoadedModel:
@@ -209,8 +209,11 @@ class Registry:
     def acquire(self, name: str, version: int | None) -> LoadedModel | None:
         """The loaded model a call will use, counted as in flight until `release`; None if not loaded."""
         with self._lock:
-            key = (name, self._latest.get(name) if version is None else version)
-            model = self._loaded.get(key)  # type: ignore[arg-type]
+            chosen = self._latest.get(name) if version is None else version
+            if chosen is None:
+                return None
+            key = (name, chosen)
+            model = self._loaded.get(key)
             if model is not None:
                 self._in_flight[key] = self._in_flight.get(key, 0) + 1
             return model

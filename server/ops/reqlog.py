@@ -67,11 +67,7 @@ class _Call:
         name = ref.name if ref is not None else getattr(request, "name", "")
         # Only names the server knows become labels: a caller cannot grow the metrics without bound.
         self.model = name if name in registry.names() else ""
-        self.version = 0
-        self.held = None
-        if ref is not None and self.model:
-            self.held = registry.acquire(self.model, ref.version or None)
-            self.version = self.held.version if self.held is not None else ref.version
+        self.version = ref.version if ref is not None and self.model else 0  # the reply names the one used
         texts = {f: getattr(request, f, None) for f in _USER_TEXT} if log_prompts else {}
         self.user_text = {f: v for f, v in texts.items() if isinstance(v, str) and v}
         self.code = "OK"
@@ -107,9 +103,6 @@ class _Call:
 
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every NextChar and Admin method: request id, status code, characters, timings -> log + metrics.
-
-    It also holds the model version a call uses (Registry.acquire/release), so that a version replaced
-    by a hot reload unloads only once its last call has ended.
     """
 
     def __init__(self, metrics: Metrics, registry: Registry, log_prompts: bool) -> None:
@@ -180,8 +173,6 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         call.last_message = now
 
     def _finish(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
-        if call.held is not None:
-            self._registry.release(call.held)
         if call.code == "OK" and context.cancelled():  # the handler finished, but the reply never left
             call.code = _gone(context)
         duration = time.perf_counter() - call.started

@@ -89,6 +89,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if not header.lower().startswith(_BEARER):
             return "the authorization metadata must be 'Bearer <token>'"
         given = header[len(_BEARER):].strip().encode()
+        assert self._token is not None  # checked by the caller: only a configured token is compared
         return None if hmac.compare_digest(given, self._token) else "invalid token"
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from nextchar.server.core.engine import Engine
+from nextchar.server.core.contract import ModelEngine
 from nextchar.server.core.generation import (
     Decoder,
     Finished,
@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 class Batcher:
     """A BatchCore driven by its own worker thread; `submit` and `stream` may be called from anywhere."""
 
-    def __init__(self, engine: Engine, config: BatchingConfig | None = None, *,
+    def __init__(self, engine: ModelEngine, config: BatchingConfig | None = None, *,
                  clock: Callable[[], float] = time.perf_counter, name: str = "") -> None:
         self.core = BatchCore(engine, config or BatchingConfig(), clock=clock)
         self._clock = clock
-        if getattr(engine, "batch_invariant", None) is False:
+        if engine.batch_invariant is False:
             log.warning("batcher %s: the engine is not batch-invariant (e.g. int8): a seeded text may "
                         "differ with its batch mates", name)
         self._wake = threading.Condition()
@@ -43,12 +43,13 @@ class Batcher:
         self._thread.start()
 
     def submit(self, request: GenerationRequest, *, on_text: OnText, on_end: OnEnd,
-               cancelled: Callable[[], bool] | None = None) -> Decoder:
+               cancelled: Callable[[], bool] | None = None, deadline: float | None = None) -> Decoder:
         """Queue `request`. Callbacks run on the worker thread: on_text(text) per piece (the echo first,
         on the caller's thread), then exactly one on_end(Finished or the exception that failed it)."""
         if self._closing:  # the core also refuses once closed; this is the early, common case
             raise BatcherClosedError("the batcher is shutting down")
-        decoder = self.core.submit(request, on_text=on_text, on_end=on_end, cancelled=cancelled)
+        decoder = self.core.submit(request, on_text=on_text, on_end=on_end, cancelled=cancelled,
+                                   deadline=deadline)
         self.wake()
         return decoder
 

@@ -1,26 +1,27 @@
-"""Continuous batching: one model's concurrent generations stepped together, one engine call per step.
+"""Continuous batching: one model's concurrent generations advanced together, K chars per engine call.
 
-What is computed stays in `generation.Decoder` (stop rules) and `sampling.sample_rows` (one call
-samples every row of an engine call, row by row as `sample` would); this module only decides which
-streams share an engine call. Per model version, one `batcher.Batcher` drives a BatchCore on a
-worker thread:
+What is computed stays in `generation.Decoder` (stop rules) and the engine's generation graph
+(sampling, in the graph, from per-row uniforms `philox_uniforms(seed, draw index)`); this module only
+decides which streams share an engine call and how many chars (K) each call advances them. Per model
+version, one `batcher.Batcher` drives a BatchCore on a worker thread:
 
     batcher = Batcher(engine, BatchingConfig(max_batch_size=32))
     batcher.submit(request, on_text=..., on_end=..., cancelled=...)   # from any thread
-    async for event in batcher.stream(request): ...                    # or from asyncio
 
 Each tick of the worker: new requests are prefilled (one engine call per group of equal prompt
-length: padding would change a recurrent state), then every active stream advances one char in
-engine calls of at most `max_batch_size` rows (state rows gathered, stepped, scattered back).
-Finished and cancelled streams leave between ticks, new ones join after their prefill; nobody waits
-for anybody else, except that an arrival at an idle batcher waits up to `max_wait_s` for company.
-An engine error fails only the streams of that one call. `BatchCore.tick(now)` is the whole
-scheduling logic, synchronous and driven by the caller's clock, so tests need no threads or sleeps.
+length, padding would change a recurrent state; the call also samples each one's first char, K=1, so
+the first char costs one prefill), then every active stream advances K chars in engine calls of at
+most `max_batch_size` rows (state rows gathered, stepped, scattered back). K (`chars_per_call`) is 1
+while arrivals wait, then doubles per call up to `max_chars_per_call`, bounded so one call lasts about
+`max_call_s` (a cancel or a deadline is seen between calls) and by the chars the rows still need.
+A stop sequence inside a chunk ends the stream there (the Decoder truncates; the rest is dropped).
+Finished and cancelled streams leave between calls, new ones join after their prefill; an arrival at
+an idle batcher waits up to `max_wait_s` for company. An engine error fails only the streams of that
+call. `BatchCore.tick(now)` is the whole scheduling logic, synchronous, driven by the caller's clock.
 
-Reproducibility: each stream samples with its own seeded generator from its own logits row. When
-`engine.batch_invariant` (measured by Engine.warmup; true for fp32 LSTM/GRU/RNN on onnxruntime 1.32
-CPU) a stream's text is bit-identical alone, batched, or via the unbatched `generate`; int8 engines
-are batch-dependent (per-tensor dynamic quantization), so their text may vary with batch mates.
+Reproducibility: char i of a stream is sampled with the uniform (seed, i) by one float64 rule, so its
+text is the same whatever K and, when `engine.batch_invariant` (measured by Engine.warmup; true for
+fp32 LSTM/GRU/RNN on onnxruntime 1.32 CPU), whatever its batch mates; int8 engines are batch-dependent.
 """
 
 from __future__ import annotations
@@ -34,16 +35,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nextchar.server.core.engine import Engine, State
+from nextchar.server.core.contract import ModelEngine, State, concat_states, take
 from nextchar.server.core.generation import Decoder, Finished, FinishReason, GenerationRequest
 from nextchar.server.core.limits import MAX_BATCH_SIZE
-from nextchar.server.core.prefill import prefill
-from nextchar.server.core.sampling import philox_uniforms, sample_rows
+from nextchar.server.core.prefill import PREFILL_CHUNK, prefill
+from nextchar.server.core.sampling import philox_uniforms
 
 log = logging.getLogger(__name__)
 
-OnText = Callable[[str], None]
-OnEnd = Callable[[Finished | BaseException], None]
+OnText = Callable[[str], object]  # return values are ignored
+OnEnd = Callable[[Finished | BaseException], object]
 
 
 class BatchingConfigError(ValueError):
@@ -58,19 +59,18 @@ class CapacityError(RuntimeError):
         self.limit = limit
 
 
-class BatcherClosedError(CapacityError):
-    """The batcher is shutting down (UNAVAILABLE rather than RESOURCE_EXHAUSTED, where told apart)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("closed", message)
+class BatcherClosedError(RuntimeError):
+    """The batcher is shutting down (UNAVAILABLE: the model version was unloaded or the server stops)."""
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_size: int = 32       # rows per engine call, decode and prefill alike
+    max_batch_size: int = 64       # rows per engine call, decode and prefill alike
     max_wait_s: float = 0.002      # an arrival at an idle batcher waits this long for others to join
     max_active_streams: int = 256  # streams decoding at once; more arrivals wait in the queue
     max_queue: int = 256           # arrivals waiting for a free stream slot; beyond: CapacityError
+    max_chars_per_call: int = 64   # K's ceiling: chars each stream advances per engine call (1 = per char)
+    max_call_s: float = 0.03       # K is cut so one engine call lasts about this long (cancel latency)
 
     def __post_init__(self) -> None:
         checks = {
@@ -78,6 +78,8 @@ class BatchingConfig:
             "max_wait_s": (self.max_wait_s, 0.0, 10.0),
             "max_active_streams": (self.max_active_streams, 1, 1 << 20),
             "max_queue": (self.max_queue, 0, 1 << 20),
+            "max_chars_per_call": (self.max_chars_per_call, 1, 4096),
+            "max_call_s": (self.max_call_s, 0.0, 10.0),
         }
         for name, (value, lo, hi) in checks.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
@@ -103,6 +105,22 @@ def admit_count(arrivals: Sequence[float], active: int, now: float,
     return 0, config.max_wait_s - waited
 
 
+def chars_per_call(previous: int, *, arrivals_waiting: bool, remaining: int, seconds_per_char: float,
+                   until_deadline_s: float | None, config: BatchingConfig) -> int:
+    """K for the next decode call: 1 while arrivals wait (their prefill is next), else double the
+    previous K, capped by max_chars_per_call, by the chars the rows still need (`remaining`: the
+    largest of them), by max_call_s / seconds_per_char (one call's iteration time, measured), and by
+    the nearest deadline, so a cancel or a deadline is acted on within about one short call."""
+    if arrivals_waiting:
+        return 1
+    k = min(config.max_chars_per_call, 2 * previous, remaining)
+    if seconds_per_char > 0.0:
+        k = min(k, int(config.max_call_s / seconds_per_char))
+        if until_deadline_s is not None:
+            k = min(k, int(until_deadline_s / seconds_per_char))
+    return max(1, k)
+
+
 def prefill_groups(lengths: Sequence[int], max_batch_size: int) -> list[list[int]]:
     """Indices grouped by equal prompt length (first-come order), each group at most max_batch_size."""
     by_length: dict[int, list[list[int]]] = {}
@@ -123,8 +141,13 @@ class _Stream:
     on_end: OnEnd
     cancelled: Callable[[], bool] | None
     arrival: float
+    deadline: float | None = None
     state: tuple[State, int] | None = None  # (the batch state of its last engine call, its row)
     done: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return self.decoder.request.max_new_chars - self.decoder.generated_chars
 
 
 @dataclass
@@ -132,6 +155,7 @@ class BatchStats:
     prefill_calls: int = 0
     decode_calls: int = 0
     decode_rows: int = 0           # sum of batch sizes over decode calls
+    decode_chars: int = 0          # sum of K over decode calls
     engine_seconds: float = 0.0    # time inside engine.step
     failed_calls: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # decode batch size -> calls
@@ -140,7 +164,7 @@ class BatchStats:
 class BatchCore:
     """The scheduler's state and one tick of it; not thread-safe except `submit` (see Batcher)."""
 
-    def __init__(self, engine: Engine, config: BatchingConfig, *, clock: Callable[[], float]) -> None:
+    def __init__(self, engine: ModelEngine, config: BatchingConfig, *, clock: Callable[[], float]) -> None:
         self.engine, self.config, self.clock = engine, config, clock
         self._inbox: deque[_Stream] = deque()  # appended by any thread, drained by tick()
         self._lock = threading.Lock()
@@ -151,6 +175,8 @@ class BatchCore:
         self._prefilling: set[_Stream] = set()
         self.stats = BatchStats()
         self.closed: BaseException | None = None  # set by fail_all: later submits are refused
+        self.k = 1                         # the last decode call's K
+        self.seconds_per_char = 0.0        # one decode iteration, smoothed over calls
 
     @property
     def pending(self) -> int:
@@ -161,8 +187,9 @@ class BatchCore:
         return bool(self._inbox)
 
     def submit(self, request: GenerationRequest, *, on_text: OnText, on_end: OnEnd,
-               cancelled: Callable[[], bool] | None = None) -> Decoder:
-        """Queue a request (thread-safe). Raises request errors and CapacityError synchronously."""
+               cancelled: Callable[[], bool] | None = None, deadline: float | None = None) -> Decoder:
+        """Queue a request (thread-safe). Raises request errors and CapacityError synchronously.
+        `deadline` (on the core's clock) only shortens K near it; `cancelled` ends the stream."""
         decoder = Decoder(request, self.engine.vocab, self.engine.vocab_index, clock=self.clock)
         c = self.config
         with self._lock:
@@ -177,11 +204,12 @@ class BatchCore:
                     f"{queued} waiting (max_queue={c.max_queue}); retry later"))
             if request.echo:
                 on_text(decoder.echo_text)
-            self._inbox.append(_Stream(decoder, on_text, on_end, cancelled, arrival=self.clock()))
+            self._inbox.append(_Stream(decoder, on_text, on_end, cancelled, arrival=self.clock(),
+                                       deadline=deadline))
         return decoder
 
     def tick(self, now: float) -> float | None:
-        """Admit, prefill, then advance every active stream by one char. Returns seconds until the
+        """Admit, prefill, then advance every active stream by K chars. Returns seconds until the
         next tick is due (0 = at once), or None when idle until the next submit."""
         with self._lock:
             self.waiting.extend(self._inbox)
@@ -198,7 +226,7 @@ class BatchCore:
         self.active = [s for s in self.active if not s.done]
         size = self.config.max_batch_size
         for start in range(0, len(self.active), size):
-            self._decode(self.active[start:start + size])
+            self._decode(self.active[start:start + size], now)
         self.active = [s for s in self.active if not s.done]
         if self.active:
             return 0.0
@@ -231,12 +259,25 @@ class BatchCore:
         return gone
 
     def _step(self, streams: list[_Stream], tokens: np.ndarray, state: State,
-              run: Callable[..., tuple[np.ndarray, State]] | None = None) -> tuple[np.ndarray, State] | None:
+              k: int) -> tuple[np.ndarray, State] | None:
+        """One engine call: `tokens` stepped, then K chars sampled per row (uniforms by draw index).
+
+        A prompt longer than PREFILL_CHUNK first goes through core.prefill up to its last chunk, so no
+        call holds logits for more than PREFILL_CHUNK positions (memory follows the configuration)."""
         t0 = time.perf_counter()
         try:
-            out = (run or self.engine.step)(tokens, state)
+            if tokens.shape[1] > PREFILL_CHUNK:
+                cut = (tokens.shape[1] - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+                _, state = prefill(self.engine, tokens[:, :cut], state)
+                tokens = tokens[:, cut:]
+            u = philox_uniforms(np.array([s.decoder.seed for s in streams], np.uint64),
+                                np.array([s.decoder.draws for s in streams], np.uint64), k)
+            params = [s.decoder.request.sampling for s in streams]
+            out = self.engine.generate(
+                tokens, state, u, np.array([p.temperature for p in params], np.float64),
+                np.array([p.top_k for p in params], np.int64), np.array([p.top_p for p in params]))
         except Exception as e:  # the engine failed this call: its streams fail, the others go on
-            log.exception("engine step failed for %d stream(s)", len(streams))
+            log.exception("engine call failed for %d stream(s)", len(streams))
             self.stats.failed_calls += 1
             for s in streams:
                 self._end(s, e)
@@ -248,24 +289,30 @@ class BatchCore:
     def _prefill(self, group: list[_Stream]) -> None:
         self.stats.prefill_calls += 1
         tokens = np.stack([s.decoder.prompt_tokens for s in group])
-        out = self._step(group, tokens, self.engine.initial_state(len(group)), run=self._prefill_run)
+        out = self._step(group, tokens, self.engine.initial_state(len(group)), 1)
         if out is not None:
             self._scatter(group, out)
         with self._lock:
             self.active.extend(s for s in group if not s.done)
             self._prefilling.difference_update(group)
 
-    def _prefill_run(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """Chunked prefill (core.prefill): only the last position's logits, as [B, 1, V]."""
-        last, state = prefill(self.engine, tokens, state)
-        return last[:, None, :], state
-
-    def _decode(self, chunk: list[_Stream]) -> None:
+    def _decode(self, chunk: list[_Stream], now: float) -> None:
+        deadlines = [s.deadline for s in chunk if s.deadline is not None]
+        k = chars_per_call(
+            self.k, arrivals_waiting=bool(self.waiting) or self.has_arrivals,
+            remaining=max(s.remaining for s in chunk), seconds_per_char=self.seconds_per_char,
+            until_deadline_s=min(deadlines) - now if deadlines else None, config=self.config)
+        self.k = k
         self.stats.decode_calls += 1
         self.stats.decode_rows += len(chunk)
+        self.stats.decode_chars += k
         self.stats.batch_sizes[len(chunk)] = self.stats.batch_sizes.get(len(chunk), 0) + 1
         tokens = np.array([[s.decoder.next_token] for s in chunk], dtype=np.int64)
-        out = self._step(chunk, tokens, self._gather(chunk))
+        t0 = time.perf_counter()
+        out = self._step(chunk, tokens, self._gather(chunk), k)
+        took = (time.perf_counter() - t0) / k
+        smoothed = 0.7 * self.seconds_per_char + 0.3 * took
+        self.seconds_per_char = smoothed if self.seconds_per_char else took
         if out is not None:
             self._scatter(chunk, out)
 
@@ -282,25 +329,28 @@ class BatchCore:
                 pieces[-1][1].append(row)
             else:
                 pieces.append((source, [row]))
-        parts = [source if rows == list(range(source[0].shape[1])) else Engine.take(source, rows)
+        parts = [source if rows == list(range(source[0].shape[1])) else take(source, rows)
                  for source, rows in pieces]
-        return parts[0] if len(parts) == 1 else Engine.concat_states(parts)
+        return parts[0] if len(parts) == 1 else concat_states(parts)
 
     def _scatter(self, streams: list[_Stream], out: tuple[np.ndarray, State]) -> None:
-        logits, state = out
-        u = philox_uniforms(np.array([s.decoder.seed for s in streams], np.uint64),
-                            np.array([s.decoder.draws for s in streams], np.uint64))[:, 0]
-        tokens = sample_rows(logits[:, -1], [s.decoder.request.sampling for s in streams], u)
+        """Feed each row's K chars to its Decoder until it finishes (a stop inside the chunk
+        truncates it there); one on_text per stream per call."""
+        tokens, state = out
         for i, s in enumerate(streams):
-            if tokens[i] < 0:  # only this stream fails
-                self._end(s, ValueError("logits contain NaN"))
-                continue
+            parts: list[str] = []
             try:
-                text = s.decoder.feed_token(int(tokens[i]))
+                for token in tokens[i].tolist():
+                    if token < 0:  # only this stream fails
+                        raise ValueError("logits contain NaN")
+                    parts.append(s.decoder.feed_token(token))
+                    if s.decoder.finished:
+                        break
             except Exception as e:
                 self._end(s, e)
                 continue
             s.state = (state, i)
+            text = "".join(parts)
             if text:
                 self._call(s, s.on_text, text)
             if s.decoder.finished:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import threading
 import time
@@ -13,11 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
-
-from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.core.contract import ModelEngine
+from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest
 from nextchar.server.scheduling.batcher import Batcher
-from nextchar.server.scheduling.batching import BatchingConfig
+from nextchar.server.scheduling.batching import BatchCore, BatchingConfig
 from nextchar.server.scheduling.channel import Channel
 
 T = TypeVar("T")
@@ -46,7 +46,7 @@ class GenerationTrack:
     id: int
     max_new_chars: int
     started_at: float
-    steps: int = 0                          # engine calls so far: prefill + one per generated char
+    steps: int = 0                          # engine calls so far that advanced it (prefill + one per K chars)
     stop_requested_at: float | None = None  # when the caller went away (cancel) or the deadline hit
     finished_at: float | None = None
     reason: FinishReason | None = None
@@ -58,22 +58,6 @@ class Outcome:
 
     finished: Finished
     queued_s: float
-
-
-class _Counting:
-    """The engine as the generation loop sees it, counting steps into the request's track."""
-
-    def __init__(self, engine: Any, track: GenerationTrack) -> None:
-        self._engine, self._track = engine, track
-        self.vocab = engine.vocab
-        self.vocab_index = getattr(engine, "vocab_index", None)
-
-    def initial_state(self, batch: int) -> Any:
-        return self._engine.initial_state(batch)
-
-    def step(self, tokens: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
-        self._track.steps += 1
-        return self._engine.step(tokens, state)
 
 
 class _Job:
@@ -98,7 +82,7 @@ class _Job:
         return False
 
     def counted_stop(self) -> bool:
-        """`stopped` for the batcher, which polls it once per stream per step: so it counts steps too."""
+        """`stopped` for the batcher, polled once per stream per engine call: so it counts calls too."""
         self.track.steps += 1
         return self.stopped()
 
@@ -109,20 +93,18 @@ class _Job:
             self.track.reason = FinishReason.DEADLINE if timed_out else end.reason
         self.channel.close(end)
 
-    def run(self, engine: Any, request: GenerationRequest) -> None:
-        """The unbatched loop, on a worker thread: prefill once, then one engine call per char."""
+    def run(self, engine: ModelEngine, request: GenerationRequest, config: BatchingConfig) -> None:
+        """Unbatched: a one-row BatchCore ticked on this worker thread, K chars per engine call."""
         self.started = self._clock()
-        end: Finished | BaseException
+        core = BatchCore(engine, config, clock=self._clock)
         try:
-            counting = _Counting(engine, self.track)
-            for event in generate(counting, request, clock=self._clock, cancelled=self.stopped):
-                if isinstance(event, TextChunk):
-                    self.channel.put(event.text)
-                else:
-                    end = event
-        except BaseException as e:  # handed to the event loop, which raises it for the caller
-            end = e
-        self.finish(end)
+            core.submit(request, on_text=self.channel.put, on_end=self.finish, cancelled=self.counted_stop,
+                        deadline=self.deadline)
+        except BaseException as e:  # a bad request: handed to the event loop, which raises it
+            self.finish(e)
+            return
+        while core.tick(self._clock()) is not None:
+            pass
 
 
 class Runner:
@@ -134,6 +116,7 @@ class Runner:
 
     def __init__(self, max_concurrent: int, flush_s: float, flush_chars: int, *,
                  batching: BatchingConfig | None = None, batch_variant_engines: bool = True,
+                 chars_per_call: BatchingConfig | None = None,
                  clock: Clock = time.perf_counter, track_history: int = 256) -> None:
         self.max_concurrent = max_concurrent
         self.flush_s, self.flush_chars = flush_s, flush_chars
@@ -146,6 +129,10 @@ class Runner:
         self.tracks: deque[GenerationTrack] = deque(maxlen=track_history)
         self._idle: asyncio.Event | None = None
         self._batching = batching  # None: every generation loops on its own worker thread
+        # Unbatched generations still advance K chars per engine call (K settings from chars_per_call).
+        k_settings = chars_per_call or batching or BatchingConfig()
+        self._unbatched = dataclasses.replace(k_settings, max_batch_size=1, max_wait_s=0.0,
+                                              max_active_streams=1, max_queue=0)
         self._batch_variant_engines = batch_variant_engines
         self._batchers: dict[int, Batcher] = {}  # id(engine) -> its batcher
 
@@ -172,7 +159,7 @@ class Runner:
         with self._admit():
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def generate(self, engine: Any, request: GenerationRequest, deadline_s: float | None = None,
+    async def generate(self, engine: ModelEngine, request: GenerationRequest, deadline_s: float | None = None,
                        *, live: bool = True) -> AsyncIterator[str | Outcome]:
         """Stream one generation: text pieces (coalesced: at most every flush_s, stretched past
         STREAMS_PER_FLUSH calls in flight, or flush_chars once the first char is out), then one
@@ -188,10 +175,10 @@ class Runner:
             if self.batches(engine):
                 # Decoder errors (bad prompt) raise here, before anything was streamed.
                 self._batcher(engine).submit(request, on_text=job.channel.put, on_end=job.finish,
-                                             cancelled=job.counted_stop)
+                                             cancelled=job.counted_stop, deadline=deadline)
                 job.started = self._clock()
             else:
-                loop.run_in_executor(self._executor, job.run, engine, request)
+                loop.run_in_executor(self._executor, job.run, engine, request, self._unbatched)
             first = True
             try:
                 while True:
@@ -220,10 +207,10 @@ class Runner:
                     f"max_new_chars={request.max_new_chars} characters; generation stopped")
             yield Outcome(end, (job.started or arrived) - arrived)
 
-    def batches(self, engine: Any) -> bool:
+    def batches(self, engine: ModelEngine) -> bool:
         """Do generations on `engine` go through a batcher?"""
         return self._batching is not None and (
-            self._batch_variant_engines or getattr(engine, "batch_invariant", None) is True)
+            self._batch_variant_engines or engine.batch_invariant is True)
 
     def _flush_wait(self) -> float:
         """flush_s, stretched when many calls are in flight: every message costs the event loop (and
@@ -236,15 +223,14 @@ class Runner:
         """The batchers started so far (one per model version used), e.g. for their `core.stats`."""
         return list(self._batchers.values())
 
-    def _batcher(self, engine: Any) -> Batcher:
+    def _batcher(self, engine: ModelEngine) -> Batcher:
         batcher = self._batchers.get(id(engine))
         if batcher is None:
-            name = getattr(getattr(engine, "artifact", None), "name", "")
-            batcher = Batcher(engine, self._batching, clock=self._clock, name=name)
+            batcher = Batcher(engine, self._batching, clock=self._clock, name=engine.name)
             self._batchers[id(engine)] = batcher
         return batcher
 
-    def forget(self, engine: Any) -> None:
+    def forget(self, engine: ModelEngine) -> None:
         """`engine`'s model version was unloaded after its last call ended: stop its batcher, if any."""
         batcher = self._batchers.pop(id(engine), None)
         if batcher is not None:

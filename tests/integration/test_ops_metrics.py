@@ -81,10 +81,12 @@ def test_counters_move_by_exactly_the_calls_made(metered) -> None:
     assert moved("nextchar_time_to_first_char_seconds_count", model="gru") == 2
     assert moved("nextchar_request_duration_seconds_count", method="Generate") == 5
     # n chars take n engine steps (the prompt's prefill yields the first); PredictNext and Score one each.
-    assert moved("nextchar_engine_step_duration_seconds_count", model="lstm") == 3 * 20
+    # One observation per engine call; a call advances a stream K chars (K ramps 1, 2, 4, ...).
+    assert 3 * 2 <= moved("nextchar_engine_step_duration_seconds_count", model="lstm") < 3 * 20
     assert moved("nextchar_engine_step_duration_seconds_count", model="rnn") == 2
-    assert moved("nextchar_batch_size_count", model="gru") == 2 * 30
-    assert moved("nextchar_batch_size_bucket", model="gru", le="1.0") == 2 * 30  # unbatched: rows of 1
+    calls = moved("nextchar_batch_size_count", model="gru")
+    assert 2 * 2 <= calls < 2 * 30
+    assert moved("nextchar_batch_size_bucket", model="gru", le="1.0") == calls  # one at a time: rows of 1
     for name in ("lstm", "gru", "rnn"):
         assert value(after, "nextchar_model_loads_total", model=name, result="success") == 1
         assert value(after, "nextchar_model_loaded", model=name, version=1) == 1

@@ -7,12 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
+from philox_ref import per_step_generate
 from server_harness import best_stop_latency, wait_until
 
 from nextchar.client.client import AsyncNextCharClient, NextCharClient
 from nextchar.server.core.artifact import load_artifact
 from nextchar.server.core.engine import Engine
-from nextchar.server.core.generation import FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.core.generation import FinishReason, GenerationRequest
 from nextchar.server.core.sampling import SamplingParams
 
 PROMPT = "O say can you see"
@@ -27,7 +28,7 @@ def in_process(repo: Path, name: str, n: int, seed: int, temperature: float) -> 
     engine = Engine.load(load_artifact(repo / name / "1"))
     sampling = SamplingParams(temperature=temperature)
     request = GenerationRequest(prompt=PROMPT, max_new_chars=n, sampling=sampling, seed=seed)
-    return "".join(e.text for e in generate(engine, request) if isinstance(e, TextChunk))
+    return per_step_generate(engine, request)[0]  # the per-char loop with the portable sampler
 
 
 def test_one_batched_stream_equals_in_process_greedy(batched, model_repo: Path) -> None:

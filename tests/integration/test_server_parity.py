@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from philox_ref import per_step_generate
 
 from nextchar.client.client import NextCharClient
 from nextchar.server.core.artifact import load_artifact
 from nextchar.server.core.engine import Engine
-from nextchar.server.core.generation import GenerationRequest, TextChunk, generate
+from nextchar.server.core.generation import GenerationRequest
 from nextchar.server.core.sampling import SamplingParams
 from nextchar.server.core.scoring import predict, score
 
@@ -36,7 +37,7 @@ def engines(model_repo: Path) -> dict[str, Engine]:
 def in_process(engine: Engine, prompt: str, n: int, seed: int = 0, **sampling) -> str:
     request = GenerationRequest(prompt=prompt, max_new_chars=n, sampling=SamplingParams(**sampling),
                                 seed=seed)
-    return "".join(e.text for e in generate(engine, request) if isinstance(e, TextChunk))
+    return per_step_generate(engine, request)[0]  # the per-char loop with the portable sampler
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -54,29 +54,48 @@ def test_stream_is_live_and_coalesced(long_server) -> None:
     assert 1 < len(texts) < 3000  # coalesced, yet more than one lump
 
 
+def _cancel_one(server) -> float:
+    """Start a long stream, cancel it after 5 messages; seconds from the cancel to the server's stop."""
+    runner = server.runner
+    cancelled_before = runner.cancelled_streams
+    before = runner.tracks[-1].id if runner.tracks else 0
+    with NextCharClient(server.address, timeout=60) as c:
+        stream = c.generate_stream("lstm", "O say", LONG, temperature=1.0)
+        pieces = iter(stream)
+        received = "".join(next(pieces) for _ in range(5))
+        track = _new_track(runner, before)
+        steps_at_cancel = track.steps
+        cancelled_at = time.perf_counter()  # the runner's clock is time.perf_counter too
+        stream.cancel()
+        _wait_finished(track)
+    assert received
+    assert track.reason is FinishReason.CANCELLED
+    assert steps_at_cancel <= track.steps < LONG
+    assert runner.cancelled_streams == cancelled_before + 1
+    return track.finished_at - cancelled_at
+
+
 def test_cancelling_a_stream_stops_generation_within_100ms(long_server) -> None:
-    runner = long_server.runner
-
-    def cancel_one() -> float:
-        cancelled_before = runner.cancelled_streams
-        before = runner.tracks[-1].id if runner.tracks else 0
-        with NextCharClient(long_server.address, timeout=60) as c:
-            stream = c.generate_stream("lstm", "O say", LONG, temperature=1.0)
-            pieces = iter(stream)
-            received = "".join(next(pieces) for _ in range(5))
-            track = _new_track(runner, before)
-            steps_at_cancel = track.steps
-            cancelled_at = time.perf_counter()  # the runner's clock is time.perf_counter too
-            stream.cancel()
-            _wait_finished(track)
-        assert received
-        assert track.reason is FinishReason.CANCELLED
-        assert steps_at_cancel <= track.steps < LONG
-        assert runner.cancelled_streams == cancelled_before + 1
-        return track.finished_at - cancelled_at
-
-    latencies = best_stop_latency(cancel_one, 0.100)
+    latencies = best_stop_latency(lambda: _cancel_one(long_server), 0.100)
     assert min(latencies) < 0.100, f"generation stopped {latencies} s after the cancel"
+
+
+def test_a_cancel_stops_within_100ms_while_64_streams_run(make_server) -> None:
+    """K chars per engine call must not delay a cancel: calls are cut to about --max-call-ms.
+    (The default server: 64 streams share one batcher.)"""
+    server = make_server(max_new_chars=LONG, grace_seconds=30.0)
+    with NextCharClient(server.address, timeout=60) as c:
+        others = [c.generate_stream("lstm", "O say", LONG, temperature=1.0, seed=i) for i in range(63)]
+        try:
+            for s in others:
+                assert next(iter(s))  # all running
+            latencies = best_stop_latency(lambda: _cancel_one(server), 0.100)
+        finally:
+            for s in others:
+                s.cancel()
+    assert min(latencies) < 0.100, f"generation stopped {latencies} s after the cancel"
+
+
 
 
 @pytest.mark.parametrize("rpc", ["generate", "generate_stream"])

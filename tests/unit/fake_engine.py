@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from philox_ref import sample
 
 
 class FakeEngine:
@@ -21,9 +22,14 @@ class FakeEngine:
         self.b = rng.normal(0, 1.0, (hidden, self.vocab_size)).astype(np.float32)
         self.c = rng.normal(0, 2.0, (self.vocab_size, hidden)).astype(np.float32)
         self.calls: list[tuple[int, int]] = []
+        self.name = "fake"
+        self.batch_invariant: bool | None = True
 
     def initial_state(self, batch: int) -> tuple[np.ndarray, ...]:
         return (np.zeros((1, batch, self.hidden_size), np.float32),)
+
+    def generate(self, *args):
+        return generate_by_steps(self, *args)
 
     def step(self, tokens: np.ndarray, state: tuple[np.ndarray, ...]):
         assert tokens.dtype == np.int64 and tokens.ndim == 2
@@ -50,6 +56,11 @@ class ScriptedEngine:
         self.vocab_index = {c: i for i, c in enumerate(self.vocab)}
         self.script = script
         self.calls: list[tuple[int, int]] = []
+        self.name = "scripted"
+        self.batch_invariant: bool | None = True
+
+    def generate(self, *args):
+        return generate_by_steps(self, *args)
 
     def initial_state(self, batch: int) -> tuple[np.ndarray, ...]:
         return (np.zeros((1, batch, 1), np.float32),)
@@ -60,3 +71,16 @@ class ScriptedEngine:
         logits = np.zeros((tokens.shape[0], tokens.shape[1], self.vocab_size), np.float32)
         logits[:, -1, self.vocab.index(self.script[i])] = 100.0
         return logits, state
+
+
+def generate_by_steps(engine, tokens: np.ndarray, state, u: np.ndarray, temperature: np.ndarray,
+                      top_k: np.ndarray, top_p: np.ndarray):
+    """ModelEngine.generate for the fakes: the per-step loop with the numpy reference of the rule."""
+    out = np.zeros(u.shape, np.int64)
+    for i in range(u.shape[1]):
+        if i:
+            tokens = np.maximum(out[:, i - 1:i], 0)
+        logits, state = engine.step(tokens, state)
+        out[:, i] = [sample(row, temperature[b], top_k[b], top_p[b], u[b, i])
+                     for b, row in enumerate(logits[:, -1])]
+    return out, state

@@ -16,7 +16,7 @@ from nextchar.server.core.artifact import (
     MODEL_FILE,
     ArtifactError,
     ModelNameError,
-    latest_version,
+    list_versions,
     load_artifact,
     scan_repository,
     validate_model_name,
@@ -47,7 +47,6 @@ def test_load_artifact_of_exported_models(model_repo: Path, name: str) -> None:
     assert a.model_path == model_repo / name / "1" / MODEL_FILE
     assert a.vocab == tuple(a.manifest.vocab) and len(a.vocab) == a.manifest.architecture.vocab_size
     assert "O" in a.vocab and "’" in a.vocab  # the anthem's characters, typographic apostrophe included
-    assert a.has_cell_state == (name == "lstm")
     int8 = load_artifact(model_repo / name / "1", variant="int8")
     assert int8.model_path.name == INT8_FILE and int8.manifest == a.manifest
 
@@ -66,11 +65,8 @@ def test_scan_repository_ignores_temp_and_non_version_dirs(model_repo_copy: Path
     (repo / "README").write_text("not a model")
 
     assert scan_repository(repo) == {"gru": [1, 2, 10], "lstm": [1], "rnn": [1]}
-    assert latest_version(repo, "gru") == 10  # numeric, not lexicographic
-    with pytest.raises(ArtifactError, match="empty-model"):
-        latest_version(repo, "empty-model")
-    with pytest.raises(ArtifactError, match="no-such-model"):
-        latest_version(repo, "no-such-model")
+    assert list_versions(repo, "gru") == [1, 2, 10]  # numeric, not lexicographic
+    assert list_versions(repo, "empty-model") == [] and list_versions(repo, "no-such-model") == []
 
 
 def test_scan_repository_requires_a_directory(tmp_path: Path) -> None:
@@ -93,9 +89,9 @@ def test_validate_model_name_rejects(name: str) -> None:
     assert issubclass(ModelNameError, ArtifactError) and issubclass(ModelNameError, ValueError)
 
 
-def test_latest_version_rejects_unsafe_names(model_repo: Path) -> None:
+def test_list_versions_rejects_unsafe_names(model_repo: Path) -> None:
     with pytest.raises(ModelNameError):
-        latest_version(model_repo, "../lstm")
+        list_versions(model_repo, "../lstm")
 
 
 def test_truncated_model_file_is_refused(model_repo_copy: Path) -> None:

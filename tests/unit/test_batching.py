@@ -9,8 +9,9 @@ import threading
 import numpy as np
 import pytest
 from fake_engine import FakeEngine, ScriptedEngine
+from philox_ref import per_step_generate
 
-from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest, TextChunk
 from nextchar.server.core.sampling import SamplingParams
 from nextchar.server.scheduling.batcher import Batcher
 from nextchar.server.scheduling.batching import (
@@ -20,6 +21,7 @@ from nextchar.server.scheduling.batching import (
     BatchingConfigError,
     CapacityError,
     admit_count,
+    chars_per_call,
     prefill_groups,
 )
 
@@ -51,7 +53,9 @@ class Sink:
 
 
 def make_core(engine, clock=None, **config) -> BatchCore:
+    """A core on a fake clock; one char per engine call unless told (the schedule tests count calls)."""
     config.setdefault("max_wait_s", 0.0)
+    config.setdefault("max_chars_per_call", 1)
     return BatchCore(engine, BatchingConfig(**config), clock=clock or Clock())
 
 
@@ -86,6 +90,21 @@ def test_admit_respects_free_slots():
     assert admit_count([0.0] * 5, 4, 9.0, c) == (0, None)
     assert admit_count([0.0] * 5, 3, 0.0, c) == (1, None)
     assert admit_count([0.0, 0.0], 2, 0.0, c) == (2, None)
+
+
+def test_k_is_one_while_arrivals_wait_then_doubles_within_its_bounds():
+    c = BatchingConfig(max_chars_per_call=64, max_call_s=0.03)
+
+    def k(previous=8, waiting=False, remaining=1000, spc=0.0, deadline=None):
+        return chars_per_call(previous, arrivals_waiting=waiting, remaining=remaining, seconds_per_char=spc,
+                              until_deadline_s=deadline, config=c)
+
+    assert k(waiting=True) == 1                      # their prefill is next: keep this call short
+    assert [k(p) for p in (1, 2, 16, 32, 64)] == [2, 4, 32, 64, 64]
+    assert k(remaining=5) == 5                       # no chars beyond what the rows still want
+    assert k(spc=0.001) == 16                        # 30 ms / 1 ms per char
+    assert k(spc=0.001, deadline=0.004) == 4         # a near deadline is checked between calls
+    assert k(spc=1.0) == 1 and k(remaining=0) == 1   # never below one char
 
 
 def test_prefill_groups_by_equal_length_in_arrival_order():
@@ -150,11 +169,11 @@ def test_decode_batches_are_capped_and_prefills_grouped_by_length():
 
 def test_batched_text_equals_unbatched_on_the_fake_model():
     # The fake model is plain numpy; its rows do not depend on batch mates beyond float rounding,
-    # and sampling is per row with its own generator.
+    # and each row draws its own uniforms (seed, char index).
     reqs = [GenerationRequest(p, 30, SamplingParams(0.8, top_k=4), seed=s)
             for p, s in (("ab", 1), ("ba", 2), ("abc", 3), ("ab", 4))]
-    alone = ["".join(e.text for e in generate(FakeEngine(), r) if isinstance(e, TextChunk)) for r in reqs]
-    core = make_core(FakeEngine())
+    alone = [per_step_generate(FakeEngine(), r)[0] for r in reqs]
+    core = make_core(FakeEngine(), max_chars_per_call=8)
     sinks = []
     for r in reqs:
         sink = Sink()
@@ -219,13 +238,17 @@ def test_a_failing_prefill_fails_its_group_only():
     assert good.end.reason is FinishReason.LENGTH
 
 
-def test_stop_sequences_and_echo_in_a_batch():
-    core = make_core(ScriptedEngine("xyzSTOPabc" * 3))
+@pytest.mark.parametrize("k", [1, 64])
+def test_stop_sequences_and_echo_in_a_batch(k):
+    core = make_core(ScriptedEngine("xyzSTOPabc" * 3), max_chars_per_call=k)
     a = submit(core, "ab", 20, stop=("TOP",), echo=True)
     drain(core)
-    # ScriptedEngine advances its script per call, shared by the batch: prefill x, then y z S T O P.
+    # ScriptedEngine advances its script per step, shared by the batch: prefill x, then y z S T O P.
+    # With K=64 the stop lies inside one chunk: it is cut there, nothing of it or after it is sent.
     assert a.texts[0] == "ab" and "".join(a.texts) == "abxyzS"
-    assert a.end.reason is FinishReason.STOP_SEQUENCE
+    assert a.end.reason is FinishReason.STOP_SEQUENCE and a.end.usage.generated_chars == 7
+    # K ramps 1 (prefill), 2, 4: the third call's chunk "STOP" is cut to "S".
+    assert k == 1 or a.texts == ["ab", "x", "yz", "S"]
 
 
 def test_backpressure_names_the_limit():
@@ -333,8 +356,7 @@ def requests(n: int) -> list[GenerationRequest]:
 
 
 def alone(engine, req: GenerationRequest) -> tuple[str, Finished]:
-    events = list(generate(engine, req))
-    return "".join(e.text for e in events if isinstance(e, TextChunk)), events[-1]
+    return per_step_generate(engine, req)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -354,6 +376,30 @@ def test_batched_equals_alone_bit_for_bit(engines, cell):
         text, fin = alone(engine, r)
         assert "".join(s.texts) == text
         assert (s.end.reason, s.end.usage) == (fin.reason, fin.usage)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_any_k_gives_the_per_step_text(engines, cell):
+    """K chars per call, for K = 1, 4, 16, 64: the same seeded text as the per-step loop, and a
+    stop sequence inside a chunk truncates the text there."""
+    engine = engines[cell]
+    reqs = requests(6)
+    texts = [alone(engine, r) for r in reqs]
+    stop_req = GenerationRequest("O say", 200, SamplingParams(temperature=0.0))
+    full = alone(engine, stop_req)[0]
+    stop = full[37:40]
+    cut = full[:full.index(stop)]
+    for k in (1, 4, 16, 64):
+        core = make_core(engine, max_chars_per_call=k, max_call_s=10.0)
+        sinks = [submit(core, r.prompt, r.max_new_chars, sampling=r.sampling, seed=r.seed, stop=r.stop)
+                 for r in reqs]
+        stopped = submit(core, "O say", 200, stop=(stop,))
+        drain(core)
+        assert ["".join(s.texts) for s in sinks] == [t for t, _ in texts], k
+        assert [s.end.usage for s in sinks] == [f.usage for _, f in texts]
+        assert "".join(stopped.texts) == cut and stopped.end.reason is FinishReason.STOP_SEQUENCE
+        if k > 1:
+            assert core.stats.decode_chars > core.stats.decode_calls
 
 
 def test_async_streams_through_the_worker_thread(engines):
@@ -422,6 +468,17 @@ def test_close_ends_running_streams(engines):
                    on_text=lambda t: None, on_end=on_end)
     batcher.close()
     assert done.wait(10)
-    assert isinstance(ends[0], BatcherClosedError) and ends[0].limit == "closed"
+    assert isinstance(ends[0], BatcherClosedError) and not isinstance(ends[0], CapacityError)
     with pytest.raises(BatcherClosedError):
         batcher.submit(GenerationRequest("O", 1), on_text=lambda t: None, on_end=lambda e: None)
+
+
+def test_the_scheduler_does_not_load_onnxruntime():
+    """The scheduler codes against contract.ModelEngine; only the engine module imports onnxruntime."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport nextchar.server.scheduling.runner, nextchar.server.scheduling.batcher\n"
+            "print(sorted(m for m in ('onnxruntime', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

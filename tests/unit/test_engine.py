@@ -7,9 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+from philox_ref import sample, uniforms
 
 from nextchar.server.core.artifact import ArtifactError, load_artifact
-from nextchar.server.core.engine import Engine
+from nextchar.server.core.contract import concat_states, take
+from nextchar.server.core.engine import Engine, available_cores
 from nextchar.v1 import manifest_pb2
 
 CELLS = ("lstm", "gru", "rnn")
@@ -73,23 +75,23 @@ def test_a_batched_step_equals_the_rows_stepped_alone(engines, cell):
     prompts = ["O say", "What so", "Gave p"]
     states = [e.step(ids(e, p), e.initial_state(1))[1] for p in prompts]
     nxt = np.array([[e.vocab_index[c]] for c in "ear"], dtype=np.int64)
-    batch_logits, batch_state = e.step(nxt, Engine.concat_states(states))
+    batch_logits, batch_state = e.step(nxt, concat_states(states))
     for i, s in enumerate(states):
         alone, alone_state = e.step(nxt[i:i + 1], s)
         np.testing.assert_allclose(batch_logits[i:i + 1], alone, atol=1e-5)
-        for a, b in zip(Engine.take(batch_state, [i]), alone_state, strict=True):
+        for a, b in zip(take(batch_state, [i]), alone_state, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_take_concat_round_trip(engines):
     e = engines["lstm"]
     _, state = e.step(np.zeros((4, 3), np.int64), e.initial_state(4))
-    picked = Engine.take(state, [2, 0])
+    picked = take(state, [2, 0])
     assert all(p.shape == (e.num_layers, 2, e.hidden_size) for p in picked)
     np.testing.assert_array_equal(picked[1][:, 0], state[1][:, 2])
-    rows = [Engine.take(state, [i]) for i in range(4)]
+    rows = [take(state, [i]) for i in range(4)]
     assert len(rows) == 4 and all(r[0].shape[1] == 1 for r in rows)
-    for a, b in zip(Engine.concat_states(rows), state, strict=True):
+    for a, b in zip(concat_states(rows), state, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -182,7 +184,7 @@ def test_fp32_rows_are_bit_identical_alone_and_in_any_batch(engines, cell):
     tokens = rng.integers(0, e.vocab_size, (16, 1))
     full, full_state = e.step(tokens, state)
     for rows in ([3], [3, 0], list(range(3, 12))):
-        logits, new = e.step(tokens[rows], Engine.take(state, rows))
+        logits, new = e.step(tokens[rows], take(state, rows))
         np.testing.assert_array_equal(logits[0], full[3])
         for a, b in zip(new, full_state, strict=True):
             np.testing.assert_array_equal(a[:, 0], b[:, 3])
@@ -207,3 +209,56 @@ def test_thread_count_does_not_change_the_numbers(model_repo, engines):
     np.testing.assert_array_equal(a, b)
     for x, y in zip(sa, sb, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+# The generation graph (K chars per Run) against the per-step loop with the spec's rule.
+
+ROWS = [(0.0, 0, 1.0), (0.8, 0, 1.0), (1.0, 5, 1.0), (0.5, 0, 0.9), (2.0, 3, 0.5), (0.0, 2, 0.3)]
+
+
+def per_step(e: Engine, tokens: np.ndarray, state, u: np.ndarray):
+    out = np.zeros(u.shape, np.int64)
+    for i in range(u.shape[1]):
+        logits, state = e.step(tokens, state)
+        out[:, i] = [sample(row, *ROWS[b], u[b, i]) for b, row in enumerate(logits[:, -1])]
+        if i < u.shape[1] - 1:
+            tokens = out[:, i:i + 1]
+    return out, state
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_generation_graph_equals_the_per_step_loop_bit_for_bit(engines, cell):
+    e = engines[cell]
+    b, k = len(ROWS), 24
+    tokens = np.stack([ids(e, p)[0, :4] for p in ["O say", "What so", "Gave p", "And th", "Whose", "O’er "]])
+    state = e.initial_state(b)
+    u = uniforms([1, 2, 3, 4, 2**63 + 5, 6], [0] * b, k)
+    t, kk, p = (np.array(c) for c in zip(*ROWS, strict=True))
+    got, got_state = e.generate(tokens, state, u, t, kk, p)
+    want, want_state = per_step(e, tokens, state, u)
+    assert np.array_equal(got, want)  # greedy rows (argmax) and sampled rows alike
+    assert all(np.array_equal(a, w) for a, w in zip(got_state, want_state, strict=True))
+    # Four calls of K=6 (each from the last char of the one before) are one call of K=24.
+    parts, s, x = [], state, tokens
+    for j in range(0, k, 6):
+        out, s = e.generate(x, s, u[:, j:j + 6], t, kk, p)
+        parts.append(out)
+        x = out[:, -1:]
+    assert np.array_equal(np.concatenate(parts, axis=1), got)
+    assert all(np.array_equal(a, w) for a, w in zip(s, got_state, strict=True))
+    # A lone row gives what it gives among the others (RNN runs it as a pair: pad_single_rows).
+    alone, _ = e.generate(tokens[2:3], take(state, [2]), u[2:3], t[2:3], kk[2:3], p[2:3])
+    assert np.array_equal(alone[0], got[2])
+
+
+def test_generate_marks_nan_rows_and_checks_shapes(engines):
+    e = engines["gru"]
+    with pytest.raises(ValueError, match="u must be float64"):
+        e.generate(np.zeros((2, 1), np.int64), e.initial_state(2), np.zeros((3, 4)), np.ones(2),
+                   np.zeros(2, np.int64), np.ones(2))
+
+
+def test_available_cores_is_at_least_one_and_at_most_the_affinity():
+    import os
+
+    assert 1 <= available_cores() <= len(os.sched_getaffinity(0))

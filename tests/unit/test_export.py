@@ -356,3 +356,27 @@ def test_final_losses(metrics, expected: tuple[float, float]) -> None:
 
     got = final_losses(metrics)
     assert all((math.isnan(g) and math.isnan(e)) or g == e for g, e in zip(got, expected, strict=True)), got
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_the_generation_graph_is_written_and_checked(tmp_path: Path, cell: str) -> None:
+    version = export_model(_model(cell), VOCAB, tmp_path, "m")
+    gen = _session(version / "generate.onnx")
+    assert [i.name for i in gen.get_inputs()][-4:] == ["u", "temperature", "top_k", "top_p"]
+    assert gen.get_outputs()[0].name == "new_tokens"
+
+
+def test_a_generation_graph_that_disagrees_publishes_nothing(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real = export_mod.build_generation_graph
+
+    def other_weights(model, io):  # the graph of another model: its greedy tokens differ
+        other = tmp_path / "other.onnx"
+        real_export = export_mod._torch_export
+        real_export(_model("lstm", seed=123), other)
+        return real(export_mod.onnx.load(str(other)), io)
+
+    monkeypatch.setattr(export_mod, "build_generation_graph", other_weights)
+    with pytest.raises(ExportError, match="differ from the per-step loop"):
+        export_model(_model("lstm"), VOCAB, tmp_path / "repo", "m")
+    assert scan_repository(tmp_path / "repo") == {}

@@ -18,8 +18,6 @@ from nextchar.server.core.sampling import (
     portable_exp,
     sample,
     sample_rows,
-    softmax,
-    top_n,
 )
 
 LOGITS = np.log(np.array([0.05, 0.5, 0.15, 0.3], dtype=np.float64)).astype(np.float32)
@@ -160,6 +158,10 @@ def test_boundaries_of_the_rule():
     assert sample(tied, SamplingParams(top_k=4), 1 - 2**-53) == 0  # -inf weighs 0: never picked
 
 
+def softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
+    return np.exp(log_softmax(np.asarray(logits, np.float64) / t))
+
+
 def test_temperature_one_matches_softmax():
     assert np.abs(frequencies(SamplingParams()) - softmax(LOGITS)).max() < 0.02
 
@@ -251,11 +253,3 @@ def test_log_softmax_is_stable_and_normalised():
     assert np.isfinite(ls).all()
     assert np.allclose(np.exp(ls).sum(axis=-1), 1.0)
     assert np.allclose(ls[1], -np.log(3.0))
-
-
-def test_top_n_orders_by_probability_ties_to_lower_id():
-    best = top_n(np.array([0.0, 2.0, 1.0, 2.0]), 3)
-    assert [i for i, _ in best] == [1, 3, 2]
-    assert best[0][1] == pytest.approx(np.exp(2) / (1 + 2 * np.exp(2) + np.exp(1)))
-    with pytest.raises(InvalidParameterError):
-        top_n(LOGITS, 0)

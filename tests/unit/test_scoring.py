@@ -1,4 +1,4 @@
-"""predict_next and score against a hand-rolled char-by-char computation on a fake recurrent model."""
+"""predict and score against a hand-rolled char-by-char computation on a fake recurrent model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from fake_engine import FakeEngine
 
 from nextchar.server.core.sampling import InvalidParameterError, log_softmax
-from nextchar.server.core.scoring import predict, predict_next, score
+from nextchar.server.core.scoring import predict, score
 from nextchar.server.core.vocab import OutOfVocabularyError
 
 
@@ -53,7 +53,11 @@ def test_score_needs_something_to_condition_on():
         score(FakeEngine(), "abZ")
 
 
-def test_predict_next_returns_the_most_probable_chars():
+def predict_next(engine, context: str, n: int) -> list[tuple[str, float]]:
+    return [(p.char, p.probability) for p in predict(engine, context, n)]
+
+
+def test_predict_returns_the_most_probable_chars():
     engine = FakeEngine()
     logits, _ = engine.step(np.array([[engine.vocab_index[c] for c in "bad"]]), engine.initial_state(1))
     probs = np.exp(log_softmax(logits[0, -1]))

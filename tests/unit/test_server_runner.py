@@ -7,8 +7,9 @@ import threading
 
 import pytest
 from fake_engine import FakeEngine
+from philox_ref import per_step_generate
 
-from nextchar.server.core.generation import FinishReason, GenerationRequest, TextChunk, generate
+from nextchar.server.core.generation import FinishReason, GenerationRequest
 from nextchar.server.core.sampling import SamplingParams
 from nextchar.server.scheduling.channel import Channel
 from nextchar.server.scheduling.runner import (
@@ -25,7 +26,7 @@ def _request(n: int = 50, seed: int = 3) -> GenerationRequest:
 
 
 def _expected(engine: FakeEngine, request: GenerationRequest) -> str:
-    return "".join(e.text for e in generate(engine, request) if isinstance(e, TextChunk))
+    return per_step_generate(engine, request)[0]
 
 
 def test_channel_wakes_at_the_first_char_when_asked_for_one() -> None:
