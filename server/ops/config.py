@@ -39,7 +39,7 @@ class ServerConfig:
     intra_op_threads: int = 0          # onnxruntime threads per session; 0 = the cores this process may use
     grace_seconds: float = 10.0        # how long running calls may finish after SIGTERM
     flush_ms: float = 5.0              # a stream flushes buffered text at least this often under load
-    flush_chars: int = 64              # ... or when this many characters are buffered
+    flush_chars: int = 128             # ... or when this many characters are buffered
     variant: str = "fp32"              # which ONNX file of each version to serve
     batching: str = "auto"             # on / off / auto: batch the models proved batch-invariant (fp32)
     max_batch_size: int = 64           # the batcher's largest batch

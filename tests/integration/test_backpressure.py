@@ -72,8 +72,11 @@ def test_without_a_queue_the_active_limit_is_named(make_server) -> None:
         running = start_running(c, 1)
         with pytest.raises(ResourceExhausted, match=r"max_active_streams=1"):
             c.generate("rnn", PROMPT, 5)
-        running[0].cancel()
         core = core_of(s, "rnn")
+        # The first char leaves during the prefill call, before the stream joins core.active: wait
+        # for it to join, or "not core.active" below could hold before the cancel was even seen.
+        server_side(lambda: core.active)
+        running[0].cancel()
         server_side(lambda: not core.active)
         assert c.generate("rnn", PROMPT, 5).summary.generated_chars == 5
 
