@@ -30,7 +30,7 @@ OPSET = 17
 # at opset 17 writes 8. Checked, not assumed, because a newer exporter may raise it.
 MAX_IR_VERSION = 13
 IO_NAMES = {"tokens": "tokens", "h0": "h0", "c0": "c0", "logits": "logits", "hn": "hn", "cn": "cn"}
-# Checkpoint keys the trainer writes that become the manifest's TrainingInfo.
+# Checkpoint fields that become the manifest's TrainingInfo.
 TRAINING_KEYS = ("corpus", "metrics", "step", "train_seconds", "train_config", "seed")
 
 
@@ -114,15 +114,14 @@ def export_checkpoint(
     """Export a checkpoint written by the trainer; its training keys become the manifest's TrainingInfo."""
     try:
         ckpt = load_checkpoint(checkpoint)
-        config = ModelConfig.from_dict(ckpt["model_config"])
-        model = CharModel(config)
-        model.load_state_dict(ckpt["model_state"])
+        model = CharModel(ckpt.model_config)
+        model.load_state_dict(ckpt.model_state)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     except (TypeError, ValueError, RuntimeError, KeyError) as e:  # bad config dict or mismatched weights
         raise ExportError(f"checkpoint {str(checkpoint)!r} does not describe a loadable model: {e}") from None
-    training = {k: ckpt[k] for k in TRAINING_KEYS if k in ckpt}
-    vocab = list(ckpt["vocab"])
+    training = {k: getattr(ckpt, k) for k in TRAINING_KEYS}
+    vocab = list(ckpt.vocab)
     return export_model(model, vocab, repo, name, version, training, int8, _builtin_text(training))
 
 

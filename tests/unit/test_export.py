@@ -28,7 +28,7 @@ from nextchar.server.artifact import (  # noqa: E402
     scan_repository,
 )
 from nextchar.training import export as export_mod  # noqa: E402
-from nextchar.training.checkpoint import save_checkpoint  # noqa: E402
+from nextchar.training.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from nextchar.training.config import ModelConfig  # noqa: E402
 from nextchar.training.corpora import load_corpus  # noqa: E402
 from nextchar.training.export import ExportError, export_checkpoint, export_model  # noqa: E402
@@ -283,8 +283,7 @@ def test_vocab_must_fit_the_model(tmp_path: Path) -> None:
 
 
 def _checkpoint(path: Path, model: CharModel, **extras) -> Path:
-    save_checkpoint(path, {"model_config": model.config.to_dict(), "vocab": VOCAB,
-                           "model_state": model.state_dict(), **extras})
+    save_checkpoint(path, Checkpoint(model.config, VOCAB, model.state_dict(), **extras))
     return path
 
 
@@ -292,9 +291,9 @@ def test_export_checkpoint_records_training_info(tmp_path: Path) -> None:
     model = _model("lstm", embedding_dim=4)
     training = {
         "corpus": {"name": "notes.txt", "sha256": "ab" * 32, "bytes": 1234, "chars": 1200},
-        "metrics": {"train_loss": 1.25, "val_loss": 1.5}, "step": 300, "train_seconds": 12.5,
+        "metrics": [{"train_loss": 1.25, "val_loss": 1.5}], "step": 300, "train_seconds": 12.5,
         "train_config": {"lr": 0.002, "batch_size": 32}, "seed": 42,
-        "optimizer_state": {"ignored": torch.zeros(1)},
+        "optimizer": {"ignored": torch.zeros(1)},
     }
     ckpt = _checkpoint(tmp_path / "ck.pt", model, **training)
     d = export_checkpoint(ckpt, tmp_path / "repo", "c", int8=True)
