@@ -168,6 +168,6 @@ RECIPES: dict[str, dict] = {
     "shakespeare": {
         "corpus": "../shared/data/tinyshakespeare.txt", "cell": "lstm", "hidden_size": 512, "num_layers": 2,
         "embedding_dim": 64, "dropout": 0.5, "batch_size": 64, "seq_len": 128, "lr": 3e-3,
-        "schedule": "cosine-time", "max_minutes": 60.0, "eval_every": 200, "patience": 0,
+        "schedule": "cosine-time", "max_minutes": 59.0, "eval_every": 100, "patience": 0,
     },
 }

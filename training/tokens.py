@@ -15,7 +15,7 @@ from nextchar.training.corpora import CorpusError, build_vocab, load_corpus
 
 FORMAT = "nextchar.tokens.v1"
 META, TOKENS = "meta.json", "tokens.bin"
-CHUNK_BYTES = 1 << 24  # prepare reads 16 MiB at a time, so its memory does not grow with the corpus
+CHUNK_BYTES = 1 << 22  # prepare reads 4 MiB at a time, so its memory does not grow with the corpus
 _UNICODE = 0x110000
 _BOM = codecs.BOM_UTF8
 

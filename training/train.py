@@ -86,8 +86,9 @@ def _record(model: CharModel, opt: torch.optim.Optimizer, config: TrainConfig, c
 
 def _check_resumable(ckpt: Checkpoint, config: TrainConfig, corpus: TokenCorpus, path: Path) -> None:
     saved = TrainConfig.from_dict(ckpt.train_config).to_dict()
-    # A longer time budget is the one change that cannot alter what was already computed.
-    diff = [k for k, v in config.to_dict().items() if k != "max_minutes" and saved[k] != v]
+    # A longer budget cannot alter what was already computed (unless --max-steps is cosine's horizon).
+    budget = {"max_minutes"} if config.schedule == "cosine" else {"max_minutes", "max_steps"}
+    diff = [k for k, v in config.to_dict().items() if k not in budget and saved[k] != v]
     if diff:
         shown = ", ".join(f"{k}={saved[k]!r} (now {config.to_dict()[k]!r})" for k in diff)
         raise ConfigError(f"--resume: {path} was trained with different settings: {shown}")

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 
 from nextchar.client.cli import main  # noqa: E402
 from nextchar.training.checkpoint import load_checkpoint  # noqa: E402
+from nextchar.training.config import RECIPES  # noqa: E402
 from nextchar.training.corpora import BUILTIN  # noqa: E402
 
 CLI = [sys.executable, "-m", "nextchar.client.cli"]
@@ -152,3 +153,19 @@ def test_a_time_budget_alone_is_a_complete_command(tmp_path: Path, capsys: pytes
     assert main(argv) == 0, capsys.readouterr().err
     assert "reached --max-minutes" in capsys.readouterr().out
     assert load_checkpoint(out / "last.pt").train_config["schedule"] == "cosine-time"
+
+
+def test_the_shakespeare_recipe_fills_in_what_flags_leave_out(tmp_path: Path) -> None:
+    corpus = tmp_path / "sonnet.txt"
+    corpus.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n" * 30,
+                      encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "shakespeare", "--corpus", str(corpus), "--hidden", "16", "--batch", "4",
+            "--seq", "16", "--max-steps", "3", "--eval-every", "3", "--sample-chars", "0", "--threads", "1",
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    config = load_checkpoint(out / "last.pt").train_config
+    recipe = RECIPES["shakespeare"]
+    assert (config["hidden_size"], config["batch_size"], config["max_steps"]) == (16, 4, 3)  # the flags
+    for kept in ("cell", "num_layers", "embedding_dim", "dropout", "lr", "schedule", "max_minutes"):
+        assert config[kept] == recipe[kept]  # the recipe
