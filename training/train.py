@@ -67,6 +67,17 @@ class Progress:
     metrics: list[dict] = field(default_factory=list)
 
 
+def _cpu(obj: object) -> object:
+    """`obj` (an optimizer state_dict) with every tensor copied to the CPU, so the file loads anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
 def _record(model: CharModel, opt: torch.optim.Optimizer, config: TrainConfig, corpus: TokenCorpus,
             p: Progress, state: State | None, epoch: int, rt: Runtime) -> Checkpoint:
     """The checkpoint of this moment; every process calls it (it gathers the streams' hidden rows)."""
@@ -78,7 +89,7 @@ def _record(model: CharModel, opt: torch.optim.Optimizer, config: TrainConfig, c
         model_config=model.config, vocab=corpus.vocab,
         model_state={k: v.detach().cpu() for k, v in model.state_dict().items()},
         corpus=corpus.info(), train_config=config.to_dict(), seed=config.seed, step=p.step, epoch=epoch,
-        train_seconds=p.train_seconds, metrics=p.metrics, best_val=p.best_val, optimizer=opt.state_dict(),
+        train_seconds=p.train_seconds, metrics=p.metrics, best_val=p.best_val, optimizer=_cpu(opt.state_dict()),
         scheduler={"kind": config.schedule, "lr_scale": p.lr_scale, "evals_since_best": p.evals_since_best},
         rng=rng, hidden=hidden,
     )

@@ -45,6 +45,8 @@ def _train(corpus: Path, out: Path, val_fraction: float) -> list[str]:
             "--no-progress", "--out", str(out)]
 
 
+@pytest.mark.slow  # about 15 s of CPU (a 200 MB file, two passes, two torch processes); minutes when loaded
+@pytest.mark.timeout(600)
 def test_a_200_mb_corpus_is_prepared_and_trained_within_bounded_memory(tmp_path: Path) -> None:
     alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     \n.,;ABCDEFGHIJ", dtype=np.uint8)
     block = alphabet[np.random.default_rng(0).integers(0, len(alphabet), 1_000_000, dtype=np.uint8)]
