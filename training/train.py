@@ -87,9 +87,9 @@ def _record(model: CharModel, opt: torch.optim.Optimizer, config: TrainConfig, c
         rng["cuda"] = torch.cuda.get_rng_state(rt.device)
     return Checkpoint(
         model_config=model.config, vocab=corpus.vocab,
-        model_state={k: v.detach().cpu() for k, v in model.state_dict().items()},
-        corpus=corpus.info(), train_config=config.to_dict(), seed=config.seed, step=p.step, epoch=epoch,
-        train_seconds=p.train_seconds, metrics=p.metrics, best_val=p.best_val, optimizer=_cpu(opt.state_dict()),
+        model_state=_cpu(model.state_dict()), corpus=corpus.info(), train_config=config.to_dict(),
+        seed=config.seed, step=p.step, epoch=epoch, train_seconds=p.train_seconds, metrics=p.metrics,
+        best_val=p.best_val, optimizer=_cpu(opt.state_dict()),
         scheduler={"kind": config.schedule, "lr_scale": p.lr_scale, "evals_since_best": p.evals_since_best},
         rng=rng, hidden=hidden,
     )

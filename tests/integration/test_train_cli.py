@@ -157,8 +157,8 @@ def test_a_time_budget_alone_is_a_complete_command(tmp_path: Path, capsys: pytes
 
 def test_the_shakespeare_recipe_fills_in_what_flags_leave_out(tmp_path: Path) -> None:
     corpus = tmp_path / "sonnet.txt"
-    corpus.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n" * 30,
-                      encoding="utf-8")
+    verse = "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n"
+    corpus.write_text(verse * 30, encoding="utf-8")
     out = tmp_path / "run"
     argv = ["train", "--preset", "shakespeare", "--corpus", str(corpus), "--hidden", "16", "--batch", "4",
             "--seq", "16", "--max-steps", "3", "--eval-every", "3", "--sample-chars", "0", "--threads", "1",
