@@ -197,8 +197,11 @@ def _torch_export(model: CharModel, path: Path) -> None:
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # The legacy (torchscript) exporter emits native ONNX LSTM/GRU/RNN nodes, which the
         # dynamo exporter unrolls; native nodes are also what int8 quantization recognises.
+        # The wrapper must be in eval mode too: the exporter restores the module it was given to that
+        # module's own mode afterwards, and a fresh wrapper's is train(), which would switch the model's
+        # dropout on for the parity check (a dropout > 0 model then never exported).
         torch.onnx.export(
-            _ExportModule(model), (tokens, *state), str(path), dynamo=False, opset_version=OPSET,
+            _ExportModule(model).eval(), (tokens, *state), str(path), dynamo=False, opset_version=OPSET,
             input_names=inputs, output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True,
         )
 

@@ -102,6 +102,22 @@ def test_onnxruntime_matches_torch_with_random_states(tmp_path: Path, variant: t
             assert np.max(np.abs(g - w)) <= 1e-4
 
 
+def test_a_model_trained_with_dropout_exports_as_its_eval_mode(tmp_path: Path) -> None:
+    """Dropout is a training-time layer: the export (and its parity check) use the model in eval mode."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(VOCAB), hidden_size=12, embedding_dim=4, dropout=0.5,
+                         input_dropout=0.2)
+    model = CharModel(config).train()
+    sess = _session(export_model(model, VOCAB, tmp_path, "m") / MODEL_FILE)
+    assert model.training  # the caller's mode is restored
+    tokens = np.array([[1, 4, 2]])
+    zeros = np.zeros((2, 1, 12), np.float32)
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(tokens))[0].numpy()
+    got = sess.run(["logits"], {"tokens": tokens, "h0": zeros, "c0": zeros})[0]
+    assert np.max(np.abs(got - want)) <= 1e-4
+
+
 def test_state_carries_across_calls(tmp_path: Path) -> None:
     """Feeding a prompt in one call or one token at a time gives the same logits (explicit state works)."""
     sess = _session(export_model(_model("lstm", seed=5), VOCAB, tmp_path, "m") / MODEL_FILE)
