@@ -7,12 +7,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from nextchar.training.config import CELLS, FLAGS, SCHEDULES, ConfigError, TrainConfig
+from nextchar.training.config import CELLS, FLAGS, RECIPES, SCHEDULES, ConfigError, TrainConfig
 
 # argparse dest -> TrainConfig field, for the flags that build a TrainConfig (all default to None so
 # that an unset flag takes TrainConfig's own default, and so --preset can refuse flags it would ignore).
 _FIELDS = {flag.lstrip("-").replace("-", "_"): field for field, flag in FLAGS.items()}
-_TYPES = {"lr": float, "dropout": float, "weight_decay": float, "grad_clip": float, "min_lr_ratio": float,
+_TYPES = {"lr": float, "dropout": float, "input_dropout": float, "weight_decay": float, "grad_clip": float,
+          "min_lr_ratio": float,
           "max_minutes": float, "val_fraction": float, "temperature": float, "corpus": str, "cell": str,
           "schedule": str}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -31,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train on a built-in corpus (goethe, anthem) or a UTF-8 file. With "
                        "--preset, reproduce the seminar's runs exactly; otherwise train on contiguous "
                        "streams with truncated BPTT, evaluation, checkpoints and --resume.")
-    t.add_argument("--preset", help="seed-rnn (Goethe, RNN, 51 epochs) or seed-lstm (anthem, LSTM, 100)")
+    t.add_argument("--preset", help="seed-rnn (Goethe, RNN, 51 epochs) or seed-lstm (anthem, LSTM, 100): the "
+                   "seminar's runs; or a char-rnn recipe (shakespeare) whose settings other flags override")
     for dest, field in _FIELDS.items():
         if field == "seed":
             continue
@@ -43,8 +45,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", type=Path, help="run directory (default runs/<preset or corpus>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (default): CUDA when present, else CPU; CUDA trains with bf16 autocast")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=train_command)
+
+    pr = sub.add_parser("prepare", help="encode a UTF-8 file once into a memory-mapped token file",
+                        description="Write DIR/tokens.bin (uint16, or uint32 for vocabularies over 65,536) "
+                        "and DIR/meta.json (vocabulary, sha256) in streaming passes; `nextchar train "
+                        "--corpus DIR` then reads the tokens from disk instead of holding the text.")
+    pr.add_argument("--corpus", type=Path, required=True, help="a UTF-8 text file (any size)")
+    pr.add_argument("--out", type=Path, required=True, help="directory for tokens.bin and meta.json")
+    pr.set_defaults(func=prepare_command)
 
     e = sub.add_parser("export", help="export a checkpoint to <repo>/<name>/<version>/ (ONNX + manifest)")
     e.add_argument("--checkpoint", type=Path, required=True, help="a .pt written by `nextchar train`")
@@ -65,7 +77,9 @@ def train_command(args: argparse.Namespace) -> int:
              if field != "seed" and getattr(args, dest) is not None}
     if args.threads is not None and args.threads < 1:
         return _fail("train", f"--threads must be >= 1, got {args.threads}", 2)
-    if args.preset is not None:
+    if args.preset in RECIPES:
+        given = {**RECIPES[args.preset], **given}
+    elif args.preset is not None:
         if given or args.resume:
             flags = [FLAGS[f] for f in given] + (["--resume"] if args.resume else [])
             return _fail("train", f"--preset fixes corpus, model and schedule; drop {', '.join(flags)}", 2)
@@ -79,10 +93,11 @@ def train_command(args: argparse.Namespace) -> int:
         config = TrainConfig(seed=args.seed, **given)
     except ConfigError as e:
         return _fail("train", str(e), 2)
-    out = args.out or Path("runs") / Path(config.corpus).stem
+    out = args.out or Path("runs") / (args.preset or Path(config.corpus).stem)
 
     import torch
 
+    from nextchar.training import runtime
     from nextchar.training.checkpoint import CheckpointError
     from nextchar.training.corpora import CorpusError
     from nextchar.training.train import train
@@ -90,7 +105,11 @@ def train_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        train(config, out, resume=args.resume, progress=not args.no_progress)
+        rt = runtime.start(args.device)
+    except ConfigError as e:
+        return _fail("train", str(e), 2)
+    try:
+        train(config, out, resume=args.resume, progress=not args.no_progress, runtime=rt)
     except ConfigError as e:
         return _fail("train", str(e), 2)
     except (CorpusError, CheckpointError, OSError) as e:
@@ -98,6 +117,21 @@ def train_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # last.pt is always whole (atomic writes), so the run can continue from it
         return _fail("train", f"interrupted; continue with the same flags and --resume (--out {out})", 130)
+    finally:
+        runtime.stop(rt)
+    return 0
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    from nextchar.training.corpora import CorpusError
+    from nextchar.training.tokens import prepare
+
+    try:
+        c = prepare(args.corpus, args.out)
+    except (CorpusError, OSError) as e:
+        return _fail("prepare", str(e), 1)
+    print(f"{args.out}: {len(c.tokens):,} tokens ({c.tokens.dtype.name}), vocab {len(c.vocab)}, "
+          f"sha256 {c.sha256}")
     return 0
 
 
@@ -108,11 +142,11 @@ def _run_preset(args: argparse.Namespace) -> int:
 
     import torch
 
-    from nextchar.training.checkpoint import save_checkpoint
+    from nextchar.training.checkpoint import Checkpoint, save_checkpoint
     from nextchar.training.corpora import CorpusError
     from nextchar.training.metrics import plot_losses, write_metrics
     from nextchar.training.presets import get_preset, train_preset
-    from nextchar.training.train import LAST, corpus_info
+    from nextchar.training.train import LAST
 
     try:
         preset = get_preset(args.preset)
@@ -136,13 +170,12 @@ def _run_preset(args: argparse.Namespace) -> int:
         return _fail("train", str(e), 1)
     seconds = time.perf_counter() - t0
     history = [*r.history, {"epoch": preset.epochs, "loss": None, "accuracy": r.accuracy}]
-    save_checkpoint(out / LAST, {
-        "model_config": r.model.config.to_dict(), "vocab": r.vocab, "model_state": r.model.state_dict(),
-        "step": preset.epochs, "epoch": preset.epochs, "metrics": history, "corpus": corpus_info(r.corpus),
-        "train_seconds": seconds, "seed": args.seed,
-        "train_config": {"preset": preset.name, **preset.to_dict()},
-        "reconstruction": r.reconstruction, "accuracy": r.accuracy,
-    })
+    save_checkpoint(out / LAST, Checkpoint(
+        model_config=r.model.config, vocab=r.vocab, model_state=r.model.state_dict(),
+        step=preset.epochs, epoch=preset.epochs, metrics=history, corpus=r.corpus.info(),
+        train_seconds=seconds, seed=args.seed, train_config={"preset": preset.name, **preset.to_dict()},
+        reconstruction=r.reconstruction, accuracy=r.accuracy,
+    ))
     write_metrics(out, history)
     plot_losses(out / "loss.png", history, "epoch", {"loss": "train (all windows)"},
                 f"{preset.name} on {preset.corpus}, seed {args.seed}")

@@ -23,7 +23,8 @@ class ModelConfig:
     hidden_size: int = 256
     num_layers: int = 2
     embedding_dim: int = 0
-    dropout: float = 0.0
+    dropout: float = 0.0  # between recurrent layers and before the head (training only)
+    input_dropout: float = 0.0  # on the (embedded or one-hot) input characters (training only)
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -40,6 +41,8 @@ class ModelConfig:
             raise ConfigError(f"embedding_dim must be >= 0 (0 = one-hot input), got {self.embedding_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.input_dropout < 1.0:
+            raise ConfigError(f"input_dropout must be in [0, 1), got {self.input_dropout}")
 
     @property
     def has_cell_state(self) -> bool:
@@ -60,7 +63,8 @@ SCHEDULES = ("cosine", "cosine-time", "plateau", "constant")
 # Field -> command-line flag, so a ConfigError names what the user typed.
 FLAGS = {
     "corpus": "--corpus", "cell": "--cell", "hidden_size": "--hidden", "num_layers": "--layers",
-    "embedding_dim": "--embedding", "dropout": "--dropout", "batch_size": "--batch", "seq_len": "--seq",
+    "embedding_dim": "--embedding", "dropout": "--dropout",
+    "input_dropout": "--input-dropout", "batch_size": "--batch", "seq_len": "--seq",
     "lr": "--lr", "weight_decay": "--weight-decay", "grad_clip": "--grad-clip", "schedule": "--schedule",
     "warmup_steps": "--warmup", "min_lr_ratio": "--min-lr-ratio", "max_steps": "--max-steps",
     "max_minutes": "--max-minutes", "eval_every": "--eval-every", "patience": "--patience",
@@ -75,7 +79,7 @@ def _bad(field: str, rule: str, value: object) -> ConfigError:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One char-rnn style training run: contiguous streams, truncated BPTT, Adam, clipping, schedule.
+    """One char-rnn style training run: contiguous streams, truncated BPTT, AdamW, clipping, schedule.
 
     Stops at `max_steps` (0 = no step limit), after `max_minutes` of wall time (0 = no limit), or when
     the validation loss has not improved for `patience` evaluations (0 = never); at least one of the
@@ -88,10 +92,11 @@ class TrainConfig:
     num_layers: int = 2
     embedding_dim: int = 0
     dropout: float = 0.0
+    input_dropout: float = 0.0
     batch_size: int = 64
     seq_len: int = 100
     lr: float = 2e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # decoupled (AdamW), on weight matrices and embeddings, not biases
     grad_clip: float = 5.0  # max global grad norm; 0 = no clipping
     schedule: str = "cosine"  # see SCHEDULES; plateau halves lr after a flat val loss
     warmup_steps: int = 0
@@ -113,6 +118,7 @@ class TrainConfig:
             ("num_layers", self.num_layers >= 1, ">= 1"),
             ("embedding_dim", self.embedding_dim >= 0, ">= 0 (0 = one-hot input)"),
             ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+            ("input_dropout", 0.0 <= self.input_dropout < 1.0, "in [0, 1)"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("seq_len", self.seq_len >= 1, ">= 1"),
             ("lr", self.lr > 0.0, "> 0"),
@@ -145,7 +151,7 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(
             vocab_size=vocab_size, cell=self.cell, hidden_size=self.hidden_size, num_layers=self.num_layers,
-            embedding_dim=self.embedding_dim, dropout=self.dropout,
+            embedding_dim=self.embedding_dim, dropout=self.dropout, input_dropout=self.input_dropout,
         )
 
     def to_dict(self) -> dict:
@@ -154,3 +160,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         return cls(**d)
+
+
+# Named char-rnn recipes for `nextchar train --preset NAME`: TrainConfig fields chosen by measurement
+# (bench/results/train.md); any flag given beside --preset overrides the recipe's value.
+RECIPES: dict[str, dict] = {
+    "shakespeare": {
+        "corpus": "../shared/data/tinyshakespeare.txt", "cell": "lstm", "hidden_size": 512, "num_layers": 2,
+        "embedding_dim": 64, "dropout": 0.5, "batch_size": 64, "seq_len": 128, "lr": 3e-3,
+        "schedule": "cosine-time", "max_minutes": 59.0, "eval_every": 100, "patience": 0,
+    },
+}

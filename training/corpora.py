@@ -41,6 +41,10 @@ class Corpus:
     def num_bytes(self) -> int:
         return len(self.text.encode("utf-8"))
 
+    def info(self) -> dict:
+        """The provenance a checkpoint records (tokens.TokenCorpus.info has the same keys)."""
+        return {"name": self.name, "sha256": self.sha256, "bytes": self.num_bytes, "chars": len(self.text)}
+
 
 def load_corpus(name_or_path: str) -> Corpus:
     """A built-in corpus by name, or a UTF-8 text file by path."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nextchar.training.corpora import CorpusError
@@ -17,18 +18,33 @@ def encode(text: str, vocab: list[str]) -> torch.Tensor:
 
 def check_trainable(text: str, name: str, seq_len: int, flag: str = "--seq") -> None:
     """The corpus problems no hyperparameter can fix, named before anything is written."""
-    if not text:
+    check_sizes(len(text), sorted(set(text)), name, seq_len, flag)
+
+
+def check_sizes(chars: int, vocab: list[str], name: str, seq_len: int, flag: str = "--seq") -> None:
+    """check_trainable for a corpus known by its length and vocabulary (e.g. a prepared token file)."""
+    if not chars:
         raise CorpusError(f"corpus {name!r} is empty")
-    distinct = len(set(text))
-    if distinct < 2:
+    if len(vocab) < 2:
         raise CorpusError(
-            f"corpus {name!r} has only {distinct} distinct character ({text[0]!r}); a model needs at least 2"
+            f"corpus {name!r} has only {len(vocab)} distinct character ({vocab[0]!r}); "
+            "a model needs at least 2"
         )
-    if len(text) <= seq_len:
+    if chars <= seq_len:
         raise CorpusError(
-            f"corpus {name!r} has {len(text)} characters, not more than the sequence length "
+            f"corpus {name!r} has {chars} characters, not more than the sequence length "
             f"{seq_len} ({flag}); it needs at least {seq_len + 1}"
         )
+
+
+Tokens = torch.Tensor | np.ndarray  # 1-D token ids; a numpy array may be a np.memmap of a prepared corpus
+
+
+def take_rows(tokens: Tokens, starts: list[int], length: int) -> torch.Tensor:
+    """int64[len(starts), length]: tokens[s : s + length] for each start, reading only those slices."""
+    if isinstance(tokens, torch.Tensor):
+        return torch.stack([tokens[s : s + length] for s in starts]).long()
+    return torch.from_numpy(np.stack([tokens[s : s + length] for s in starts]).astype(np.int64))
 
 
 def sliding_windows(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,10 +58,13 @@ def sliding_windows(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, t
     return tokens[idx], tokens[idx + 1]
 
 
-def split(tokens: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train on the head, validate on the tail (never shuffled: val text is text the model has not seen)."""
-    n_val = round(tokens.numel() * val_fraction)
-    return tokens[: tokens.numel() - n_val], tokens[tokens.numel() - n_val :]
+def split(tokens: Tokens, val_fraction: float) -> tuple[Tokens, Tokens]:
+    """Train on the head, validate on the tail (never shuffled: val text is text the model has not seen).
+
+    Views, not copies, so a memory-mapped corpus stays on disk.
+    """
+    n_val = round(len(tokens) * val_fraction)
+    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
 
 
 def mix_seed(*xs: int) -> int:
@@ -65,26 +84,32 @@ class Streams:
     across chunks (truncated BPTT). Each epoch starts the streams at a random offset in [0, seq_len)
     drawn from (seed, epoch), so chunk boundaries move between epochs while the batch for a given step
     is a pure function of (seed, step): a resumed run reads exactly what an uninterrupted one would.
+    With `shards` > 1 (data parallel) shard `shard` reads only its rows of that global batch.
     """
 
-    tokens: torch.Tensor  # int64[N]
+    tokens: Tokens  # [N]
     batch: int
     seq_len: int
     seed: int = 0
     random_offset: bool = True
+    shard: int = 0
+    shards: int = 1
 
     def __post_init__(self) -> None:
+        if self.batch % self.shards:
+            raise CorpusError(f"--batch {self.batch} must be a multiple of the number of processes "
+                              f"({self.shards}) so every process reads as many streams")
         if self.steps_per_epoch < 1:
             need = self.batch * self.seq_len + self.seq_len
             raise CorpusError(
-                f"the split has {self.tokens.numel()} characters, too few for --batch {self.batch} x "
+                f"the split has {len(self.tokens)} characters, too few for --batch {self.batch} x "
                 f"--seq {self.seq_len} (needs at least {need}); lower --batch or --seq"
             )
 
     @property
     def stream_len(self) -> int:
         # Leave seq_len characters of slack for the offset; the targets need one more character.
-        return (self.tokens.numel() - self.seq_len) // self.batch
+        return (len(self.tokens) - self.seq_len) // self.batch
 
     @property
     def steps_per_epoch(self) -> int:
@@ -101,8 +126,13 @@ class Streams:
         return divmod(step, self.steps_per_epoch)
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """step -> (x int64[batch, seq_len], y int64[batch, seq_len]); y is x shifted by one character."""
+        """step -> (x int64[rows, seq_len], y int64[rows, seq_len]); y is x shifted by one character.
+
+        rows = batch / shards: this shard's streams of the global batch.
+        """
         epoch, k = self.position(step)
-        starts = self.offset(epoch) + torch.arange(self.batch) * self.stream_len + k * self.seq_len
-        idx = starts[:, None] + torch.arange(self.seq_len)[None, :]
-        return self.tokens[idx], self.tokens[idx + 1]
+        rows = self.batch // self.shards
+        first = self.offset(epoch) + k * self.seq_len
+        starts = [first + (self.shard * rows + i) * self.stream_len for i in range(rows)]
+        xy = take_rows(self.tokens, starts, self.seq_len + 1)
+        return xy[:, :-1], xy[:, 1:]

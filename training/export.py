@@ -36,7 +36,7 @@ OPSET = 17
 # at opset 17 writes 8. Checked, not assumed, because a newer exporter may raise it.
 MAX_IR_VERSION = 13
 IO_NAMES = {"tokens": "tokens", "h0": "h0", "c0": "c0", "logits": "logits", "hn": "hn", "cn": "cn"}
-# Checkpoint keys the trainer writes that become the manifest's TrainingInfo.
+# Checkpoint fields that become the manifest's TrainingInfo.
 TRAINING_KEYS = ("corpus", "metrics", "step", "train_seconds", "train_config", "seed")
 
 
@@ -120,15 +120,14 @@ def export_checkpoint(
     """Export a checkpoint written by the trainer; its training keys become the manifest's TrainingInfo."""
     try:
         ckpt = load_checkpoint(checkpoint)
-        config = ModelConfig.from_dict(ckpt["model_config"])
-        model = CharModel(config)
-        model.load_state_dict(ckpt["model_state"])
+        model = CharModel(ckpt.model_config)
+        model.load_state_dict(ckpt.model_state)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     except (TypeError, ValueError, RuntimeError, KeyError) as e:  # bad config dict or mismatched weights
         raise ExportError(f"checkpoint {str(checkpoint)!r} does not describe a loadable model: {e}") from None
-    training = {k: ckpt[k] for k in TRAINING_KEYS if k in ckpt}
-    vocab = list(ckpt["vocab"])
+    training = {k: getattr(ckpt, k) for k in TRAINING_KEYS}
+    vocab = list(ckpt.vocab)
     return export_model(model, vocab, repo, name, version, training, int8, _builtin_text(training))
 
 
@@ -210,8 +209,11 @@ def _torch_export(model: CharModel, path: Path) -> None:
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # The legacy (torchscript) exporter emits native ONNX LSTM/GRU/RNN nodes, which the
         # dynamo exporter unrolls; native nodes are also what int8 quantization recognises.
+        # The wrapper must be in eval mode too: the exporter restores the module it was given to that
+        # module's own mode afterwards, and a fresh wrapper's is train(), which would switch the model's
+        # dropout on for the parity check (a dropout > 0 model then never exported).
         torch.onnx.export(
-            _ExportModule(model), (tokens, *state), str(path), dynamo=False, opset_version=OPSET,
+            _ExportModule(model).eval(), (tokens, *state), str(path), dynamo=False, opset_version=OPSET,
             input_names=inputs, output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True,
         )
 

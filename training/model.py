@@ -34,6 +34,7 @@ class CharModel(nn.Module):
             dropout=c.dropout if c.num_layers > 1 else 0.0,
         )
         self.drop = nn.Dropout(c.dropout)
+        self.input_drop = nn.Dropout(c.input_dropout)
         self.fc = nn.Linear(c.hidden_size, c.vocab_size, bias=True)
 
     def init_state(self, batch: int, device: torch.device | None = None) -> State:
@@ -51,7 +52,7 @@ class CharModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """tokens: int64[B, T], state or None (zeros) -> (logits float32[B, T, V], new state)."""
-        x = self.encode(tokens)
+        x = self.input_drop(self.encode(tokens))
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
         rnn_state = state if self.config.has_cell_state else state[0]

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from nextchar.training.config import ConfigError, ModelConfig
+from nextchar.training.config import RECIPES, ConfigError, ModelConfig
 from nextchar.training.corpora import Corpus, build_vocab, load_corpus
 from nextchar.training.data import check_trainable, encode, sliding_windows
 from nextchar.training.model import CharModel
@@ -43,7 +43,8 @@ PRESETS: dict[str, Preset] = {
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r} (--preset); choose one of {', '.join(PRESETS)}")
+        names = ", ".join([*PRESETS, *RECIPES])
+        raise ConfigError(f"unknown preset {name!r} (--preset); choose one of {names}")
     return PRESETS[name]
 
 

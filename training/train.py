@@ -7,24 +7,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-from nextchar.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nextchar.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from nextchar.training.config import ConfigError, TrainConfig
-from nextchar.training.corpora import Corpus, CorpusError, build_vocab, load_corpus
-from nextchar.training.data import Streams, check_trainable, encode, mix_seed, split
+from nextchar.training.corpora import CorpusError
+from nextchar.training.data import Streams, Tokens, check_sizes, mix_seed, split
+from nextchar.training.evaluation import evaluate, generate
 from nextchar.training.metrics import bits, plot_losses, write_metrics
 from nextchar.training.model import CharModel, State
+from nextchar.training.runtime import Runtime
+from nextchar.training.tokens import TokenCorpus, open_corpus
 
 PLATEAU_PATIENCE = 2  # evaluations without a new best val loss before the plateau schedule halves lr
 LAST, BEST = "last.pt", "best.pt"
+CPU = Runtime(torch.device("cpu"))
 
-
-def corpus_info(corpus: Corpus) -> dict:
-    return {"name": corpus.name, "sha256": corpus.sha256, "bytes": corpus.num_bytes,
-            "chars": len(corpus.text)}
+__all__ = ["BEST", "LAST", "Progress", "evaluate", "generate", "lr_at", "train"]
 
 
 def lr_at(config: TrainConfig, step: int, scale: float, elapsed_s: float = 0.0) -> float:
@@ -44,44 +46,14 @@ def lr_at(config: TrainConfig, step: int, scale: float, elapsed_s: float = 0.0) 
     return config.lr * scale * ratio
 
 
-@torch.no_grad()
-def evaluate(model: CharModel, tokens: torch.Tensor, batch: int, seq_len: int) -> float:
-    """Mean cross-entropy (nats/char) over all of `tokens`, read as contiguous streams with carried state."""
-    n = tokens.numel() - 1
-    batch = max(1, min(batch, n // seq_len))
-    length = n // batch
-    x = tokens[: batch * length].view(batch, length)
-    y = tokens[1 : batch * length + 1].view(batch, length)
-    was_training = model.training
-    model.eval()
-    total, state = 0.0, None
-    for c in range(0, length, seq_len):
-        logits, state = model(x[:, c : c + seq_len], state)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, c : c + seq_len].reshape(-1),
-                                 reduction="sum").item()
-    model.train(was_training)
-    return total / (batch * length)
-
-
-@torch.no_grad()
-def generate(model: CharModel, vocab: list[str], prime: str, n: int, temperature: float | None,
-             generator: torch.Generator | None = None) -> str:
-    """`n` characters after `prime`: greedy when temperature is None, else sampled with `generator`."""
-    index = {c: i for i, c in enumerate(vocab)}
-    was_training = model.training
-    model.eval()
-    logits, state = model(torch.tensor([[index[c] for c in prime]]), None)
-    out = []
-    for _ in range(n):
-        last = logits[0, -1]
-        if temperature is None:
-            t = int(last.argmax())
-        else:
-            t = int(torch.multinomial(F.softmax(last / temperature, -1), 1, generator=generator))
-        out.append(vocab[t])
-        logits, state = model(torch.tensor([[t]]), state)
-    model.train(was_training)
-    return "".join(out)
+def optimizer(model: CharModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay (decoupled) on matrices and embeddings only, as nanoGPT does."""
+    params = list(model.parameters())
+    groups: list[dict] = [{"params": params}]
+    if config.weight_decay:
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0, fused=True)
 
 
 @dataclass
@@ -96,51 +68,69 @@ class Progress:
     metrics: list[dict] = field(default_factory=list)
 
 
-def _payload(model: CharModel, opt: torch.optim.Optimizer, config: TrainConfig, vocab: list[str],
-             corpus: Corpus, p: Progress, state: State | None, epoch: int) -> dict:
-    return {
-        "model_config": model.config.to_dict(), "vocab": vocab, "model_state": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": {"kind": config.schedule, "lr_scale": p.lr_scale,
-                      "evals_since_best": p.evals_since_best},
-        "rng": {"torch": torch.get_rng_state()},  # dropout; data order needs none: it is f(seed, step)
-        "step": p.step, "epoch": epoch, "hidden": list(state) if state is not None else [],
-        "best_val": p.best_val, "metrics": p.metrics, "corpus": corpus_info(corpus),
-        "train_seconds": p.train_seconds, "seed": config.seed, "train_config": config.to_dict(),
-    }
+def _cpu(obj: Any) -> Any:
+    """`obj` (an optimizer state_dict) with every tensor copied to the CPU, so the file loads anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
 
 
-def _check_resumable(ckpt: dict, config: TrainConfig, corpus: Corpus, path: Path) -> None:
-    saved = TrainConfig.from_dict(ckpt["train_config"]).to_dict()
-    # A longer time budget is the one change that cannot alter what was already computed.
-    diff = [k for k, v in config.to_dict().items() if k != "max_minutes" and saved[k] != v]
+def _record(model: CharModel, opt: torch.optim.Optimizer, config: TrainConfig, corpus: TokenCorpus,
+            p: Progress, state: State | None, epoch: int, rt: Runtime) -> Checkpoint:
+    """The checkpoint of this moment; every process calls it (it gathers the streams' hidden rows)."""
+    hidden = [rt.gather_rows(s).float().cpu() for s in state] if state is not None else []
+    rng = {"torch": torch.get_rng_state()}  # dropout; data order needs none: it is f(seed, step)
+    if rt.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(rt.device)
+    return Checkpoint(
+        model_config=model.config, vocab=corpus.vocab,
+        model_state=_cpu(model.state_dict()), corpus=corpus.info(), train_config=config.to_dict(),
+        seed=config.seed, step=p.step, epoch=epoch, train_seconds=p.train_seconds, metrics=p.metrics,
+        best_val=p.best_val, optimizer=_cpu(opt.state_dict()),
+        scheduler={"kind": config.schedule, "lr_scale": p.lr_scale, "evals_since_best": p.evals_since_best},
+        rng=rng, hidden=hidden,
+    )
+
+
+def _check_resumable(ckpt: Checkpoint, config: TrainConfig, corpus: TokenCorpus, path: Path) -> None:
+    saved = TrainConfig.from_dict(ckpt.train_config).to_dict()
+    # A longer budget cannot alter what was already computed (unless --max-steps is cosine's horizon).
+    budget = {"max_minutes"} if config.schedule == "cosine" else {"max_minutes", "max_steps"}
+    diff = [k for k, v in config.to_dict().items() if k not in budget and saved[k] != v]
     if diff:
         shown = ", ".join(f"{k}={saved[k]!r} (now {config.to_dict()[k]!r})" for k in diff)
         raise ConfigError(f"--resume: {path} was trained with different settings: {shown}")
-    if ckpt["corpus"]["sha256"] != corpus.sha256:
+    if ckpt.corpus["sha256"] != corpus.sha256:
         raise CorpusError(f"--resume: the corpus {corpus.name!r} changed since {path} was written")
 
 
 Log = Callable[[str], None]
 
 
-def train(config: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
-          log: Log = print, clock: Callable[[], float] = time.perf_counter) -> Progress:
+def train(config: TrainConfig, out: Path, resume: bool = False, progress: bool = True, log: Log = print,
+          clock: Callable[[], float] = time.perf_counter, runtime: Runtime = CPU) -> Progress:
     """Train per `config` into run dir `out` (last.pt, best.pt, metrics.*, loss.png); returns the progress.
 
     Every problem with the corpus, the config or `out` is raised before anything is written. `clock`
     times steps, evaluations and the --max-minutes budget (a benchmark may pass time.thread_time).
+    Under torchrun every process calls this with its `runtime`; only the main one logs and writes.
     """
-    corpus = load_corpus(config.corpus)
-    check_trainable(corpus.text, corpus.name, config.seq_len)
-    vocab = build_vocab(corpus.text)
-    train_tokens, val_tokens = split(encode(corpus.text, vocab), config.val_fraction)
-    if val_tokens.numel() <= config.seq_len:
+    rt = runtime
+    log = log if rt.is_main else (lambda _: None)
+    corpus = open_corpus(config.corpus)
+    check_sizes(len(corpus.tokens), corpus.vocab, corpus.name, config.seq_len)
+    train_tokens, val_tokens = split(corpus.tokens, config.val_fraction)
+    if len(val_tokens) <= config.seq_len:
         raise CorpusError(
-            f"the validation split (--val-fraction {config.val_fraction} of {len(corpus.text)} characters) "
-            f"has {val_tokens.numel()} characters; it needs more than --seq {config.seq_len}"
+            f"the validation split (--val-fraction {config.val_fraction} of {len(corpus.tokens)} characters) "
+            f"has {len(val_tokens)} characters; it needs more than --seq {config.seq_len}"
         )
-    streams = Streams(train_tokens, config.batch_size, config.seq_len, config.seed)
+    streams = Streams(train_tokens, config.batch_size, config.seq_len, config.seed, shard=rt.rank,
+                      shards=rt.world)
     last = out / LAST
     if resume and not last.is_file():
         raise CheckpointError(f"--resume: there is no checkpoint {str(last)!r} to resume")
@@ -148,37 +138,53 @@ def train(config: TrainConfig, out: Path, resume: bool = False, progress: bool =
         raise ConfigError(f"--out {str(out)!r} already holds a run; pass --resume or choose another --out")
 
     torch.manual_seed(config.seed)  # the model's initial weights, then dropout, come from this seed
-    model = CharModel(config.model_config(len(vocab)))
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    model = CharModel(config.model_config(len(corpus.vocab))).to(rt.device)
+    if rt.rank:
+        torch.manual_seed(mix_seed(config.seed, rt.rank))  # each process its own dropout masks
+    opt = optimizer(model, config)
     p, state = Progress(), None
     if resume:
         ckpt = load_checkpoint(last)
         _check_resumable(ckpt, config, corpus, last)
-        model.load_state_dict(ckpt["model_state"])
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        sched = ckpt["scheduler"]
-        p = Progress(ckpt["step"], ckpt["best_val"], sched["evals_since_best"], sched["lr_scale"],
-                     ckpt["train_seconds"], list(ckpt["metrics"]))
-        state = tuple(ckpt["hidden"]) or None
+        model.load_state_dict(ckpt.model_state)
+        opt.load_state_dict(ckpt.optimizer)
+        if rt.is_main:
+            torch.set_rng_state(ckpt.rng["torch"])
+            if rt.device.type == "cuda" and "cuda" in ckpt.rng:
+                torch.cuda.set_rng_state(ckpt.rng["cuda"], rt.device)
+        else:
+            torch.manual_seed(mix_seed(config.seed, rt.rank, ckpt.step))
+        sched = ckpt.scheduler
+        p = Progress(ckpt.step, ckpt.best_val, sched["evals_since_best"], sched["lr_scale"],
+                     ckpt.train_seconds, list(ckpt.metrics))
+        rows = config.batch_size // rt.world
+        state = tuple(s[:, rt.rank * rows : (rt.rank + 1) * rows].to(rt.device) for s in ckpt.hidden) or None
         log(f"resuming {last} at step {p.step} ({p.train_seconds:.0f} s trained)")
-    out.mkdir(parents=True, exist_ok=True)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     chars_per_step = config.batch_size * config.seq_len
-    log(f"corpus {corpus.name!r}: {len(corpus.text):,} chars, vocab {len(vocab)}, train "
-        f"{train_tokens.numel():,} / val {val_tokens.numel():,}; model {config.cell} "
-        f"{sum(t.numel() for t in model.parameters()):,} params; {chars_per_step:,} chars/step")
-    return _loop(config, model, opt, streams, val_tokens, vocab, corpus, out, p, state, progress, log, clock)
+    log(f"corpus {corpus.name!r}: {len(corpus.tokens):,} chars, vocab {len(corpus.vocab)}, train "
+        f"{len(train_tokens):,} / val {len(val_tokens):,}; model {config.cell} "
+        f"{sum(t.numel() for t in model.parameters()):,} params; {chars_per_step:,} chars/step; "
+        f"{rt.world} process(es) on {rt.device.type}{', bf16 autocast' if rt.mixed_precision else ''}")
+    return _loop(config, model, opt, streams, val_tokens, corpus, out, p, state, progress, log, clock, rt)
 
 
 def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, streams: Streams,
-          val_tokens: torch.Tensor, vocab: list[str], corpus: Corpus, out: Path, p: Progress,
-          state: State | None, progress: bool, log: Log, clock: Callable[[], float]) -> Progress:
+          val_tokens: Tokens, corpus: TokenCorpus, out: Path, p: Progress, state: State | None,
+          progress: bool, log: Log, clock: Callable[[], float], rt: Runtime) -> Progress:
     from tqdm import tqdm
 
-    chars_per_step = config.batch_size * config.seq_len
+    net: torch.nn.Module = model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
+    vocab = corpus.vocab
+    chars_per_step = config.batch_size * config.seq_len  # the global batch, all processes together
     budget = config.max_minutes * 60.0
-    bar = tqdm(total=config.max_steps or None, initial=p.step, disable=not progress, unit="step",
-               dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(total=config.max_steps or None, initial=p.step, disable=not (progress and rt.is_main),
+               unit="step", dynamic_ncols=True, mininterval=0.5)
     model.train()
     loss_sum, loss_n, seg_start, seg_steps = 0.0, 0, clock(), 0
     eval_seconds, stop = 0.0, ""
@@ -186,12 +192,15 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
         epoch, k = streams.position(p.step)
         if k == 0:
             state = None  # a new epoch starts the streams at a new offset: no state to carry
-        x, y = streams.batch_at(p.step)
+        x, y = (t.to(rt.device, non_blocking=True) for t in streams.batch_at(p.step))
+        # Every process must use the same lr: the main process's clock decides cosine-time's.
+        now_s = rt.from_main(p.train_seconds + clock() - seg_start) if budget else 0.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(config, p.step, p.lr_scale, p.train_seconds + clock() - seg_start)
-        logits, state = model(x, state)
+            g["lr"] = lr_at(config, p.step, p.lr_scale, now_s)
+        with rt.autocast():
+            logits, state = net(x, state)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         state = tuple(s.detach() for s in state)  # truncated BPTT: keep the values, drop the graph
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -209,12 +218,13 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
         bar.update(1)
         if config.max_steps and p.step >= config.max_steps:
             stop = f"reached --max-steps {config.max_steps}"
-        elif budget and elapsed + eval_seconds >= budget:
+        elif budget and rt.from_main(float(elapsed + eval_seconds >= budget)):
             stop = f"reached --max-minutes {config.max_minutes:g}"
         if stop or p.step % config.eval_every == 0:
             chars_s = seg_steps * chars_per_step / (now - seg_start)
             t0 = clock()
-            val = evaluate(model, val_tokens, config.batch_size, config.seq_len)
+            val = rt.from_main(evaluate(model, val_tokens, config.batch_size, config.seq_len)
+                               if rt.is_main else 0.0)
             improved = val < p.best_val
             if improved:
                 p.best_val, p.evals_since_best = val, 0
@@ -224,32 +234,23 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
                     p.lr_scale *= 0.5
             if config.patience and p.evals_since_best >= config.patience and not stop:
                 stop = f"no val improvement in {config.patience} evaluations (--patience)"
-            train_loss = loss_sum / loss_n
+            train_loss = rt.mean(loss_sum / loss_n)
             p.metrics.append({
                 "step": p.step, "epoch": epoch, "chars_seen": p.step * chars_per_step,
                 "train_loss": train_loss, "val_loss": val,
                 "train_bpc": bits(train_loss), "val_bpc": bits(val),
                 "lr": opt.param_groups[0]["lr"], "chars_per_s": chars_s, "elapsed_s": elapsed,
             })
-            gen = torch.Generator().manual_seed(mix_seed(config.seed, p.step))
-            prime = vocab[int(val_tokens[0])]
-            greedy = generate(model, vocab, prime, config.sample_chars, None)
-            sampled = generate(model, vocab, prime, config.sample_chars, config.temperature, gen)
-            bar.clear()
-            log(f"step {p.step} epoch {epoch}: "
-                f"train {train_loss:.4f} nats/char ({bits(train_loss):.3f} bpc), "
-                f"val {val:.4f} nats/char ({bits(val):.3f} bpc){' *' if improved else ''}; "
-                f"lr {opt.param_groups[0]['lr']:.2e}; {chars_s:,.0f} chars/s")
-            log(f"  greedy: {prime + greedy!r}")
-            log(f"  T={config.temperature:g}: {prime + sampled!r}")
             p.train_seconds = elapsed
-            payload = _payload(model, opt, config, vocab, corpus, p, state, epoch)
-            save_checkpoint(out / LAST, payload)
-            if improved:
-                save_checkpoint(out / BEST, payload)
-            write_metrics(out, p.metrics)
-            plot_losses(out / "loss.png", p.metrics, "step", {"train_loss": "train", "val_loss": "val"},
-                        f"{corpus.name}: {config.cell} {config.num_layers}x{config.hidden_size}")
+            record = _record(model, opt, config, corpus, p, state, epoch, rt)
+            if rt.is_main:
+                _report(model, config, vocab, val_tokens, p, epoch, improved, chars_s, bar, log)
+                save_checkpoint(out / LAST, record)
+                if improved:
+                    save_checkpoint(out / BEST, record)
+                write_metrics(out, p.metrics)
+                plot_losses(out / "loss.png", p.metrics, "step", {"train_loss": "train", "val_loss": "val"},
+                            f"{corpus.name}: {config.cell} {config.num_layers}x{config.hidden_size}")
             eval_seconds = clock() - t0
             loss_sum, loss_n, seg_steps = 0.0, 0, 0
             seg_start = clock()
@@ -259,3 +260,20 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
     log(f"stopped: {stop}. best val {p.best_val:.4f} nats/char ({bits(p.best_val):.3f} bpc) after "
         f"{p.step} steps, {p.train_seconds / 60:.1f} min; checkpoints in {out}")
     return p
+
+
+def _report(model: CharModel, config: TrainConfig, vocab: list[str], val_tokens: Tokens, p: Progress,
+            epoch: int, improved: bool, chars_s: float, bar: Any, log: Log) -> None:
+    """The evaluation's log lines: losses, lr, speed, and a greedy and a sampled continuation."""
+    r = p.metrics[-1]
+    gen = torch.Generator().manual_seed(mix_seed(config.seed, p.step))
+    prime = vocab[int(val_tokens[0])]
+    greedy = generate(model, vocab, prime, config.sample_chars, None)
+    sampled = generate(model, vocab, prime, config.sample_chars, config.temperature, gen)
+    bar.clear()
+    log(f"step {p.step} epoch {epoch}: "
+        f"train {r['train_loss']:.4f} nats/char ({bits(r['train_loss']):.3f} bpc), "
+        f"val {r['val_loss']:.4f} nats/char ({bits(r['val_loss']):.3f} bpc){' *' if improved else ''}; "
+        f"lr {r['lr']:.2e}; {chars_s:,.0f} chars/s")
+    log(f"  greedy: {prime + greedy!r}")
+    log(f"  T={config.temperature:g}: {prime + sampled!r}")

@@ -82,4 +82,4 @@ def test_cli_rnn_preset_exports_and_reproduces(tmp_path: Path, capsys: pytest.Ca
     assert m.int8.argmax_agreement > 0.5 and load_artifact(version_dir, variant="int8").model_path.is_file()
 
     text = onnx_reconstruction(version_dir, load_corpus(t.corpus_name).text, preset.seq_len)
-    assert text == ckpt["reconstruction"]
+    assert text == ckpt.reconstruction

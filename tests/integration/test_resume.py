@@ -52,7 +52,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(corpus: Path, tmp_path
         victim.kill()
         victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = load_checkpoint(b / "last.pt")["step"]
+    killed_at = load_checkpoint(b / "last.pt").step
     assert 0 < killed_at < 120
 
     resumed = subprocess.run([*train_args(corpus, b), "--resume"], capture_output=True, text=True,
@@ -63,8 +63,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(corpus: Path, tmp_path
     assert whole.returncode == 0, whole.stderr
 
     ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
-    assert ca["step"] == cb["step"] == 120
-    diff = max(float((ca["model_state"][k] - cb["model_state"][k]).abs().max()) for k in ca["model_state"])
+    assert ca.step == cb.step == 120
+    diff = max(float((ca.model_state[k] - cb.model_state[k]).abs().max()) for k in ca.model_state)
     assert diff <= 1e-6
     # the metrics files hold each evaluation once, with the same losses
     def losses(run: Path) -> list[tuple]:

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 
 from nextchar.client.cli import main  # noqa: E402
 from nextchar.training.checkpoint import load_checkpoint  # noqa: E402
+from nextchar.training.config import RECIPES  # noqa: E402
 from nextchar.training.corpora import BUILTIN  # noqa: E402
 
 CLI = [sys.executable, "-m", "nextchar.client.cli"]
@@ -33,9 +34,9 @@ def test_preset_prints_the_seminar_progress_and_saves_a_checkpoint(tmp_path: Pat
     assert len(after_30) == len(text) - 1
     assert sum(a == b for a, b in zip(after_30, text[1:], strict=True)) >= 0.95 * (len(text) - 1)
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["vocab"] == sorted(set(text)) and ckpt["seed"] == 0
-    assert ckpt["model_config"]["hidden_size"] == len(ckpt["vocab"]) and ckpt["model_config"]["cell"] == "rnn"
-    assert ckpt["reconstruction"] == lines[-2]  # the last block is the trained model's reconstruction
+    assert ckpt.vocab == sorted(set(text)) and ckpt.seed == 0
+    assert ckpt.model_config.hidden_size == len(ckpt.vocab) and ckpt.model_config.cell == "rnn"
+    assert ckpt.reconstruction == lines[-2]  # the last block is the trained model's reconstruction
     assert {p.name for p in out.iterdir()} >= {"last.pt", "metrics.jsonl", "metrics.csv", "loss.png"}
 
 
@@ -51,7 +52,7 @@ def test_char_rnn_run_from_the_command_line(tmp_path: Path) -> None:
     assert len(evals) == 2 and "val " in evals[0] and "nats/char" in evals[0] and "bpc" in evals[0]
     assert "greedy: " in r.stdout and "T=0.8: " in r.stdout
     assert "chars_s=" in r.stderr  # the progress bar
-    assert load_checkpoint(out / "best.pt")["model_config"]["cell"] == "gru"
+    assert load_checkpoint(out / "best.pt").model_config.cell == "gru"
 
 
 BAD_FILES = {
@@ -151,4 +152,20 @@ def test_a_time_budget_alone_is_a_complete_command(tmp_path: Path, capsys: pytes
             "--max-minutes", "0.002", "--eval-every", "50", "--out", str(out), "--seed", "0", "--no-progress"]
     assert main(argv) == 0, capsys.readouterr().err
     assert "reached --max-minutes" in capsys.readouterr().out
-    assert load_checkpoint(out / "last.pt")["train_config"]["schedule"] == "cosine-time"
+    assert load_checkpoint(out / "last.pt").train_config["schedule"] == "cosine-time"
+
+
+def test_the_shakespeare_recipe_fills_in_what_flags_leave_out(tmp_path: Path) -> None:
+    corpus = tmp_path / "sonnet.txt"
+    verse = "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n"
+    corpus.write_text(verse * 30, encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "shakespeare", "--corpus", str(corpus), "--hidden", "16", "--batch", "4",
+            "--seq", "16", "--max-steps", "3", "--eval-every", "3", "--sample-chars", "0", "--threads", "1",
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    config = load_checkpoint(out / "last.pt").train_config
+    recipe = RECIPES["shakespeare"]
+    assert (config["hidden_size"], config["batch_size"], config["max_steps"]) == (16, 4, 3)  # the flags
+    for kept in ("cell", "num_layers", "embedding_dim", "dropout", "lr", "schedule", "max_minutes"):
+        assert config[kept] == recipe[kept]  # the recipe

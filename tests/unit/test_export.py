@@ -28,7 +28,7 @@ from nextchar.server.core.artifact import (  # noqa: E402
     scan_repository,
 )
 from nextchar.training import export as export_mod  # noqa: E402
-from nextchar.training.checkpoint import save_checkpoint  # noqa: E402
+from nextchar.training.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from nextchar.training.config import ModelConfig  # noqa: E402
 from nextchar.training.corpora import load_corpus  # noqa: E402
 from nextchar.training.export import ExportError, export_checkpoint, export_model  # noqa: E402
@@ -100,6 +100,22 @@ def test_onnxruntime_matches_torch_with_random_states(tmp_path: Path, variant: t
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape
             assert np.max(np.abs(g - w)) <= 1e-4
+
+
+def test_a_model_trained_with_dropout_exports_as_its_eval_mode(tmp_path: Path) -> None:
+    """Dropout is a training-time layer: the export (and its parity check) use the model in eval mode."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(VOCAB), hidden_size=12, embedding_dim=4, dropout=0.5,
+                         input_dropout=0.2)
+    model = CharModel(config).train()
+    sess = _session(export_model(model, VOCAB, tmp_path, "m") / MODEL_FILE)
+    assert model.training  # the caller's mode is restored
+    tokens = np.array([[1, 4, 2]])
+    zeros = np.zeros((2, 1, 12), np.float32)
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(tokens))[0].numpy()
+    got = sess.run(["logits"], {"tokens": tokens, "h0": zeros, "c0": zeros})[0]
+    assert np.max(np.abs(got - want)) <= 1e-4
 
 
 def test_state_carries_across_calls(tmp_path: Path) -> None:
@@ -284,8 +300,7 @@ def test_vocab_must_fit_the_model(tmp_path: Path) -> None:
 
 
 def _checkpoint(path: Path, model: CharModel, **extras) -> Path:
-    save_checkpoint(path, {"model_config": model.config.to_dict(), "vocab": VOCAB,
-                           "model_state": model.state_dict(), **extras})
+    save_checkpoint(path, Checkpoint(model.config, VOCAB, model.state_dict(), **extras))
     return path
 
 
@@ -293,9 +308,9 @@ def test_export_checkpoint_records_training_info(tmp_path: Path) -> None:
     model = _model("lstm", embedding_dim=4)
     training = {
         "corpus": {"name": "notes.txt", "sha256": "ab" * 32, "bytes": 1234, "chars": 1200},
-        "metrics": {"train_loss": 1.25, "val_loss": 1.5}, "step": 300, "train_seconds": 12.5,
+        "metrics": [{"train_loss": 1.25, "val_loss": 1.5}], "step": 300, "train_seconds": 12.5,
         "train_config": {"lr": 0.002, "batch_size": 32}, "seed": 42,
-        "optimizer_state": {"ignored": torch.zeros(1)},
+        "optimizer": {"ignored": torch.zeros(1)},
     }
     ckpt = _checkpoint(tmp_path / "ck.pt", model, **training)
     d = export_checkpoint(ckpt, tmp_path / "repo", "c", int8=True)

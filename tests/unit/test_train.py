@@ -67,18 +67,18 @@ def test_a_run_writes_checkpoints_metrics_and_a_plot(corpus: Path, tmp_path: Pat
     assert any(line.startswith("  T=0.8: ") for line in lines)
 
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
-    assert last["step"] == 60 and p.step == 60
-    assert best["best_val"] == min(r["val_loss"] for r in records)
-    assert last["vocab"] == sorted(set(corpus.read_text()))
-    assert last["corpus"]["name"] == "words.txt" and last["corpus"]["chars"] == len(corpus.read_text())
-    assert len(last["corpus"]["sha256"]) == 64 and last["corpus"]["bytes"] == corpus.stat().st_size
-    extras = ("optimizer", "scheduler", "rng", "hidden", "metrics", "train_seconds", "seed", "train_config")
-    assert all(key in last for key in extras)
-    assert TrainConfig.from_dict(last["train_config"]) == tiny(corpus)
+    assert last.step == 60 and p.step == 60
+    assert best.best_val == min(r["val_loss"] for r in records)
+    assert last.vocab == sorted(set(corpus.read_text()))
+    assert last.corpus["name"] == "words.txt" and last.corpus["chars"] == len(corpus.read_text())
+    assert len(last.corpus["sha256"]) == 64 and last.corpus["bytes"] == corpus.stat().st_size
+    assert last.optimizer["state"] and last.scheduler["kind"] == "cosine" and "torch" in last.rng
+    assert [h.shape for h in last.hidden] == [(2, 8, 24)] * 2 and last.train_seconds > 0 and last.seed == 0
+    assert TrainConfig.from_dict(last.train_config) == tiny(corpus)
 
 
 def weights(path: Path) -> dict:
-    return load_checkpoint(path)["model_state"]
+    return load_checkpoint(path).model_state
 
 
 def test_resume_after_an_interruption_ends_with_the_same_weights(corpus: Path, tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(corpus: Path, t
             raise Killed  # after step 60's evaluation, before its checkpoint: last.pt is step 40's
     with pytest.raises(Killed):
         train(config, tmp_path / "b", progress=False, log=die_at_step_60)
-    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 40
+    assert load_checkpoint(tmp_path / "b" / "last.pt").step == 40
     train(config, tmp_path / "b", resume=True, progress=False, log=quiet)
     a, b = weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
     assert a.keys() == b.keys()
@@ -177,5 +177,5 @@ def test_tinyshakespeare_trains_briefly(tmp_path: Path) -> None:
                          sample_chars=8)
     p = train(config, tmp_path / "run", progress=False, log=quiet)
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert len(ckpt["vocab"]) == 65 and ckpt["corpus"]["chars"] == 1_115_394
+    assert len(ckpt.vocab) == 65 and ckpt.corpus["chars"] == 1_115_394
     assert p.metrics[-1]["val_loss"] < math.log(65)  # better than uniform after 30 steps
