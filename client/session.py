@@ -37,11 +37,14 @@ def options_message(n: int, temperature: float | None, oov_policy: pb.OovPolicy,
     return o
 
 
-def complete_message(max_new_chars: int, *, temperature: float = 0.0, top_k: int = 0,
+def complete_message(max_new_chars: int, *, temperature: float | None = None, top_k: int = 0,
                      top_p: float | None = None, seed: int | None = None,
                      stop: tuple[str, ...] | list[str] = ()) -> pb.SessionComplete:
-    """temperature 0 = greedy; seed None = the server draws one (returned in the summary)."""
-    c = pb.SessionComplete(max_new_chars=max_new_chars, temperature=temperature, top_k=top_k, stop=list(stop))
+    """temperature 0 = greedy, None = the server's default (1), as in generate_request; seed None = the
+    server draws one (returned in the summary)."""
+    c = pb.SessionComplete(max_new_chars=max_new_chars, top_k=top_k, stop=list(stop))
+    if temperature is not None:
+        c.temperature = temperature
     if top_p is not None:
         c.top_p = top_p
     if seed is not None:
@@ -96,7 +99,8 @@ class TypingSession(_Protocol):
         first = self._send(open=open_)
         try:
             self._next(first)
-            self.opened = self._update(self._next(first)) if self._n else None
+            # The server answers an open with text or with n > 0 by a predictions message too.
+            self.opened = self._update(self._next(first)) if open_.text or self._n else None
         except BaseException:
             self._outbox.put(None)  # grpc's request thread waits on the queue: let it end
             raise
@@ -179,7 +183,7 @@ class AsyncTypingSession(_Protocol):
     async def _open(self, open_: pb.SessionOpen) -> AsyncTypingSession:
         first = await self._send(open=open_)
         await self._next(first)
-        if open_.options.n:
+        if open_.text or open_.options.n:  # then the server answers with predictions too
             self.opened = self._update(await self._next(first))
         return self
 

@@ -55,8 +55,10 @@ def predict_n(p: pb.SessionPredict, opts: SessionOptions, model: LoadedModel) ->
 def completion(c: pb.SessionComplete, model: LoadedModel, limits: wire.Limits,
                draw_seed: Callable[[], int] = lambda: secrets.randbits(64)) -> Completion:
     """SessionComplete -> Completion, checked exactly as GenerateRequest (same fields, same limits)."""
-    as_generate = pb.GenerateRequest(max_new_chars=c.max_new_chars, temperature=c.temperature, top_k=c.top_k,
+    as_generate = pb.GenerateRequest(max_new_chars=c.max_new_chars, top_k=c.top_k,
                                      stop=list(c.stop), prompt="-")  # the prompt is the session's text
+    if c.HasField("temperature"):  # absent: GenerateRequest's default, as there
+        as_generate.temperature = c.temperature
     if c.HasField("top_p"):
         as_generate.top_p = c.top_p
     if c.HasField("seed"):

@@ -88,6 +88,14 @@ def test_a_completion_streams_and_leaves_the_session_unless_accepted(client: Nex
         _same(accepted.predictions, client.predict_next("lstm", "O say" + reference.text, 5))
 
 
+def test_completion_defaults_are_generates(client: NextCharClient) -> None:
+    """No temperature means Generate's default (1), no seed means one drawn and reported, as in Generate."""
+    with client.session("gru", n=0, text="O say") as session:
+        text = "".join(session.complete(60, seed=11))
+        assert text == client.generate("gru", "O say", 60, seed=11).text
+        assert text != client.generate("gru", "O say", 60, seed=11, temperature=0.0).text
+
+
 def test_a_bad_request_is_answered_and_the_session_goes_on(client: NextCharClient) -> None:
     with client.session("lstm", n=3, text="O sa") as session:
         with pytest.raises(InvalidArgument) as bad:
