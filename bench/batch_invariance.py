@@ -18,7 +18,8 @@ from nextchar.server.core.artifact import load_artifact
 from nextchar.server.core.engine import Engine
 from nextchar.server.core.generation import GenerationRequest, TextChunk, generate
 from nextchar.server.core.sampling import SamplingParams
-from nextchar.server.scheduling.batching import BatchCore, BatchingConfig
+from nextchar.server.scheduling.batching import BatchCore
+from nextchar.server.scheduling.policy import BatchingConfig
 
 PROMPTS = ("O say", "What so proudly", "Whose broad", "And the rocket", "Gave proof", "O’er the", "O")
 

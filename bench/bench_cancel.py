@@ -27,7 +27,7 @@ def measure(repo: Path, cell: str, streams: int, repeats: int) -> list[float]:
     from nextchar.server.core.generation import GenerationRequest
     from nextchar.server.core.sampling import SamplingParams
     from nextchar.server.scheduling.batcher import Batcher
-    from nextchar.server.scheduling.batching import BatchingConfig
+    from nextchar.server.scheduling.policy import BatchingConfig
 
     engine = load_engine(repo, model_name(cell), threads=0)
     batcher = Batcher(engine, BatchingConfig(max_active_streams=streams + 1), name=cell)

@@ -22,9 +22,9 @@ from nextchar.server.ops.metrics import Metrics
 from nextchar.server.ops.operations import Operations
 from nextchar.server.ops.registry import Registry, engine_loader
 from nextchar.server.ops.sessions import SessionTable
-from nextchar.server.scheduling.batching import BatchingConfig
 from nextchar.server.scheduling.budget import MemoryBudget
 from nextchar.server.scheduling.clients import ClientSlots
+from nextchar.server.scheduling.policy import BatchingConfig
 from nextchar.server.scheduling.runner import Runner
 from nextchar.server.scheduling.session_steps import StepCoalescer
 from nextchar.v1 import inference_pb2, inference_pb2_grpc

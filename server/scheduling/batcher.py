@@ -16,13 +16,8 @@ from nextchar.server.core.generation import (
     GenerationRequest,
     TextChunk,
 )
-from nextchar.server.scheduling.batching import (
-    BatchCore,
-    BatcherClosedError,
-    BatchingConfig,
-    OnEnd,
-    OnText,
-)
+from nextchar.server.scheduling.batching import BatchCore, BatcherClosedError, OnEnd, OnText
+from nextchar.server.scheduling.policy import BatchingConfig
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 from nextchar.server.core.contract import ModelEngine
 from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest
 from nextchar.server.scheduling.batcher import Batcher
-from nextchar.server.scheduling.batching import BatchCore, BatchingConfig
+from nextchar.server.scheduling.batching import BatchCore
 from nextchar.server.scheduling.channel import Channel
+from nextchar.server.scheduling.policy import BatchingConfig
 
 T = TypeVar("T")
 Clock = Callable[[], float]

@@ -14,12 +14,10 @@ from philox_ref import per_step_generate
 from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest, TextChunk
 from nextchar.server.core.sampling import SamplingParams
 from nextchar.server.scheduling.batcher import Batcher
-from nextchar.server.scheduling.batching import (
-    BatchCore,
-    BatcherClosedError,
+from nextchar.server.scheduling.batching import BatchCore, BatcherClosedError, CapacityError
+from nextchar.server.scheduling.policy import (
     BatchingConfig,
     BatchingConfigError,
-    CapacityError,
     admit_count,
     chars_per_call,
     prefill_groups,
