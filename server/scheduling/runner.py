@@ -8,7 +8,6 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,7 +43,8 @@ class DeadlineError(TimeoutError):
 
 @dataclass
 class GenerationTrack:
-    """One generation as seen from the server, for tests and metrics (written by its worker thread)."""
+    """One generation as the server sees it, handed to the runner's observers when it starts and
+    updated in place by its worker thread (steps, stop request, finish)."""
 
     id: int
     max_new_chars: int
@@ -120,7 +120,7 @@ class Runner:
     def __init__(self, max_concurrent: int, flush_s: float, flush_chars: int, *,
                  batching: BatchingConfig | None = None, batch_variant_engines: bool = True,
                  chars_per_call: BatchingConfig | None = None,
-                 clock: Clock = time.perf_counter, track_history: int = 256) -> None:
+                 clock: Clock = time.perf_counter) -> None:
         self.max_concurrent = max_concurrent
         self.flush_s, self.flush_chars = flush_s, flush_chars
         self._clock = clock
@@ -129,7 +129,9 @@ class Runner:
         self.in_flight = 0
         self.draining = False
         self.cancelled_streams = 0  # generations stopped because the caller went away
-        self.tracks: deque[GenerationTrack] = deque(maxlen=track_history)
+        # Called with each generation's GenerationTrack as it starts (an injected observer: tests,
+        # or an operator's probe); keep them cheap, they run on the event loop.
+        self.observers: list[Callable[[GenerationTrack], None]] = []
         self._idle: asyncio.Event | None = None
         self._batching = batching  # None: every generation loops on its own worker thread
         # Unbatched generations still advance K chars per engine call (K settings from chars_per_call).
@@ -172,7 +174,8 @@ class Runner:
             loop = asyncio.get_running_loop()
             arrived = self._clock()
             track = GenerationTrack(next(self._ids), request.max_new_chars, started_at=arrived)
-            self.tracks.append(track)
+            for observe in self.observers:
+                observe(track)
             deadline = None if deadline_s is None else arrived + deadline_s
             job = _Job(track, Channel(loop), deadline, self._clock)
             if self.batches(engine):

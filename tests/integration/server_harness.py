@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ class ServerThread:
         from nextchar.server.edge.app import build_server
 
         self.server, self.port = build_server(self.config)
+        self.tracks: deque = deque(maxlen=256)  # the generations' tracks, through the runner's observers
+        self.server.runner.observers.append(self.tracks.append)
         await self.server.start()
 
     @property

@@ -3,7 +3,8 @@
 Fills the gaps left by tests/unit/test_batching.py (the core's limits on a fake engine) and
 test_server_errors.py (the runner's max_concurrent): here the batcher's limits are reached through
 gRPC on a real server, and what happens to a queued request is observed through server-side counters
-(the batcher's queue length and prefill count, the runner's cancelled-stream count and tracks).
+(the batcher's queue length and prefill count, the runner's cancelled-stream count, and the
+generations' tracks through its observers).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def test_time_spent_queued_counts_against_the_deadline(small) -> None:
         t0 = time.perf_counter()
         with pytest.raises(DeadlineError, match=r"after 0 of max_new_chars=5"):
             small.run(queued_call())
-        track = runner.tracks[-1]
+        track = small.tracks[-1]
         assert track.reason is FinishReason.DEADLINE and track.max_new_chars == 5
         assert track.finished_at - track.started_at >= 0.3 - 1e-3 and time.perf_counter() - t0 >= 0.3
         assert core.stats.prefill_calls == prefills and len(core.active) == 2
@@ -122,7 +123,7 @@ def test_a_cancelled_queued_request_never_runs(small) -> None:
         cancelled = runner.cancelled_streams
         queued = c.generate_stream("rnn", PROMPT, 50)
         server_side(lambda: core.pending == 1)
-        track = runner.tracks[-1]
+        track = small.tracks[-1]
         queued.cancel()
         server_side(lambda: runner.cancelled_streams == cancelled + 1 and core.pending == 0)
         for s in running:

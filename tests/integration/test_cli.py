@@ -32,8 +32,7 @@ def test_generate_streams_greedy_text_to_stdout(server) -> None:
 
 
 def test_generate_prints_while_the_server_is_still_generating(server) -> None:
-    runner = server.runner
-    before = runner.tracks[-1].id if runner.tracks else 0
+    before = server.tracks[-1].id if server.tracks else 0
     proc = subprocess.Popen(
         nextchar_cmd("generate", "--server", server.address, "--model", "rnn", "--prompt", "O say",
                      "--max-chars", "5000", "--temperature", "1.0", "--seed", "1", "--quiet"),
@@ -41,7 +40,7 @@ def test_generate_prints_while_the_server_is_still_generating(server) -> None:
     )
     try:
         first = proc.stdout.read(1)
-        track = runner.tracks[-1]
+        track = server.tracks[-1]
         assert track.id > before and track.finished_at is None  # output arrived before generation ended
         rest = proc.stdout.read()  # not communicate(): it would skip what the text wrapper buffered
         err = proc.stderr.read()

@@ -163,7 +163,7 @@ def test_bad_request_gives_a_clear_error(report) -> None:
 def test_cancelled_stream_stops_generating(report, served) -> None:
     cancelled = report["cancelled"]
     assert cancelled["error"] is None and len(cancelled["chunks"]) == 2 and not any(cancelled["finals"])
-    track = next(t for t in reversed(served.runner.tracks) if t.max_new_chars == CANCEL_MAX)
+    track = next(t for t in reversed(served.tracks) if t.max_new_chars == CANCEL_MAX)
     wait_until(lambda: track.finished_at is not None, 10, "the cancelled generation to stop")
     assert track.reason is FinishReason.CANCELLED and track.steps < CANCEL_MAX
 

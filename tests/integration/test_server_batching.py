@@ -55,7 +55,6 @@ def test_concurrent_streams_are_batched_and_keep_their_seeded_text(batched, mode
 
 
 def test_cancel_stops_a_batched_stream_within_100ms(batched) -> None:
-    runner = batched.runner
 
     def cancel_one() -> float:
         with NextCharClient(batched.address, timeout=60) as c:
@@ -63,7 +62,7 @@ def test_cancel_stops_a_batched_stream_within_100ms(batched) -> None:
             pieces = iter(stream)
             next(pieces)
             next(pieces)
-            track = runner.tracks[-1]
+            track = batched.tracks[-1]
             cancelled_at = time.perf_counter()
             stream.cancel()
             wait_until(lambda: track.finished_at is not None, 10, "the batched generation to stop",

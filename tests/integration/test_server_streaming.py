@@ -24,11 +24,11 @@ def long_server(make_server, request):
     return make_server(max_new_chars=LONG, grace_seconds=30.0, batching=request.param)
 
 
-def _new_track(runner, before: int):
+def _new_track(server, before: int):
     """The track of the generation started after `before` tracks existed."""
-    wait_until(lambda: runner.tracks and runner.tracks[-1].id > before, 10, "the generation to start",
+    wait_until(lambda: server.tracks and server.tracks[-1].id > before, 10, "the generation to start",
                interval=0.001)
-    return runner.tracks[-1]
+    return server.tracks[-1]
 
 
 def _wait_finished(track) -> None:
@@ -37,15 +37,14 @@ def _wait_finished(track) -> None:
 
 def test_stream_is_live_and_coalesced(long_server) -> None:
     """The first text arrives while generation is still running; messages carry several chars each."""
-    runner = long_server.runner
-    before = runner.tracks[-1].id if runner.tracks else 0
+    before = long_server.tracks[-1].id if long_server.tracks else 0
     with grpc.insecure_channel(long_server.address) as channel:
         stub = inference_pb2_grpc.NextCharStub(channel)
         request = pb.GenerateRequest(model=pb.ModelRef(name="lstm"), prompt="O say", max_new_chars=3000,
                                      temperature=1.0, seed=5)
         messages = stub.GenerateStream(request, timeout=60)
         first = next(messages)
-        track = _new_track(runner, before)
+        track = _new_track(long_server, before)
         assert first.text and track.steps < 3000  # live: generation was still going
         rest = list(messages)
     texts = [first.text] + [m.text for m in rest[:-1]]
@@ -58,12 +57,12 @@ def _cancel_one(server) -> float:
     """Start a long stream, cancel it after 5 messages; seconds from the cancel to the server's stop."""
     runner = server.runner
     cancelled_before = runner.cancelled_streams
-    before = runner.tracks[-1].id if runner.tracks else 0
+    before = server.tracks[-1].id if server.tracks else 0
     with NextCharClient(server.address, timeout=60) as c:
         stream = c.generate_stream("lstm", "O say", LONG, temperature=1.0)
         pieces = iter(stream)
         received = "".join(next(pieces) for _ in range(5))
-        track = _new_track(runner, before)
+        track = _new_track(server, before)
         steps_at_cancel = track.steps
         cancelled_at = time.perf_counter()  # the runner's clock is time.perf_counter too
         stream.cancel()
@@ -100,14 +99,13 @@ def test_a_cancel_stops_within_100ms_while_64_streams_run(make_server) -> None:
 
 @pytest.mark.parametrize("rpc", ["generate", "generate_stream"])
 def test_deadline_exceeded_stops_the_work(long_server, rpc: str) -> None:
-    runner = long_server.runner
-    before = runner.tracks[-1].id if runner.tracks else 0
+    before = long_server.tracks[-1].id if long_server.tracks else 0
     with NextCharClient(long_server.address) as c, pytest.raises(DeadlineExceeded):
         if rpc == "generate":
             c.generate("gru", "O say", LONG, temperature=1.0, timeout=0.3)
         else:
             list(c.generate_stream("gru", "O say", LONG, temperature=1.0, timeout=0.3))
-    track = _new_track(runner, before)
+    track = _new_track(long_server, before)
     _wait_finished(track)
     assert track.reason in (FinishReason.DEADLINE, FinishReason.CANCELLED)
     assert track.steps < LONG
@@ -152,7 +150,7 @@ def test_calls_still_running_when_the_grace_period_ends_are_cancelled(make_serve
         stream = c.generate_stream("rnn", "O say", LONG, temperature=1.0)
         pieces = iter(stream)
         next(pieces)
-        track = s.runner.tracks[-1]
+        track = s.tracks[-1]
         assert s.run(s.server.shutdown(0.2)) is False
         with pytest.raises((Unavailable, Cancelled)):
             for _ in pieces:

@@ -115,6 +115,8 @@ def test_admission_limit_draining_and_tracks() -> None:
 
     async def main() -> None:
         runner = Runner(1, flush_s=0.001, flush_chars=8)
+        tracks: list = []
+        runner.observers.append(tracks.append)
         try:
             stream = runner.generate(engine, _request(10_000))
             first = await stream.__anext__()
@@ -128,7 +130,7 @@ def test_admission_limit_draining_and_tracks() -> None:
             assert await runner.drain(1.0) is True
             with pytest.raises(ShuttingDownError):
                 await runner.call(len, "x")
-            track = runner.tracks[-1]
+            track = tracks[-1]
             for _ in range(1000):
                 if track.finished_at is not None:
                     break
@@ -143,11 +145,13 @@ def test_admission_limit_draining_and_tracks() -> None:
 def test_a_passed_deadline_is_deadline_error() -> None:
     async def main() -> None:
         runner = Runner(1, flush_s=0.001, flush_chars=8)
+        tracks: list = []
+        runner.observers.append(tracks.append)
         try:
             with pytest.raises(DeadlineError, match=r"deadline of 0\.000s passed"):
                 async for _ in runner.generate(FakeEngine(), _request(100_000), deadline_s=0.0):
                     pass
-            assert runner.tracks[-1].reason is FinishReason.DEADLINE
+            assert tracks[-1].reason is FinishReason.DEADLINE
         finally:
             runner.close()
 
@@ -157,6 +161,8 @@ def test_a_passed_deadline_is_deadline_error() -> None:
 def test_request_errors_surface_to_the_caller() -> None:
     async def main() -> None:
         runner = Runner(1, flush_s=0.001, flush_chars=8)
+        tracks: list = []
+        runner.observers.append(tracks.append)
         try:
             request = GenerationRequest("abc#", 5)
             with pytest.raises(ValueError, match="prompt: 1 character"):
