@@ -82,15 +82,20 @@ class TypingSession:
 
     def encode(self, text: str, field: str, oov_policy: OovPolicy = OovPolicy.ERROR,
                oov_replacement: str | None = None) -> np.ndarray:
-        """`text` as token ids: int64[T] (OutOfVocabularyError per the policy)."""
+        """`text` as token ids: int64[T] (OutOfVocabularyError per the policy). The length bound is
+        checked first, so a huge message is refused before any work (or error detail) grows with it."""
+        self._check_room(len(text), field)
         return encode(text, self._index, oov_policy, oov_replacement, field=field)
+
+    def _check_room(self, added: int, field: str) -> None:
+        if self.length + added > self.limits.max_chars:
+            raise SessionTextLimitError(
+                field, f"the session would hold {self.length + added} characters; at most "
+                       f"{self.limits.max_chars} (delete or reset first)")
 
     def append(self, tokens: np.ndarray, field: str = "append") -> Step:
         """Step the new tokens only: int64[T] from the current state."""
-        if self.length + tokens.size > self.limits.max_chars:
-            raise SessionTextLimitError(
-                field, f"the session would hold {self.length + tokens.size} characters; at most "
-                       f"{self.limits.max_chars} (delete or reset first)")
+        self._check_room(int(tokens.size), field)
         return Step(tokens.astype(np.int64), self.state, self.length + int(tokens.size), self.logits)
 
     def delete(self, n: int) -> Step:

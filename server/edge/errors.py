@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -57,7 +58,8 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-def _bounded(text: str, limit: int) -> str:
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
     return text if len(text) <= limit else text[: limit - 20] + f"... ({len(text)} chars)"
 
 
@@ -75,11 +77,11 @@ def _violations(exc: BaseException) -> list[error_details_pb2.BadRequest.FieldVi
                                                                  "the vocabulary"))
         return listed
     if isinstance(exc, ModelNameError):
-        return [violation(field="model.name", description=_bounded(str(exc), MAX_MESSAGE_CHARS))]
+        return [violation(field="model.name", description=bounded(str(exc), MAX_MESSAGE_CHARS))]
     field = getattr(exc, "field", None)
     if field and status_code_for(exc) is grpc.StatusCode.INVALID_ARGUMENT:
         message = str(exc).removeprefix(f"{field}: ")
-        return [violation(field=_bounded(field, 64), description=_bounded(message, MAX_MESSAGE_CHARS))]
+        return [violation(field=bounded(field, 64), description=bounded(message, MAX_MESSAGE_CHARS))]
     return []
 
 
@@ -96,7 +98,7 @@ def to_status(exc: BaseException) -> grpc.Status:
     message = str(exc)
     if isinstance(exc, ModelNameError):
         message = f"model.name: {exc}"
-    status = status_pb2.Status(code=code.value[0], message=_bounded(message, MAX_MESSAGE_CHARS))
+    status = status_pb2.Status(code=code.value[0], message=bounded(message, MAX_MESSAGE_CHARS))
     violations = _violations(exc)
     if violations:
         detail = any_pb2.Any()
@@ -119,8 +121,11 @@ def mapped(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         async def stream(self, request, context):
             try:
-                async for item in method(self, request, context):
-                    yield item
+                # aclosing: when the reply stops being read, the inner generator (and whatever it holds:
+                # admission slots, the model version, the generation) is closed now, not at GC.
+                async with contextlib.aclosing(method(self, request, context)) as items:
+                    async for item in items:
+                        yield item
             except grpc.aio.AbortError:
                 raise
             except Exception as e:

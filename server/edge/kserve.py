@@ -24,7 +24,7 @@ from nextchar.inference import grpc_service_pb2_grpc
 from nextchar.server.core.artifact import ModelNameError, validate_model_name
 from nextchar.server.core.sampling import InvalidParameterError
 from nextchar.server.edge import kserve_wire as kw
-from nextchar.server.edge.errors import mapped, status_code_for
+from nextchar.server.edge.errors import bounded, mapped, status_code_for
 from nextchar.server.edge.servicer import NextCharServicer
 from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError
 from nextchar.server.scheduling.runner import Outcome
@@ -33,6 +33,11 @@ from nextchar.v1 import inference_pb2 as pb
 log = logging.getLogger(__name__)
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+
+# ModelStreamInfer: requests of one stream answered at once; past this, reading waits for an answer to
+# end, so a client that sends without reading holds bounded memory. Echoed names and ids are cut.
+MAX_STREAM_REQUESTS = 64
+MAX_ECHO_CHARS = 256
 
 
 def _protocol_fields(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -115,7 +120,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """Requests are answered concurrently, each in order; a failed request gets one response with
         error_message and the stream goes on. Cancelling the call stops every generation on it."""
         queue: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: list[asyncio.Task] = []
+        tasks: set[asyncio.Task] = set()  # running ones only: a finished answer leaves at once
+        slots = asyncio.Semaphore(MAX_STREAM_REQUESTS)  # reading waits while this many are unanswered
+        started = 1  # the reader, then one per request; each puts one None when it ends
 
         async def answer(request: kpb.ModelInferRequest) -> None:
             try:
@@ -123,29 +130,39 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     queue.put_nowait(kpb.ModelStreamInferResponse(infer_response=response))
             except Exception as e:  # the request's id and model go with its error, to tell requests apart
                 queue.put_nowait(kpb.ModelStreamInferResponse(
-                    error_message=_message(_renamed(e)),
-                    infer_response=kpb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+                    error_message=bounded(_message(_renamed(e))),
+                    infer_response=kpb.ModelInferResponse(model_name=request.model_name[:MAX_ECHO_CHARS],
+                                                          id=request.id[:MAX_ECHO_CHARS])))
             finally:
+                slots.release()
                 queue.put_nowait(None)
+
+        def spawn(coroutine: Any) -> None:
+            task = asyncio.create_task(coroutine)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
         async def read() -> None:
+            nonlocal started
             try:
                 async for request in request_iterator:
-                    tasks.append(asyncio.create_task(answer(request)))
+                    await slots.acquire()
+                    started += 1
+                    spawn(answer(request))
             finally:
                 queue.put_nowait(None)
 
-        tasks.append(asyncio.create_task(read()))
+        spawn(read())
         try:
             finished = 0
-            while finished < len(tasks):
+            while finished < started:
                 item = await queue.get()
                 if item is None:
                     finished += 1
                 else:
                     yield item
         finally:
-            for task in tasks:
+            for task in list(tasks):
                 task.cancel()
 
     async def _infer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext,
@@ -155,7 +172,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         final = True if streaming else None
         if step:
             tokens, state, wanted = kw.step_args(request, model, self.limits)
-            with self.v1.admit(model, tokens.size, context):  # the same per-client and memory caps
+            # The same per-client and memory caps. A step holds its whole logits [B, T, V] (the client
+            # asked for them) about three times over (engine, reply tensor, serialised), and its states.
+            state_bytes = sum(s.nbytes for s in state) if state else 0
+            nbytes = 3 * 4 * tokens.size * len(model.artifact.vocab) + 4 * max(state_bytes, 1)
+            with self.v1.admit_bytes(model, nbytes, context):
                 logits, new_state = await self.runner.call(model.engine.step, tokens, state)
             response = kw.step_response(request, model, logits, new_state, wanted)
             if streaming:
@@ -164,7 +185,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return
         gen, stream = kw.generation_request(request, model, self.limits)
         live = streaming and stream
-        with self.v1.admit(model, len(gen.prompt), context):
+        with self.v1.admit(model, len(gen.prompt) + gen.max_new_chars, context):
             run = self.runner.generate(model.engine, gen, context.time_remaining(), live=live)
             if live:
                 async for item in run:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
@@ -75,8 +76,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if isinstance(request, Malformed):
                     await refuse(request, context)
-                async for reply in behavior(request, context):
-                    yield reply
+                async with contextlib.aclosing(behavior(request, context)) as replies:
+                    async for reply in replies:
+                        yield reply
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=deserialize, response_serializer=handler.response_serializer)

@@ -30,14 +30,20 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
         self.clients = clients or ClientSlots(0)
         self.sessions: SessionService | None = None  # set by build_server (server.edge.session)
 
+    def admit(self, model: LoadedModel, chars: int,
+              context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[None]:
+        """`admit_bytes` for a call on `chars` characters (prompt and generated, context and text)."""
+        return self.admit_bytes(model, call_bytes(chars, len(model.artifact.vocab)), context)
+
     @contextlib.contextmanager
-    def admit(self, model: LoadedModel, chars: int, context: grpc.aio.ServicerContext) -> Iterator[None]:
-        """Per-client cap, then memory (each RESOURCE_EXHAUSTED naming its flag), for a call on `chars`
-        characters; the runner's own --max-concurrent comes after. While admitted the call holds the
+    def admit_bytes(self, model: LoadedModel, nbytes: int,
+                    context: grpc.aio.ServicerContext) -> Iterator[None]:
+        """Per-client cap, then memory (each RESOURCE_EXHAUSTED naming its flag) for a call estimated at
+        `nbytes`; the runner's own --max-concurrent comes after. While admitted the call holds the
         exact model version it uses (Registry.acquire), so a version replaced by a hot reload unloads
         only once its last call has ended."""
         key = client_key(context.peer(), context.invocation_metadata() or ())
-        with self.clients.hold(key), self.budget.reserve(call_bytes(chars, len(model.artifact.vocab))):
+        with self.clients.hold(key), self.budget.reserve(nbytes):
             held = self.registry.acquire(model.name, model.version)
             if held is None:  # unloaded between its lookup and now (an Admin UnloadModel)
                 raise ModelNotFoundError("model.name", f"{model.name!r} version {model.version} was just "
@@ -83,7 +89,7 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         gen = wire.generation_request(request, self.limits)
-        with self.admit(model, len(request.prompt), context):
+        with self.admit(model, len(request.prompt) + gen.max_new_chars, context):
             run = self.runner.generate(model.engine, gen, context.time_remaining(), live=False)
             items = [item async for item in run]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
@@ -94,9 +100,11 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         gen = wire.generation_request(request, self.limits)
-        with self.admit(model, len(request.prompt), context):
-            async for item in self.runner.generate(model.engine, gen, context.time_remaining()):
-                yield wire.stream_message(item, model)
+        with self.admit(model, len(request.prompt) + gen.max_new_chars, context):
+            run = self.runner.generate(model.engine, gen, context.time_remaining())
+            async with contextlib.aclosing(run) as items:
+                async for item in items:
+                    yield wire.stream_message(item, model)
 
     @mapped
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):

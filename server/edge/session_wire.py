@@ -12,7 +12,7 @@ from nextchar.server.core.sampling import InvalidParameterError, SamplingParams
 from nextchar.server.core.scoring import Prediction
 from nextchar.server.core.session import SessionOptions
 from nextchar.server.edge import wire
-from nextchar.server.edge.errors import status_code_for
+from nextchar.server.edge.errors import bounded, status_code_for
 from nextchar.server.ops.registry import LoadedModel
 from nextchar.server.scheduling.runner import Outcome
 from nextchar.v1 import inference_pb2 as pb
@@ -95,4 +95,5 @@ def error(rid: int, length: int, exc: BaseException) -> pb.SessionResponse | Non
         return None
     field = getattr(exc, "field", "") or ""
     return pb.SessionResponse(id=rid, text_chars=length,
-                              error=pb.SessionError(code=code.value[0], message=str(exc), field=field))
+                              error=pb.SessionError(code=code.value[0], message=bounded(str(exc)),
+                                                    field=bounded(field, 64)))

@@ -24,6 +24,8 @@ _CONTENTS = {
 }
 _LENGTH = struct.Struct("<I")  # BYTES elements in raw form: a 4-byte length, then the bytes
 
+MAX_DIMS = 8  # every tensor of both faces has at most 3; a bound keeps errors and numpy simple
+
 
 def decode_inputs(request: kpb.ModelInferRequest) -> dict[str, np.ndarray]:
     """The request's inputs by name, shaped; BYTES tensors are object arrays of `bytes`.
@@ -47,6 +49,8 @@ def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -
     name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
     if datatype not in DATATYPES:
         raise InvalidParameterError(name, f"datatype must be one of {', '.join(DATATYPES)}, got {datatype!r}")
+    if len(shape) > MAX_DIMS:  # numpy refuses more than 64, as an error the table would call a bug
+        raise InvalidParameterError(name, f"shape must have at most {MAX_DIMS} dimensions, got {len(shape)}")
     if any(d < 0 for d in shape):
         raise InvalidParameterError(name, f"shape must have no negative dimension, got {list(shape)}")
     count = math.prod(shape)

@@ -89,7 +89,14 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            delay = self.core.tick(self._clock())
+            try:
+                delay = self.core.tick(self._clock())
+            except Exception as e:  # a bug outside an engine call: end every stream, refuse new ones
+                log.exception("batcher tick failed; failing its streams")
+                with self._wake:
+                    self._closing = True
+                self.core.fail_all(e)
+                return
             with self._wake:
                 if self._closing:
                     break

@@ -166,7 +166,9 @@ class BatchCore:
             self.closed = error
             self.waiting.extend(self._inbox)
             self._inbox.clear()
-        for s in self.waiting + self.active:
+            prefilling = list(self._prefilling)
+            self._prefilling.clear()
+        for s in self.waiting + prefilling + self.active:
             self._end(s, error)
         self.waiting, self.active = [], []
 

@@ -15,11 +15,12 @@ class ClientLimitError(RuntimeError):
 
 def client_key(peer: str, metadata: Sequence[tuple[str, object]]) -> str:
     """Who a call is from: the peer's address without its port, or, when the peer is a proxy on this
-    host (loopback: the compose profile's Envoy), the first `x-forwarded-for` address it passed on."""
+    host (loopback: the compose profile's Envoy), the last `x-forwarded-for` address: the one that proxy
+    appended itself. Entries to its left came from the caller, who could name anyone."""
     if is_loopback_peer(peer):
         forwarded = next((v for k, v in metadata if k == "x-forwarded-for"), None)
         if isinstance(forwarded, str) and forwarded.strip():
-            return forwarded.split(",")[0].strip()[:64]
+            return forwarded.split(",")[-1].strip()[:64]
     kind, _, rest = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
         return rest.rpartition(":")[0]

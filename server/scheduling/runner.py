@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from nextchar.server.scheduling.channel import Channel
 from nextchar.server.scheduling.policy import BatchingConfig
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 _ALL = 1 << 62  # a `want` no text reaches: wait for the end
 # Up to this many calls in flight, streams flush every flush_s; beyond, proportionally less often.
@@ -106,8 +108,12 @@ class _Job:
         except BaseException as e:  # a bad request: handed to the event loop, which raises it
             self.finish(e)
             return
-        while core.tick(self._clock()) is not None:
-            pass
+        try:
+            while core.tick(self._clock()) is not None:
+                pass
+        except Exception as e:  # a bug outside an engine call: the caller gets it, the slot is freed
+            log.exception("generation loop failed")
+            core.fail_all(e)
 
 
 class Runner:
@@ -165,7 +171,7 @@ class Runner:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def generate(self, engine: ModelEngine, request: GenerationRequest, deadline_s: float | None = None,
-                       *, live: bool = True) -> AsyncIterator[str | Outcome]:
+                       *, live: bool = True) -> AsyncGenerator[str | Outcome, None]:
         """Stream one generation: text pieces (coalesced: at most every flush_s, stretched past
         STREAMS_PER_FLUSH calls in flight, or flush_chars once the first char is out), then one
         Outcome. Stops the work at once when the caller goes away. `live=False` (a unary call) wakes

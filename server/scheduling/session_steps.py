@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from nextchar.server.core.prefill import prefill
+
 State = tuple[np.ndarray, ...]  # each float32[num_layers, 1, hidden_size]
 Result = tuple[np.ndarray, State]  # (last logits row float32[V], state after the step)
 Offload = Callable[..., Awaitable[Any]]  # run a blocking fn(*args) in a worker thread (Runner.call)
@@ -79,14 +81,15 @@ class StepCoalescer:
 
 
 def _run_batches(engine: Any, batches: list[list[tuple[np.ndarray, State | None]]]) -> list[list[Result]]:
-    """On a worker thread: one engine call per batch of equal-length rows; rows copied out of the batch."""
+    """On a worker thread: one chunked prefill per batch of equal-length rows (core.prefill: engine calls
+    of at most PREFILL_CHUNK positions keeping only the last logits, so a long append's memory follows
+    the configuration, not its length); rows copied out of the batch."""
     out = []
     for batch in batches:
         tokens = np.stack([t for t, _ in batch]).astype(np.int64, copy=False)
         zero = engine.initial_state(1)
         states = [s if s is not None else zero for _, s in batch]
         state = tuple(np.concatenate(parts, axis=1) for parts in zip(*states, strict=True))
-        logits, new = engine.step(tokens, state)
-        out.append([(logits[i, -1].copy(), tuple(s[:, i:i + 1].copy() for s in new))
-                    for i in range(len(batch))])
+        last, new = prefill(engine, tokens, state)
+        out.append([(last[i].copy(), tuple(s[:, i:i + 1].copy() for s in new)) for i in range(len(batch))])
     return out

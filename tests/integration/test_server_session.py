@@ -181,3 +181,13 @@ def test_cli_type_reads_a_pipe_one_line_per_key(server, client: NextCharClient) 
     assert "'z'" in done.stderr and "vocabulary" in done.stderr  # reported; the session went on
     best = client.predict_next("gru", "O say", 3)
     assert lines[-1].split("\t")[1] == "  ".join(f"{p.char!r} {p.probability:.4f}" for p in best)
+
+
+def test_an_oversized_append_is_refused_before_it_is_read(client: NextCharClient) -> None:
+    """20,000 characters outside the vocabulary: refused for its length (a short answer), not listed one
+    by one, and the session goes on."""
+    with client.session("lstm", n=2, text="O sa") as session:
+        with pytest.raises(ResourceExhausted, match="append") as full:
+            session.append("\x01" * 20_000)
+        assert len(str(full.value)) < 400
+        assert session.append("y").text_chars == 5

@@ -480,3 +480,25 @@ def test_the_scheduler_does_not_load_onnxruntime():
             "print(sorted(m for m in ('onnxruntime', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_failure_outside_an_engine_call_ends_every_stream_and_closes_the_batcher() -> None:
+    """A bug in the tick (here: the engine's initial_state) must not leave streams waiting forever."""
+    engine = FakeEngine()
+    engine.initial_state = lambda batch: (_ for _ in ()).throw(MemoryError("no room for a state"))
+    batcher = Batcher(engine, BatchingConfig(max_wait_s=0.0))
+    ends: list[object] = []
+    done = threading.Event()
+
+    def on_end(end: object) -> None:
+        ends.append(end)
+        done.set()
+
+    try:
+        batcher.submit(GenerationRequest("abc", 5, GREEDY), on_text=lambda _: None, on_end=on_end)
+        assert done.wait(10), "the stream never ended"
+        assert len(ends) == 1 and isinstance(ends[0], MemoryError)
+        with pytest.raises(BatcherClosedError):
+            batcher.submit(GenerationRequest("abc", 5, GREEDY), on_text=lambda _: None, on_end=on_end)
+    finally:
+        batcher.close()

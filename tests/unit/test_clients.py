@@ -13,7 +13,8 @@ def test_client_key() -> None:
     assert client_key("ipv4:192.0.2.5:4242", ()) == "192.0.2.5"
     assert client_key("ipv6:[2001:db8::1]:80", ()) == "[2001:db8::1]"
     assert client_key("ipv4:192.0.2.5:4242", XFF) == "192.0.2.5"  # a remote caller cannot pick its key
-    assert client_key("ipv4:127.0.0.1:9", XFF) == "203.0.113.7"   # a proxy on this host passes it on
+    # A proxy on this host appends the address it saw; what the caller wrote to its left is not believed.
+    assert client_key("ipv4:127.0.0.1:9", XFF) == "10.0.0.1"
     assert client_key("ipv4:127.0.0.1:9", ()) == "127.0.0.1"
 
 
