@@ -246,7 +246,9 @@ class Runner:
         """`engine`'s model version was unloaded after its last call ended: stop its batcher, if any."""
         batcher = self._batchers.pop(id(engine), None)
         if batcher is not None:
-            batcher.close()
+            # No join: this runs on the event loop (the last call's release); the worker ends after
+            # its current tick, and no call is left on it.
+            batcher.close(timeout=0)
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new calls; wait up to `timeout` s for running ones. True if all finished in time."""
