@@ -54,8 +54,11 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
+        if handler.request_streaming and not (
+                handler.response_streaming and inspect.isasyncgenfunction(handler.stream_stream)):
+            return handler  # no such RPC here: the bidirectional ones (Session, ModelStreamInfer) are below
         method, parse = details.method, handler.request_deserializer
 
         def deserialize(data: bytes) -> Any:
@@ -70,6 +73,22 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                                 f"request: the message does not parse as {method} expects "
                                 "(malformed protobuf or invalid UTF-8 in a string field)")
 
+        if handler.request_streaming:  # bidirectional: a message that does not parse ends the call
+            bidi_behavior = handler.stream_stream
+
+            async def checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                async for request in requests:
+                    if isinstance(request, Malformed):
+                        await refuse(request, context)
+                    yield request
+
+            async def bidi(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with contextlib.aclosing(bidi_behavior(checked(requests, context), context)) as replies:
+                    async for reply in replies:
+                        yield reply
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi, request_deserializer=deserialize, response_serializer=handler.response_serializer)
         if handler.response_streaming and inspect.isasyncgenfunction(handler.unary_stream):
             behavior = handler.unary_stream
 

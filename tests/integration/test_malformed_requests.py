@@ -26,6 +26,21 @@ METHODS = {
 }
 
 
+BIDI = ("/nextchar.v1.NextChar/Session", "/inference.GRPCInferenceService/ModelStreamInfer")
+
+
+@pytest.mark.parametrize("method", BIDI)
+def test_a_malformed_message_on_a_bidirectional_stream_is_invalid_argument(server, caplog, method) -> None:
+    caplog.set_level(logging.INFO)
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.stream_stream(method)(iter([GARBAGE["not protobuf"]]), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "does not parse" in err.value.details()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
 def _call(channel: grpc.Channel, method: str, body: bytes, token: str | None = None) -> grpc.RpcError:
     streaming = method.endswith("GenerateStream")
     call = (channel.unary_stream if streaming else channel.unary_unary)(method)
