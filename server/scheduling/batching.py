@@ -146,7 +146,17 @@ class BatchCore:
             admitted, self.waiting = self.waiting[:n], self.waiting[n:]
             self._prefilling.update(admitted)
         lengths = [s.decoder.prompt_tokens.size for s in admitted]
-        for group in prefill_groups(lengths, self.config.max_batch_size):
+        groups = prefill_groups(lengths, self.config.max_batch_size)
+        started, decoding = self.clock(), bool(self.active)  # streams that were decoding before this tick
+        for g, group in enumerate(groups):
+            if g and decoding and self.clock() - started >= self.config.max_call_s:
+                # Streams already decoding wait about one call for arrivals, not for all their
+                # prefills: the rest of the arrivals go first in the next tick.
+                rest = sorted((admitted[i] for later in groups[g:] for i in later), key=lambda s: s.arrival)
+                with self._lock:
+                    self._prefilling.difference_update(rest)
+                    self.waiting = rest + self.waiting
+                break
             self._prefill([admitted[i] for i in group])
         self.active = [s for s in self.active if not s.done]
         size = self.config.max_batch_size

@@ -165,6 +165,34 @@ def test_decode_batches_are_capped_and_prefills_grouped_by_length():
     assert all(isinstance(s.end, Finished) and len("".join(s.texts)) == 3 for s in sinks)
 
 
+def test_arrivals_prefills_yield_to_streams_already_decoding_after_about_one_call():
+    """Three arrivals of different lengths while a stream decodes: with each engine call taking 0.05 s
+    (more than max_call_s), one prefill group runs per tick and the decoding stream advances in every
+    tick, instead of waiting for all three prefills; nobody is lost or reordered."""
+    clock = Clock()
+    engine = FakeEngine()
+    step = engine.step
+
+    def slow_step(tokens, state):
+        clock.now += 0.05
+        return step(tokens, state)
+
+    engine.step = slow_step
+    core = make_core(engine, clock=clock, max_call_s=0.03)
+    first = submit(core, "ab", 20)
+    core.tick(clock())  # its prefill, then its first decode call
+    chars = len("".join(first.texts))
+    late = [submit(core, p, 3) for p in ("abc", "abcd", "abcde")]
+    core.tick(clock())
+    assert sum(s.texts != [] for s in late) == 1 and len(core.waiting) == 2
+    assert len("".join(first.texts)) == chars + 1  # it advanced in the same tick
+    core.tick(clock())
+    assert sum(s.texts != [] for s in late) == 2 and len("".join(first.texts)) == chars + 2
+    drain(core, clock)
+    assert all(isinstance(s.end, Finished) for s in (first, *late))
+    assert [len("".join(s.texts)) for s in late] == [3, 3, 3]
+
+
 def test_batched_text_equals_unbatched_on_the_fake_model():
     # The fake model is plain numpy; its rows do not depend on batch mates beyond float rounding,
     # and each row draws its own uniforms (seed, char index).
