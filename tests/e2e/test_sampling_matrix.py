@@ -56,18 +56,34 @@ def _js_case(case: dict, model: str) -> dict:
 
 
 def _mates(n: int, rng: random.Random) -> list[tuple[str, int, dict]]:
-    """Other streams: greedy and sampled, other prompts (so other prefill groups), all longer than the
-    cases, which are sent last: every one of their decode steps can then share the engine with them."""
-    return [(rng.choice(MATES_PROMPTS), rng.randrange(300, 500),
+    """Other streams: greedy and sampled, other prompts (so other prefill groups), no stop sequence and
+    far longer than the cases, which start once every mate is decoding: every one of their decode
+    steps then shares the engine with all the mates."""
+    return [(rng.choice(MATES_PROMPTS), rng.randrange(700, 1000),  # the servers here allow 1000
              {"temperature": rng.choice([0.0, 0.3, 1.0, 2.0]), "top_k": rng.choice([0, 3, 20]),
-              "top_p": rng.choice([1.0, 0.8]), "seed": rng.randrange(2**64),
-              "stop": rng.choice([[], ["\n\n"]])})
+              "top_p": rng.choice([1.0, 0.8]), "seed": rng.randrange(2**64)})
             for _ in range(n)]
 
 
-async def _concurrently(address: str, name: str, requests: list[tuple[str, int, dict]]) -> list:
-    async with AsyncNextCharClient(address, timeout=120) as c:
-        return list(await asyncio.gather(*(c.generate(name, p, n, **kw) for p, n, kw in requests)))
+async def _among_mates(server: ServerThread, name: str, mates: list[tuple[str, int, dict]],
+                       cases: list[tuple[str, int, dict]]) -> list:
+    """Start the mates, wait (server-side, bounded) until all of them decode, then run the cases."""
+    async with AsyncNextCharClient(server.address, timeout=120) as c:
+        running = [asyncio.ensure_future(c.generate(name, p, n, **kw)) for p, n, kw in mates]
+        for _ in range(3000):
+            cores = [b.core for b in server.runner.batchers if b.core.engine.artifact.name == name]
+            if cores and len(cores[0].active) >= len(mates):
+                break
+            if server.config.variant == "int8" and server.runner.in_flight >= len(mates):
+                break  # int8 runs unbatched (--batching auto): each mate on its own worker
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"the {len(mates)} mates never all decoded at once")
+        together = await asyncio.gather(*(c.generate(name, p, n, **kw) for p, n, kw in cases))
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        return list(together)
 
 
 def _server_texts(server: ServerThread, name: str, cases: tuple[dict, ...], mates: int,
@@ -75,9 +91,9 @@ def _server_texts(server: ServerThread, name: str, cases: tuple[dict, ...], mate
     """(alone, among `mates` others) -> [(text, finish reason)] per case."""
     with NextCharClient(server.address, timeout=120) as c:
         alone = [c.generate(name, case["prompt"], case["maxChars"], **_kwargs(case)) for case in cases]
-    requests = _mates(mates + 1 - len(cases), random.Random(name))
-    requests += [(case["prompt"], case["maxChars"], _kwargs(case)) for case in cases]
-    together = asyncio.run(_concurrently(server.address, name, requests))[-len(cases):]
+    others = _mates(mates + 1 - len(cases), random.Random(name))
+    requests = [(case["prompt"], case["maxChars"], _kwargs(case)) for case in cases]
+    together = asyncio.run(_among_mates(server, name, others, requests))
     return ([(g.text, g.summary.finish_reason) for g in alone],
             [(g.text, g.summary.finish_reason) for g in together])
 
