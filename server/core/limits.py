@@ -12,6 +12,7 @@ MAX_SEED = 2**64 - 1       # seeds are uint64 on the wire
 MAX_TEMPERATURE = 100.0
 DEFAULT_TEMPERATURE = 1.0  # PredictNext's absent temperature, the CLI's and the offline runner's default
 MAX_BATCH_SIZE = 1024      # the batcher's largest decode batch (--max-batch-size)
+MAX_CHARS_PER_CALL = 4096  # the ceiling of K, chars per stream per engine call (--max-chars-per-call)
 
 # Error messages stay bounded whatever the request held: gRPC carries them in trailers, which
 # clients cap (Python at 16 KiB; grpc-js hangs past ~64 KB), so a huge input must not grow them.

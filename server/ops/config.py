@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from nextchar.server.core.limits import MAX_BATCH_SIZE, MAX_NEW_CHARS
+from nextchar.server.core.limits import MAX_BATCH_SIZE, MAX_CHARS_PER_CALL, MAX_NEW_CHARS
 
 VARIANTS = ("fp32", "int8")
 # Admin's own listener: loopback by default, so a proxy or load balancer in front of --port never sees it.
@@ -232,7 +232,7 @@ _SPECS: dict[str, _Spec] = {
                              "largest decode batch"),
     "max_wait_ms": _Spec("--max-wait-ms", float, _float_range(0.0, 1000.0),
                          "longest an arrival at an idle batcher waits for others"),
-    "max_chars_per_call": _Spec("--max-chars-per-call", int, _int_range(1, 4096),
+    "max_chars_per_call": _Spec("--max-chars-per-call", int, _int_range(1, MAX_CHARS_PER_CALL),
                                 "most chars a stream advances per engine call (K; 1 = one char per call)"),
     "max_call_ms": _Spec("--max-call-ms", float, _float_range(0.0, 10_000.0),
                          "K is cut so one engine call lasts about this long: a cancel waits at most that"),

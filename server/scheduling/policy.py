@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nextchar.server.core.limits import MAX_BATCH_SIZE
+from nextchar.server.core.limits import MAX_BATCH_SIZE, MAX_CHARS_PER_CALL
 
 
 class BatchingConfigError(ValueError):
@@ -30,7 +30,7 @@ class BatchingConfig:
             "max_wait_s": (self.max_wait_s, 0.0, 10.0),
             "max_active_streams": (self.max_active_streams, 1, 1 << 20),
             "max_queue": (self.max_queue, 0, 1 << 20),
-            "max_chars_per_call": (self.max_chars_per_call, 1, 4096),
+            "max_chars_per_call": (self.max_chars_per_call, 1, MAX_CHARS_PER_CALL),
             "max_call_s": (self.max_call_s, 0.0, 10.0),
         }
         for name, (value, lo, hi) in checks.items():
