@@ -108,8 +108,10 @@ def train_command(args: argparse.Namespace) -> int:
         rt = runtime.start(args.device)
     except ConfigError as e:
         return _fail("train", str(e), 2)
+    finished = False
     try:
         train(config, out, resume=args.resume, progress=not args.no_progress, runtime=rt)
+        finished = True
     except ConfigError as e:
         return _fail("train", str(e), 2)
     except (CorpusError, CheckpointError, OSError) as e:
@@ -118,7 +120,7 @@ def train_command(args: argparse.Namespace) -> int:
         # last.pt is always whole (atomic writes), so the run can continue from it
         return _fail("train", f"interrupted; continue with the same flags and --resume (--out {out})", 130)
     finally:
-        runtime.stop(rt)
+        runtime.stop(rt, finished=finished)
     return 0
 
 
