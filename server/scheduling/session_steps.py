@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from nextchar.server.core.contract import concat_states, take
 from nextchar.server.core.prefill import prefill
 
 State = tuple[np.ndarray, ...]  # each float32[num_layers, 1, hidden_size]
@@ -89,7 +90,7 @@ def _run_batches(engine: Any, batches: list[list[tuple[np.ndarray, State | None]
         tokens = np.stack([t for t, _ in batch]).astype(np.int64, copy=False)
         zero = engine.initial_state(1)
         states = [s if s is not None else zero for _, s in batch]
-        state = tuple(np.concatenate(parts, axis=1) for parts in zip(*states, strict=True))
-        last, new = prefill(engine, tokens, state)
-        out.append([(last[i].copy(), tuple(s[:, i:i + 1].copy() for s in new)) for i in range(len(batch))])
+        last, new = prefill(engine, tokens, concat_states(states))
+        out.append([(last[i].copy(), tuple(s.copy() for s in take(new, slice(i, i + 1))))
+                    for i in range(len(batch))])
     return out
