@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from nextchar.server.core.contract import concat_states, take
+from nextchar.server.core.contract import State, concat_states, take
 from nextchar.server.core.prefill import prefill
 
-State = tuple[np.ndarray, ...]  # each float32[num_layers, 1, hidden_size]
 Result = tuple[np.ndarray, State]  # (last logits row float32[V], state after the step)
 Offload = Callable[..., Awaitable[Any]]  # run a blocking fn(*args) in a worker thread (Runner.call)
 
