@@ -21,11 +21,12 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: 
     x = np.asarray(logits, np.float64)
     if np.isnan(x).any():
         return -1
-    order = np.argsort(-x, kind="stable")
-    if temperature == 0:
-        return int(order[0])
+    if temperature == 0 or not np.isfinite(x.max()):
+        return int(np.argmax(x))  # ties: the lowest id
+    filters = 0 < top_k < x.size or top_p < 1  # descending logits, ties by id; else id order
+    order = np.argsort(-x, kind="stable") if filters else np.arange(x.size)
     n = x.size if top_k == 0 else min(top_k, x.size)
-    w = portable_exp((x[order[:n]] - x[order[0]]) / temperature)
+    w = portable_exp((x[order[:n]] - x.max()) / temperature)
     cum = np.cumsum(w)
     last = n - 1 if top_p >= 1 else min(n - 1, int((cum < top_p * cum[n - 1]).sum()))
     pick = min(last, int((cum[: last + 1] <= u * cum[last]).sum()))

@@ -5,7 +5,8 @@
 
 Iteration 0 steps the whole `tokens` (a prompt, or the last sampled char: T = 1); every later
 iteration steps the char it sampled. Iteration i samples with u[:, i] by the portable rule of
-SAMPLER_SPEC (float64; greedy rows, temperature 0, take order[0]; a row whose logits hold NaN gets
+docs/sampling.md (float64; greedy rows take the argmax, and only when a row of the Run filters
+(top_k < V or top_p < 1) does an If sort the rows; a row whose logits hold NaN gets
 -1 and is fed 0 from then on, its caller fails it). So K chars cost one Run and the GIL is held
 only around it, and the uniforms come from (seed, draw index) per row: the text is the same for any
 K and any batch mates. `build_generation_graph(model)` is the one function every runtime uses
@@ -56,7 +57,37 @@ def _row_nodes(vocab_size: int) -> list[onnx.NodeProto]:
         n("Less", [r + "j", r + "n"], [r + "cand"]),                       # [B, V]
         n("Unsqueeze", ["top_p", r + "ax1"], [r + "tp"]),
         n("GreaterOrEqual", [r + "tp", r + "one_d"], [r + "p_off"]),
+        # A row filters (top_k < V or top_p < 1) -> descending logit order; else id order, no sort.
+        n("GreaterOrEqual", [r + "k", r + "V"], [r + "k_all"]),
+        n("Or", [r + "k_off", r + "k_all"], [r + "k_keeps"]),
+        n("And", [r + "k_keeps", r + "p_off"], [r + "no_filter"]),
+        n("Not", [r + "no_filter"], [r + "filt"]),                         # [B, 1]
+        n("Cast", [r + "filt"], [r + "filt_f"], to=TensorProto.FLOAT),
+        n("ReduceMax", [r + "filt_f"], [r + "any_filt_f"], keepdims=0),
+        n("Cast", [r + "any_filt_f"], [r + "any_filt"], to=TensorProto.BOOL),  # scalar: sort at all?
     ]
+
+
+def _order_branch(p: str, row32: str, sort: bool, vocab_size: int) -> onnx.GraphProto:
+    """The If branches giving (order int64[B, V], values float32[B, V] in that order): with `sort`,
+    rows that filter are sorted descending (ties to the lower id) and the others keep id order;
+    without, every row keeps id order and nothing is sorted."""
+    n, r = helper.make_node, _P + "r/"
+    q = p + ("sort/" if sort else "ids/")
+    if sort:
+        nodes = [_const(q + "V1", [vocab_size], _I),
+                 # Sorted in float32 (the logits' own type; float64 values are the same numbers in
+                 # the same order), ~2x faster than float64.
+                 n("TopK", [row32, q + "V1"], [q + "vals_s", q + "order_s"], axis=1, largest=1, sorted=1),
+                 n("Where", [r + "filt", q + "order_s", r + "j"], [q + "order"]),
+                 n("Where", [r + "filt", q + "vals_s", row32], [q + "vals"])]
+    else:
+        nodes = [n("Shape", [row32], [q + "shape"]),
+                 n("Expand", [r + "j", q + "shape"], [q + "order"]),
+                 n("Identity", [row32], [q + "vals"])]
+    return helper.make_graph(nodes, q.strip("/").replace("/", "_"), [], [
+        helper.make_tensor_value_info(q + "order", _I, None),
+        helper.make_tensor_value_info(q + "vals", TensorProto.FLOAT, None)])
 
 
 def _sampling_nodes(logits: str, step: str, tok_out: str, vocab_size: int) -> list[onnx.NodeProto]:
@@ -64,22 +95,32 @@ def _sampling_nodes(logits: str, step: str, tok_out: str, vocab_size: int) -> li
     p, r = _P + "s/", _P + "r/"
     n = helper.make_node
     return [
-        _const(p + "last", -1, _I), _const(p + "zero_i", [0], _I), _const(p + "ax1", [1], _I),
+        _const(p + "last", -1, _I), _const(p + "ax1", [1], _I),
         _const(p + "ax1s", 1, _I), _const(p + "zero_d", 0.0, _D), _const(p + "minus1", -1, _I),
-        _const(p + "V1", [vocab_size], _I),
-        n("Gather", [logits, p + "last"], [p + "row32"], axis=1),           # [B, V]
-        n("IsNaN", [p + "row32"], [p + "isnan"]),
+        _const(p + "zero_f", 0.0, TensorProto.FLOAT),
+        n("Gather", [logits, p + "last"], [p + "row_raw"], axis=1),         # [B, V]
+        n("IsNaN", [p + "row_raw"], [p + "isnan"]),
         n("Cast", [p + "isnan"], [p + "isnan_f"], to=TensorProto.FLOAT),
         n("ReduceMax", [p + "isnan_f"], [p + "nan_f"], axes=[1], keepdims=1),  # [B, 1]
         n("Cast", [p + "nan_f"], [p + "nan"], to=TensorProto.BOOL),
-        # Sorted descending, ties to the lower id: the spec's `order`. Sorted in float32 (the logits'
-        # own type; float64 values are the same numbers in the same order), ~2x faster than float64.
-        n("TopK", [p + "row32", p + "V1"], [p + "vals32", p + "order"], axis=1, largest=1, sorted=1),
+        # A NaN row answers -1 below; read as zeros until then, so that it cannot fail the whole Run
+        # (a NaN reaching the exp's 2^k Gather is an out-of-range index).
+        n("Where", [p + "isnan", p + "zero_f", p + "row_raw"], [p + "row32"]),
+        n("If", [r + "any_filt"], [p + "order", p + "vals32"],
+          then_branch=_order_branch(p, p + "row32", True, vocab_size),
+          else_branch=_order_branch(p, p + "row32", False, vocab_size)),
         n("Cast", [p + "vals32"], [p + "vals"], to=_D),
-        n("Gather", [p + "vals", p + "zero_i"], [p + "x0"], axis=1),        # [B, 1]
-        n("Gather", [p + "order", p + "zero_i"], [p + "greedy_tok"], axis=1),
+        n("ReduceMax", [p + "row32"], [p + "x0_32"], axes=[1], keepdims=1),  # [B, 1]
+        n("Cast", [p + "x0_32"], [p + "x0"], to=_D),
+        n("ArgMax", [p + "row32"], [p + "greedy_tok"], axis=1, keepdims=1, select_last_index=0),
+        n("IsInf", [p + "x0"], [p + "inf"]),  # a +inf logit or all -inf: the argmax, as greedy
+        n("Or", [r + "is_greedy", p + "inf"], [p + "use_argmax"]),
         n("Sub", [p + "vals", p + "x0"], [p + "d"]),
-        n("Div", [p + "d", r + "T_safe"], [p + "z"]),
+        n("Div", [p + "d", r + "T_safe"], [p + "z_raw"]),
+        # inf - inf: only in rows with an infinite maximum, which take the argmax; 0 keeps the exp's
+        # 2^k Gather in range (a NaN index fails the whole Run).
+        n("IsNaN", [p + "z_raw"], [p + "z_nan"]),
+        n("Where", [p + "z_nan", p + "zero_d", p + "z_raw"], [p + "z"]),
         *exp_nodes(p + "z", p + "w_all"),
         n("Where", [r + "cand", p + "w_all", p + "zero_d"], [p + "w"]),
         n("CumSum", [p + "w", p + "ax1s"], [p + "cum"]),                   # sequential, float64
@@ -102,7 +143,7 @@ def _sampling_nodes(logits: str, step: str, tok_out: str, vocab_size: int) -> li
         n("ReduceSum", [p + "le_i", p + "ax1"], [p + "count"], keepdims=1),
         n("Min", [p + "lastj", p + "count"], [p + "pick"]),
         n("GatherElements", [p + "order", p + "pick"], [p + "sampled_tok"], axis=1),
-        n("Where", [r + "is_greedy", p + "greedy_tok", p + "sampled_tok"], [p + "tok"]),
+        n("Where", [p + "use_argmax", p + "greedy_tok", p + "sampled_tok"], [p + "tok"]),
         n("Where", [p + "nan", p + "minus1", p + "tok"], [tok_out]),
     ]
 

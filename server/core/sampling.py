@@ -196,27 +196,35 @@ def _as_row(logits: np.ndarray) -> np.ndarray:
     return x
 
 
+def filters(params: SamplingParams, vocab_size: int) -> bool:
+    """Does the row drop candidates (top_k < V or top_p < 1)? Such a row samples in descending logit
+    order; every other row in id order, which needs no sort (docs/sampling.md §4)."""
+    return 0 < params.top_k < vocab_size or params.top_p < 1.0
+
+
 def sample(logits: np.ndarray, params: SamplingParams, u: float) -> int:
     """Pick one token id from `logits: float[V]` with the uniform `u` in [0, 1) (float64 arithmetic).
 
-    Candidates in descending logit order (ties: lower id first); greedy takes the first. Else keep
-    the first n = top_k (all when 0), weigh them w = exp((x - max) / T), cum = their running sum; keep
-    the smallest prefix whose mass reaches top_p; pick the first candidate whose cum exceeds u * its
-    mass. ValueError when the logits hold a NaN; infinities follow IEEE arithmetic (-inf weighs 0; a
-    +inf logit, or all -inf, makes every weight NaN and the pick order[0]).
+    Greedy, or an infinite maximum (a +inf logit, or all -inf): the argmax, ties to the lowest id.
+    Else weigh the candidates w = exp((x - max) / T) and let cum be their running sum: a row that
+    filters (`filters`) takes them in descending logit order (ties: lower id first), keeps the first
+    n = top_k (all when 0) and then the smallest prefix whose mass reaches top_p; any other row takes
+    every id in id order. Pick the first candidate whose cum exceeds u * its mass. ValueError when the
+    logits hold a NaN; a -inf logit weighs 0 and is never picked.
     """
     x = _as_row(logits)
     top = float(x.max())
     if top != top:  # max propagates NaN
         raise ValueError("logits contain NaN")
     if params.greedy or not math.isfinite(top):
-        # argmax = order[0], ties to the lowest id. An infinite maximum (a +inf logit, or all -inf)
-        # makes every weight NaN, so no count of the rule grows and it picks order[0] too.
         return int(x.argmax())
-    order = np.argsort(-x, kind="stable")
-    if params.top_k:
-        order = order[: params.top_k]
-    xs = x[order]
+    if filters(params, x.size):
+        order = np.argsort(-x, kind="stable")
+        if params.top_k:
+            order = order[: params.top_k]
+        xs = x[order]
+    else:
+        order, xs = None, x.copy()
     xs -= top
     xs /= params.temperature
     cum = portable_exp(xs).cumsum()  # sequential, left to right
@@ -224,7 +232,8 @@ def sample(logits: np.ndarray, params: SamplingParams, u: float) -> int:
     last = cum.size - 1
     if params.top_p < 1.0:
         last = min(last, int(cum.searchsorted(params.top_p * cum[-1], side="left")))
-    return int(order[min(last, int(cum[: last + 1].searchsorted(u * cum[last], side="right")))])
+    pick = min(last, int(cum[: last + 1].searchsorted(u * cum[last], side="right")))
+    return pick if order is None else int(order[pick])
 
 
 def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], u: np.ndarray) -> np.ndarray:
@@ -232,8 +241,8 @@ def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], u: np.ndar
     int64[B], -1 for a row whose logits hold a NaN (its caller fails that row alone).
 
     Row by row equal to `sample` whatever the other rows are (a test holds it to that): one stable
-    argsort of [B, V], one exp and one cumsum (numpy's is sequential along a row) over the sampled
-    rows, and the two prefix counts as masked sums.
+    argsort of the rows that filter (the others keep id order), one exp and one cumsum (numpy's is
+    sequential along a row) over the sampled rows, and the two prefix counts as masked sums.
     """
     x = np.asarray(logits, dtype=np.float64)
     u = np.asarray(u, dtype=np.float64).reshape(-1)
@@ -242,16 +251,19 @@ def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], u: np.ndar
                          f"{x.shape}, {len(params)} params, {u.size} uniforms")
     top = x.max(axis=1)
     bad = np.isnan(top)  # max propagates NaN
-    finite = np.isfinite(top)  # else the rule picks order[0], the argmax (see `sample`)
+    finite = np.isfinite(top)  # else the pick is the argmax (see `sample`)
     sampled = np.array([i for i, p in enumerate(params) if not p.greedy and finite[i]], dtype=np.int64)
     tokens = x.argmax(axis=1)
     if sampled.size:
+        V, rows, col = x.shape[1], np.arange(sampled.size), np.arange(x.shape[1])
         xr = x[sampled]
-        order = np.argsort(-xr, axis=1, kind="stable")
+        order = np.broadcast_to(col, xr.shape).copy()
+        sort = np.array([filters(params[i], V) for i in sampled])
+        if sort.any():
+            order[sort] = np.argsort(-xr[sort], axis=1, kind="stable")
         xs = np.take_along_axis(xr, order, axis=1)
         temperature = np.array([params[i].temperature for i in sampled])
-        cum = np.cumsum(portable_exp((xs - xs[:, :1]) / temperature[:, None]), axis=1)
-        V, rows, col = x.shape[1], np.arange(sampled.size), np.arange(x.shape[1])
+        cum = np.cumsum(portable_exp((xs - top[sampled, None]) / temperature[:, None]), axis=1)
         n = np.array([min(params[i].top_k, V) if params[i].top_k else V for i in sampled])
         top_p = np.array([params[i].top_p for i in sampled])
         reach = np.count_nonzero((cum < (top_p * cum[rows, n - 1])[:, None]) & (col < n[:, None]), axis=1)

@@ -249,6 +249,10 @@ def test_the_generation_graph_equals_the_per_step_loop_bit_for_bit(engines, cell
     # A lone row gives what it gives among the others (RNN runs it as a pair: pad_single_rows).
     alone, _ = e.generate(tokens[2:3], take(state, [2]), u[2:3], t[2:3], kk[2:3], p[2:3])
     assert np.array_equal(alone[0], got[2])
+    # Rows that filter nothing, without a filtering row in the Run: the graph's branch that sorts
+    # nothing gives what the sorting branch gave them (rows 0 and 1: greedy and temperature 0.8).
+    plain, _ = e.generate(tokens[:2], take(state, [0, 1]), u[:2], t[:2], kk[:2], p[:2])
+    assert np.array_equal(plain, got[:2])
 
 
 def test_generate_marks_nan_rows_and_checks_shapes(engines):

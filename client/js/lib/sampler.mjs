@@ -150,8 +150,10 @@ export function argmax(values, start, n) {
 
 /**
  * Pick one id from values[start, start+V) (float32 logits, read as float64) with uniform u.
+ * A row that filters (top_k < V or top_p < 1) takes the ids in descending logit order, any other row in
+ * id order; greedy rows and rows with an infinite maximum take the argmax (docs/sampling.md §4).
  * @param {{temperature: number, topK: number, topP: number}} params from samplingParams
- * @returns {number} the id; throws when the logits hold a NaN (infinities follow IEEE arithmetic, as in Python)
+ * @returns {number} the id; throws when the logits hold a NaN
  */
 export function sample(values, start, V, params, u) {
   let top = -Infinity;
@@ -160,9 +162,11 @@ export function sample(values, start, V, params, u) {
     if (Number.isNaN(v)) throw new Error('logits contain NaN');
     if (v > top) top = v;
   }
-  if (params.temperature === 0) return argmax(values, start, V);
+  if (params.temperature === 0 || !Number.isFinite(top)) return argmax(values, start, V);
   const x = (i) => values[start + i];
-  const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => (x(b) - x(a)) || (a - b));
+  const ids = Array.from({ length: V }, (_, i) => i);
+  const filters = (params.topK > 0 && params.topK < V) || params.topP < 1;
+  const order = filters ? ids.sort((a, b) => (x(b) - x(a)) || (a - b)) : ids;
   const n = params.topK ? Math.min(params.topK, V) : V;
   const cum = new Float64Array(n);
   let sum = 0;

@@ -70,12 +70,17 @@ test('the rule at its boundaries (the examples of docs/sampling.md)', () => {
   assert.equal(at(flat, samplingParams({ topP: 1e-6 }), 0.99), 0);
   assert.equal(at(flat, samplingParams({ topK: 2 }), 0.99), 1);
   assert.equal(at(flat, samplingParams({ topK: 100 }), 0.99), 3);
-  const tied = Float64Array.of(1, 3, 3, -Infinity); // descending order [1, 2, 0, 3]
-  assert.deepEqual([0, 0.46, 0.47, 0.99].map((u) => at(tied, p, u)), [1, 1, 2, 0]);
-  assert.equal(at(tied, samplingParams({ topK: 4 }), 1 - 2 ** -53), 0);
+  const tied = Float64Array.of(1, 3, 3, -Infinity); // unfiltered: id order, cum = [0.135, 1.135, 2.135, 2.135]
+  assert.deepEqual([0, 0.06, 0.07, 0.53, 0.54, 0.99].map((u) => at(tied, p, u)), [0, 0, 1, 1, 2, 2]);
+  for (const topK of [0, 4, 5]) assert.equal(at(tied, samplingParams({ topK }), 1 - 2 ** -53), 2);
+  // filtering rows: descending order [1, 2, 0, 3]
+  assert.deepEqual([0, 0.46, 0.47, 0.99].map((u) => at(tied, samplingParams({ topK: 3 }), u)), [1, 1, 2, 0]);
+  assert.deepEqual([0, 0.46, 0.47, 0.99].map((u) => at(tied, samplingParams({ topP: 0.99 }), u)), [1, 1, 2, 0]);
+  assert.equal(at(Float64Array.of(-Infinity, 1), p, 0), 1);
   assert.equal(at(Float32Array.of(1, 3, 3), samplingParams({ temperature: 0 }), 0.99), 1);
   assert.throws(() => at(Float64Array.of(0, NaN), p, 0.5), /logits contain NaN/);
-  for (const q of [p, samplingParams({ temperature: 0 })]) { // infinities: IEEE arithmetic, pick order[0]
+  const qs = [p, samplingParams({ temperature: 0 }), samplingParams({ topK: 2 }), samplingParams({ topP: 0.5 })];
+  for (const q of qs) { // an infinite maximum: the argmax
     assert.equal(at(Float64Array.of(0, Infinity, Infinity), q, 0.99), 1);
     assert.equal(at(Float64Array.of(-Infinity, -Infinity), q, 0.99), 0);
   }
