@@ -112,7 +112,8 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     steps = StepCoalescer(runner.call, config.max_batch_size, runner.batches)
     servicer.sessions = SessionService(
         registry, sessions, steps, servicer.limits,
-        SessionLimits(config.session_max_chars, config.session_saved_states), servicer._model)
+        SessionLimits(config.session_max_chars, config.session_saved_states), servicer._model,
+        servicer.clients)
     health = health_aio.HealthServicer()
     ops = Operations(config, metrics, registry, runner, health, overall=("", SERVICE_NAME))
     grpc_server = grpc.aio.server(interceptors=ops.interceptors, options=[

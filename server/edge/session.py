@@ -17,6 +17,7 @@ from nextchar.server.edge import session_wire as sw
 from nextchar.server.edge import wire
 from nextchar.server.ops.registry import LoadedModel, Registry
 from nextchar.server.ops.sessions import SessionIdleError, SessionsClosedError, SessionTable
+from nextchar.server.scheduling.clients import ClientSlots, client_key
 from nextchar.server.scheduling.session_steps import StepCoalescer
 from nextchar.v1 import inference_pb2 as pb
 
@@ -35,9 +36,11 @@ class SessionService:
 
     def __init__(self, registry: Registry, table: SessionTable, steps: StepCoalescer, limits: wire.Limits,
                  session_limits: SessionLimits,
-                 resolve: Callable[[pb.ModelRef, grpc.aio.ServicerContext], Awaitable[LoadedModel]]) -> None:
+                 resolve: Callable[[pb.ModelRef, grpc.aio.ServicerContext], Awaitable[LoadedModel]],
+                 clients: ClientSlots | None = None) -> None:
         self.registry, self.table, self.steps = registry, table, steps
         self.limits, self.session_limits, self._resolve = limits, session_limits, resolve
+        self.clients = clients or ClientSlots(0)
 
     async def serve(self, requests: Any,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
@@ -49,36 +52,45 @@ class SessionService:
             raise InvalidParameterError("open", "the first message of a session must be open, and only it")
         model = await self._resolve(first.open.model, context)
         opts = sw.options(first.open.options, model)
-        held = self.registry.acquire(model.name, model.version)  # a reload unloads it after the session
-        session = TypingSession(model.artifact.vocab, model.engine.vocab_index, self.session_limits)
-        live, reason = _Live(model, session, opts), "error"
-        try:
-            with self.table.hold(session):
-                try:
-                    yield sw.opened(first.id, model, self.session_limits.max_chars)
-                    if first.open.text or opts.n:
-                        step = session.append(session.encode(first.open.text, "open.text", opts.oov_policy,
-                                                             opts.oov_replacement), "open.text")
-                        yield await self._edit(live, first.id, step)
-                    while (request := await reader.next()) is not None:
-                        async for message in self._answer(live, request):
-                            yield message
-                    # A client that cancels can look like one that closed its side first.
-                    reason = "cancelled" if context.cancelled() else "closed"
-                except SessionIdleError:
-                    reason = "idle"
-                    raise
-                except SessionsClosedError:
-                    reason = "drain"
-                    raise
-                except (asyncio.CancelledError, GeneratorExit):
-                    reason = "cancelled"
-                    raise
-                finally:
-                    self.table.ended_by(reason)
-        finally:
-            if held is not None:
-                self.registry.release(held)
+        # An open session is a call in flight of its client (--max-per-client) for as long as it lasts.
+        with self.clients.hold(client_key(context.peer(), context.invocation_metadata() or ())):
+            held = self.registry.acquire(model.name, model.version)  # a reload unloads it after the session
+            try:
+                async for message in self._lifetime(_Live(model, TypingSession(
+                        model.artifact.vocab, model.engine.vocab_index, self.session_limits), opts),
+                        first, reader, context):
+                    yield message
+            finally:
+                if held is not None:
+                    self.registry.release(held)
+
+    async def _lifetime(self, live: _Live, first: pb.SessionRequest, reader: Any,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
+        """The session from its open to its end, held in the session table; the end's reason counted."""
+        session, opts, reason = live.session, live.opts, "error"
+        with self.table.hold(session):
+            try:
+                yield sw.opened(first.id, live.model, self.session_limits.max_chars)
+                if first.open.text or opts.n:
+                    step = session.append(session.encode(first.open.text, "open.text", opts.oov_policy,
+                                                         opts.oov_replacement), "open.text")
+                    yield await self._edit(live, first.id, step)
+                while (request := await reader.next()) is not None:
+                    async for message in self._answer(live, request):
+                        yield message
+                # A client that cancels can look like one that closed its side first.
+                reason = "cancelled" if context.cancelled() else "closed"
+            except SessionIdleError:
+                reason = "idle"
+                raise
+            except SessionsClosedError:
+                reason = "drain"
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                reason = "cancelled"
+                raise
+            finally:
+                self.table.ended_by(reason)
 
     async def _answer(self, live: _Live, request: pb.SessionRequest) -> AsyncIterator[pb.SessionResponse]:
         """The answers to one request; a bad request gets an error answer and changes nothing."""

@@ -211,8 +211,9 @@ _SPECS: dict[str, _Spec] = {
                               "MiB the calls in flight may take together (each reserves an estimate from "
                               "its length and the vocabulary) before RESOURCE_EXHAUSTED"),
     "max_per_client": _Spec("--max-per-client", int, _int_range(0, 4096),
-                            "model calls one client (peer address; behind a local proxy, its first "
-                            "x-forwarded-for) may have in flight before RESOURCE_EXHAUSTED (0 = no cap)"),
+                            "model calls one client (peer address; behind a local proxy, the last "
+                            "x-forwarded-for address) may have in flight, an open Session counting as "
+                            "one, before RESOURCE_EXHAUSTED (0 = no cap)"),
     "intra_op_threads": _Spec("--intra-op-threads", int, _int_range(0, 256),
                               "onnxruntime threads per model; 0 = the CPUs available to the process "
                               "(affinity mask, cgroup cpu.max quota) unless one thread is faster at warm-up"),

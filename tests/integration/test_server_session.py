@@ -153,6 +153,27 @@ def test_max_sessions_idle_ttl_and_drain(make_server) -> None:
         assert not table.active and table.ended.get("drain") == 1
 
 
+def test_sessions_count_against_max_per_client(make_server) -> None:
+    """An open session is a call in flight: a client at its --max-per-client share can open no more
+    sessions (nor other calls) until one ends, and its slots come back when its sessions close."""
+    server = make_server(max_per_client=2)
+    slots = server.server.servicer.clients
+    with NextCharClient(server.address, timeout=30) as c:
+        a, b = c.session("rnn", n=1, text="O"), c.session("rnn", n=1, text="O")
+        assert slots.in_flight == {"127.0.0.1": 2}
+        with pytest.raises(ResourceExhausted, match="--max-per-client=2"):
+            c.session("rnn", n=1)
+        with pytest.raises(ResourceExhausted, match="--max-per-client=2"):
+            c.generate("rnn", "O say", 3)
+        a.close()
+        wait_until(lambda: slots.in_flight == {"127.0.0.1": 1}, 10, "a's slot to free")
+        with c.session("rnn", n=1, text="O s") as d:
+            assert d.opened is not None and len(d.opened.predictions) == 1
+        b.close()
+    wait_until(lambda: slots.in_flight == {}, 10, "every slot to free")
+    assert not _table(server).active
+
+
 def test_async_session_matches_the_sync_one(server, client: NextCharClient) -> None:
     async def run() -> list:
         async with AsyncNextCharClient(server.address, timeout=30) as ac:
