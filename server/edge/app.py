@@ -13,6 +13,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from nextchar.inference import grpc_service_pb2_grpc
+from nextchar.server.core.engine import available_cores
 from nextchar.server.core.session import SessionLimits
 from nextchar.server.edge import kserve, wire
 from nextchar.server.edge.servicer import NextCharServicer
@@ -94,7 +95,10 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     Call from inside a running event loop; port 0 picks a free port, which is returned.
     """
     metrics = Metrics()  # per server, so tests can run several in one process
-    loader = metrics.metered(engine_loader(config.variant, config.intra_op_threads))
+    # Parallel engine calls, one thread each, beat one call on several threads here (BENCHMARKS.md 6c).
+    instances = config.model_instances or available_cores()
+    threads = config.intra_op_threads or (1 if instances > 1 else 0)
+    loader = metrics.metered(engine_loader(config.variant, threads))
     registry = Registry(config.model_repo, loader)
     registry.load_latest(allow_empty=config.reload_interval > 0)
     batching = BatchingConfig(
@@ -104,7 +108,8 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     )
     runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars,
                     batching=batching if config.batching != "off" else None,
-                    batch_variant_engines=config.batching == "on", chars_per_call=batching)
+                    batch_variant_engines=config.batching == "on", chars_per_call=batching,
+                    instances=instances)
     limits = wire.Limits(config.max_prompt_chars, config.max_new_chars)
     servicer = NextCharServicer(registry, runner, limits, MemoryBudget(config.memory_budget_mb << 20),
                                 ClientSlots(config.max_per_client))

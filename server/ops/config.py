@@ -36,7 +36,8 @@ class ServerConfig:
     max_concurrent: int = 64           # calls in flight (and worker threads); more: RESOURCE_EXHAUSTED
     memory_budget_mb: int = 1024       # estimated peak bytes of the calls in flight; more: RESOURCE_EXHAUSTED
     max_per_client: int = 0            # calls in flight per client (peer address); 0 = no per-client cap
-    intra_op_threads: int = 0          # onnxruntime threads per session; 0 = the cores this process may use
+    intra_op_threads: int = 0          # onnxruntime threads per call; 0 = auto (1 if model_instances > 1)
+    model_instances: int = 0           # batchers (engine calls at once) per model; 0 = the cores available
     grace_seconds: float = 10.0        # how long running calls may finish after SIGTERM
     flush_ms: float = 5.0              # a stream flushes buffered text at least this often under load
     flush_chars: int = 128             # ... or when this many characters are buffered
@@ -215,8 +216,12 @@ _SPECS: dict[str, _Spec] = {
                             "x-forwarded-for address) may have in flight, an open Session counting as "
                             "one, before RESOURCE_EXHAUSTED (0 = no cap)"),
     "intra_op_threads": _Spec("--intra-op-threads", int, _int_range(0, 256),
-                              "onnxruntime threads per model; 0 = the CPUs available to the process "
-                              "(affinity mask, cgroup cpu.max quota) unless one thread is faster at warm-up"),
+                              "onnxruntime threads per engine call; 0 = 1 when --model-instances is above "
+                              "1, else the CPUs available to the process (affinity mask, cgroup cpu.max "
+                              "quota) unless one thread is faster at warm-up"),
+    "model_instances": _Spec("--model-instances", int, _int_range(0, 256),
+                             "batched engine calls a model runs at once, each on its own thread with its "
+                             "own share of the streams; 0 = the CPUs available to the process"),
     "grace_seconds": _Spec("--grace-seconds", float, _float_range(0.0, 3600.0),
                            "time running calls get to finish on SIGTERM"),
     "flush_ms": _Spec("--flush-ms", float, _float_range(0.1, 1000.0), "longest a stream holds back text"),

@@ -55,6 +55,16 @@ class CapacityError(RuntimeError):
         self.limit = limit
 
 
+def check_capacity(active: int, queued: int, config: BatchingConfig) -> None:
+    """CapacityError when `active` decoding and `queued` waiting streams fill the configured limits."""
+    c = config
+    if active + queued >= c.max_active_streams + c.max_queue:
+        limit = "max_queue" if c.max_queue else "max_active_streams"
+        raise CapacityError(limit, (
+            f"batcher full: {active} streams active (max_active_streams={c.max_active_streams}) and "
+            f"{queued} waiting (max_queue={c.max_queue}); retry later"))
+
+
 class BatcherClosedError(RuntimeError):
     """The batcher is shutting down (UNAVAILABLE: the model version was unloaded or the server stops)."""
 
@@ -111,6 +121,21 @@ class BatchCore:
     def has_arrivals(self) -> bool:
         return bool(self._inbox)
 
+    @property
+    def active_count(self) -> int:
+        """Streams admitted and not ended (prefilling or decoding); the caller holds `_lock`."""
+        return sum(not s.done for s in (*self._prefilling, *self.active))
+
+    def counts(self) -> tuple[int, int]:
+        """(active_count, pending), read together from any thread."""
+        with self._lock:
+            return self.active_count, self.pending
+
+    @property
+    def load(self) -> int:
+        """Streams this core holds (queued, prefilling, decoding): where the next one goes (Runner)."""
+        return len(self._inbox) + len(self.waiting) + len(self._prefilling) + len(self.active)
+
     def submit(self, request: GenerationRequest, *, on_text: OnText, on_end: OnEnd,
                cancelled: Callable[[], bool] | None = None, deadline: float | None = None) -> Decoder:
         """Queue a request (thread-safe). Raises request errors and CapacityError synchronously.
@@ -120,13 +145,7 @@ class BatchCore:
         with self._lock:
             if self.closed is not None:
                 raise BatcherClosedError(f"the batcher is shut down: {self.closed}")
-            active = sum(not s.done for s in (*self._prefilling, *self.active))
-            queued = self.pending
-            if active + queued >= c.max_active_streams + c.max_queue:
-                limit = "max_queue" if c.max_queue else "max_active_streams"
-                raise CapacityError(limit, (
-                    f"batcher full: {active} streams active (max_active_streams={c.max_active_streams}) and "
-                    f"{queued} waiting (max_queue={c.max_queue}); retry later"))
+            check_capacity(self.active_count, self.pending, c)
             if request.echo:
                 on_text(decoder.echo_text)
             self._inbox.append(_Stream(decoder, on_text, on_end, cancelled, arrival=self.clock(),

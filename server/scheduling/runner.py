@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from nextchar.server.core.contract import ModelEngine
 from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest
 from nextchar.server.scheduling.batcher import Batcher
-from nextchar.server.scheduling.batching import BatchCore
+from nextchar.server.scheduling.batching import BatchCore, check_capacity
 from nextchar.server.scheduling.channel import Channel
 from nextchar.server.scheduling.policy import BatchingConfig
 
@@ -125,7 +125,7 @@ class Runner:
 
     def __init__(self, max_concurrent: int, flush_s: float, flush_chars: int, *,
                  batching: BatchingConfig | None = None, batch_variant_engines: bool = True,
-                 chars_per_call: BatchingConfig | None = None,
+                 chars_per_call: BatchingConfig | None = None, instances: int = 1,
                  clock: Clock = time.perf_counter) -> None:
         self.max_concurrent = max_concurrent
         self.flush_s, self.flush_chars = flush_s, flush_chars
@@ -145,7 +145,10 @@ class Runner:
         self._unbatched = dataclasses.replace(k_settings, max_batch_size=1, max_wait_s=0.0,
                                               max_active_streams=1, max_queue=0)
         self._batch_variant_engines = batch_variant_engines
-        self._batchers: dict[int, Batcher] = {}  # id(engine) -> its batcher
+        # Batchers per model version, each with its own worker thread: their engine calls run at
+        # once (onnxruntime releases the GIL), so a model's streams use that many cores.
+        self.instances = instances
+        self._batchers: dict[int, list[Batcher]] = {}  # id(engine) -> its batchers
 
     def ensure_open(self) -> None:
         if self.draining:
@@ -232,20 +235,30 @@ class Runner:
 
     @property
     def batchers(self) -> list[Batcher]:
-        """The batchers started so far (one per model version used), e.g. for their `core.stats`."""
-        return list(self._batchers.values())
+        """The batchers started so far (`instances` per model version used), e.g. for their `core.stats`."""
+        return [b for lanes in self._batchers.values() for b in lanes]
 
     def _batcher(self, engine: ModelEngine) -> Batcher:
-        batcher = self._batchers.get(id(engine))
-        if batcher is None:
-            batcher = Batcher(engine, self._batching, clock=self._clock, name=engine.name)
-            self._batchers[id(engine)] = batcher
-        return batcher
+        """The least loaded of `engine`'s batchers, after the model's stream limits are checked over
+        all of them (CapacityError names the configured limits). Each decodes at most its share of
+        max_active_streams; its own queue limit never binds first."""
+        c = self._batching
+        assert c is not None, "only batched engines have batchers"
+        lanes = self._batchers.get(id(engine))
+        if lanes is None:
+            n = self.instances
+            share = dataclasses.replace(c, max_active_streams=-(-c.max_active_streams // n),
+                                        max_queue=c.max_active_streams + c.max_queue)
+            lanes = [Batcher(engine, share, clock=self._clock, name=f"{engine.name}-{i}") for i in range(n)]
+            self._batchers[id(engine)] = lanes
+        if len(lanes) > 1:
+            counts = [b.core.counts() for b in lanes]
+            check_capacity(sum(a for a, _ in counts), sum(q for _, q in counts), c)
+        return min(lanes, key=lambda b: b.core.load)
 
     def forget(self, engine: ModelEngine) -> None:
-        """`engine`'s model version was unloaded after its last call ended: stop its batcher, if any."""
-        batcher = self._batchers.pop(id(engine), None)
-        if batcher is not None:
+        """`engine`'s model version was unloaded after its last call ended: stop its batchers, if any."""
+        for batcher in self._batchers.pop(id(engine), []):
             # No join: this runs on the event loop (the last call's release); the worker ends after
             # its current tick, and no call is left on it.
             batcher.close(timeout=0)
@@ -263,6 +276,6 @@ class Runner:
             return False
 
     def close(self) -> None:
-        for batcher in self._batchers.values():
+        for batcher in self.batchers:
             batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -113,7 +113,10 @@ def _js_texts(result: dict) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def batched_server(model_repo: Path):
-    s = ServerThread(server_config(model_repo, batching="auto", max_batch_size=BATCH, max_new_chars=1000))
+    # One batcher per model, so the 64 streams share one decode batch (with the default, one batcher
+    # per core, they would split across batchers of 32).
+    s = ServerThread(server_config(model_repo, batching="auto", max_batch_size=BATCH, max_new_chars=1000,
+                                   model_instances=1))
     yield s
     s.stop()
 

@@ -27,10 +27,34 @@ LONG = 100_000  # a generation that runs until the test cancels it
 server_side = functools.partial(wait_until, timeout=10.0, what="a server-side condition", interval=0.002)
 
 
-def core_of(server, name: str):
-    """The batching core serving model `name` (the runner starts one per model version on first use)."""
+class _Cores:
+    """The batching cores serving one model (the runner starts --model-instances of them per model
+    version on first use), read as one."""
+
+    def __init__(self, server, name: str) -> None:
+        self.server, self.name = server, name
+
+    @property
+    def cores(self) -> list:
+        return [b.core for b in self.server.runner.batchers if b.core.engine.artifact.name == self.name]
+
+    @property
+    def pending(self) -> int:
+        return sum(c.pending for c in self.cores)
+
+    @property
+    def active(self) -> list:
+        return [s for c in self.cores for s in c.active]
+
+    @property
+    def prefill_calls(self) -> int:
+        return sum(c.stats.prefill_calls for c in self.cores)
+
+
+def core_of(server, name: str) -> _Cores:
+    """The batching cores serving model `name`, once started."""
     server_side(lambda: any(b.core.engine.artifact.name == name for b in server.runner.batchers))
-    return next(b.core for b in server.runner.batchers if b.core.engine.artifact.name == name)
+    return _Cores(server, name)
 
 
 def start_running(client: NextCharClient, n: int, name: str = "rnn") -> list:
@@ -43,9 +67,10 @@ def start_running(client: NextCharClient, n: int, name: str = "rnn") -> list:
 
 @pytest.fixture(scope="module")
 def small(make_server):
-    """Batching on, 2 active streams and 1 queued per model; max_concurrent well above both."""
+    """Batching on, 2 active streams and 1 queued per model over 2 batchers (the limits hold for the
+    model, not per batcher); max_concurrent well above both."""
     return make_server(batching="on", max_active_streams=2, max_queue=1, max_new_chars=LONG,
-                       max_concurrent=64, grace_seconds=1.0)
+                       max_concurrent=64, grace_seconds=1.0, model_instances=2)
 
 
 def test_past_active_and_queue_limits_resource_exhausted_at_once_naming_the_limit(small) -> None:
@@ -68,7 +93,8 @@ def test_past_active_and_queue_limits_resource_exhausted_at_once_naming_the_limi
 
 
 def test_without_a_queue_the_active_limit_is_named(make_server) -> None:
-    s = make_server(batching="on", max_active_streams=1, max_queue=0, max_new_chars=LONG, max_concurrent=64)
+    s = make_server(batching="on", max_active_streams=1, max_queue=0, max_new_chars=LONG, max_concurrent=64,
+                    model_instances=2)
     with NextCharClient(s.address, timeout=60) as c:
         running = start_running(c, 1)
         with pytest.raises(ResourceExhausted, match=r"max_active_streams=1"):
@@ -87,7 +113,7 @@ def test_time_spent_queued_counts_against_the_deadline(small) -> None:
     with NextCharClient(small.address, timeout=60) as c:
         running = start_running(c, 2)
         core = core_of(small, "rnn")
-        prefills = core.stats.prefill_calls
+        prefills = core.prefill_calls
         # Through gRPC: the queued call fails at its deadline and leaves the queue while the slots
         # stay busy, so its queue place is free again before any stream finished.
         with pytest.raises(DeadlineExceeded):
@@ -108,7 +134,7 @@ def test_time_spent_queued_counts_against_the_deadline(small) -> None:
         track = small.tracks[-1]
         assert track.reason is FinishReason.DEADLINE and track.max_new_chars == 5
         assert track.finished_at - track.started_at >= 0.3 - 1e-3 and time.perf_counter() - t0 >= 0.3
-        assert core.stats.prefill_calls == prefills and len(core.active) == 2
+        assert core.prefill_calls == prefills and len(core.active) == 2
         for s in running:
             s.cancel()
         server_side(lambda: not core.active)  # a cancel is seen between engine calls (K chars each)
@@ -119,7 +145,7 @@ def test_a_cancelled_queued_request_never_runs(small) -> None:
     with NextCharClient(small.address, timeout=60) as c:
         running = start_running(c, 2)
         core = core_of(small, "rnn")
-        prefills = core.stats.prefill_calls
+        prefills = core.prefill_calls
         cancelled = runner.cancelled_streams
         queued = c.generate_stream("rnn", PROMPT, 50)
         server_side(lambda: core.pending == 1)
@@ -132,7 +158,7 @@ def test_a_cancelled_queued_request_never_runs(small) -> None:
         server_side(lambda: track.finished_at is not None)
     assert track.reason is FinishReason.CANCELLED
     # A stream joins decoding only after its prefill, so no new prefill means it never ran.
-    assert core.stats.prefill_calls == prefills
+    assert core.prefill_calls == prefills
 
 
 def test_async_burst_over_the_queue_limit(small) -> None:

@@ -235,7 +235,7 @@ def test_batched_stream_keeps_its_version_and_the_old_batcher_closes(make_server
         old = c.generate_stream("lstm", PROMPT, 20_000, temperature=1.0, seed=1)
         pieces = iter(old)
         text = next(pieces)
-        assert [b.core.engine.artifact.version for b in server.runner.batchers] == [1]
+        assert {b.core.engine.artifact.version for b in server.runner.batchers} == {1}
         changes = server.run(server.server.ops.reloader.rescan_async(), timeout=60)
         assert changes == [Change("lstm", "loaded", 2)]
         assert registry.loaded_versions()[("lstm", 1)] == 1  # v1 drains: the stream still holds it
@@ -243,4 +243,4 @@ def test_batched_stream_keeps_its_version_and_the_old_batcher_closes(make_server
         text += "".join(pieces)
         assert len(text) == 20_000 and old.summary.version == 1
         wait_until(lambda: ("lstm", 1) not in registry.loaded_versions(), 30, "v1 to unload")
-        assert [b.core.engine.artifact.version for b in server.runner.batchers] == [2]
+        assert {b.core.engine.artifact.version for b in server.runner.batchers} == {2}

@@ -54,6 +54,25 @@ def test_concurrent_streams_are_batched_and_keep_their_seeded_text(batched, mode
         assert result.text == in_process(model_repo, "gru", 400, seed, 1.0), f"seed {seed}"
 
 
+def test_model_instances_share_out_the_streams_and_keep_their_seeded_text(make_server, model_repo: Path) -> None:
+    """--model-instances 3: three batchers per model, each on its own thread with one onnxruntime
+    thread per call; the streams spread over all three and every seeded text is the per-char loop's."""
+    server = make_server(batching="on", model_instances=3, max_batch_size=8)
+    seeds = list(range(12))
+
+    async def main() -> list:
+        async with AsyncNextCharClient(server.address, timeout=60) as c:
+            return list(await asyncio.gather(*(
+                c.generate("gru", PROMPT, 200, temperature=1.0, seed=s) for s in seeds)))
+
+    results = asyncio.run(main())
+    cores = [b.core for b in server.runner.batchers if b.core.engine.artifact.name == "gru"]
+    assert len(cores) == 3 and all(c.stats.decode_calls > 0 for c in cores), [c.stats for c in cores]
+    assert cores[0].engine.intra_op_threads == 1  # the instances are the parallelism
+    for seed, result in zip(seeds, results, strict=True):
+        assert result.text == in_process(model_repo, "gru", 200, seed, 1.0), f"seed {seed}"
+
+
 def test_cancel_stops_a_batched_stream_within_100ms(batched) -> None:
 
     def cancel_one() -> float:
