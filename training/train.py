@@ -266,14 +266,16 @@ def _report(model: CharModel, config: TrainConfig, vocab: list[str], val_tokens:
             epoch: int, improved: bool, chars_s: float, bar: Any, log: Log) -> None:
     """The evaluation's log lines: losses, lr, speed, and a greedy and a sampled continuation."""
     r = p.metrics[-1]
-    gen = torch.Generator().manual_seed(mix_seed(config.seed, p.step))
-    prime = vocab[int(val_tokens[0])]
-    greedy = generate(model, vocab, prime, config.sample_chars, None)
-    sampled = generate(model, vocab, prime, config.sample_chars, config.temperature, gen)
     bar.clear()
     log(f"step {p.step} epoch {epoch}: "
         f"train {r['train_loss']:.4f} nats/char ({bits(r['train_loss']):.3f} bpc), "
         f"val {r['val_loss']:.4f} nats/char ({bits(r['val_loss']):.3f} bpc){' *' if improved else ''}; "
         f"lr {r['lr']:.2e}; {chars_s:,.0f} chars/s")
+    if not config.sample_chars:  # --sample-chars 0: no continuations
+        return
+    gen = torch.Generator().manual_seed(mix_seed(config.seed, p.step))
+    prime = vocab[int(val_tokens[0])]
+    greedy = generate(model, vocab, prime, config.sample_chars, None)
+    sampled = generate(model, vocab, prime, config.sample_chars, config.temperature, gen)
     log(f"  greedy: {prime + greedy!r}")
     log(f"  T={config.temperature:g}: {prime + sampled!r}")

@@ -54,7 +54,7 @@ def test_concurrent_streams_are_batched_and_keep_their_seeded_text(batched, mode
         assert result.text == in_process(model_repo, "gru", 400, seed, 1.0), f"seed {seed}"
 
 
-def test_model_instances_share_out_the_streams_and_keep_their_seeded_text(make_server, model_repo: Path) -> None:
+def test_model_instances_share_out_streams_and_keep_seeded_texts(make_server, model_repo: Path) -> None:
     """--model-instances 3: three batchers per model, each on its own thread with one onnxruntime
     thread per call; the streams spread over all three and every seeded text is the per-char loop's."""
     server = make_server(batching="on", model_instances=3, max_batch_size=8)

@@ -155,7 +155,7 @@ def test_a_time_budget_alone_is_a_complete_command(tmp_path: Path, capsys: pytes
     assert load_checkpoint(out / "last.pt").train_config["schedule"] == "cosine-time"
 
 
-def test_the_shakespeare_recipe_fills_in_what_flags_leave_out(tmp_path: Path) -> None:
+def test_the_shakespeare_recipe_fills_in_what_flags_leave_out(tmp_path: Path, capsys) -> None:
     corpus = tmp_path / "sonnet.txt"
     verse = "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n"
     corpus.write_text(verse * 30, encoding="utf-8")
@@ -164,6 +164,8 @@ def test_the_shakespeare_recipe_fills_in_what_flags_leave_out(tmp_path: Path) ->
             "--seq", "16", "--max-steps", "3", "--eval-every", "3", "--sample-chars", "0", "--threads", "1",
             "--device", "cpu", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
+    logged = capsys.readouterr().out
+    assert "step 3 epoch" in logged and "greedy:" not in logged  # --sample-chars 0: no continuations
     config = load_checkpoint(out / "last.pt").train_config
     recipe = RECIPES["shakespeare"]
     assert (config["hidden_size"], config["batch_size"], config["max_steps"]) == (16, 4, 3)  # the flags
