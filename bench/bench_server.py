@@ -1,7 +1,8 @@
 """The server vs the same loop in-process: one stream's chars/s; time to first char after a long prompt.
 
 Usage: .venv/bin/python -m bench.bench_server [--chars 2000] [--prompt-chars 1000] [--repeats 15]
-                                              [--batching 0|1] [--out bench/results/server.md]
+                                              [--batching 0|1] [--server-flags "..."]
+                                              [--out bench/results/server.md]
 
 Exports an untrained 2-layer LSTM-256 (one-hot input over the anthem's vocabulary, torch seed 0) into a
 temporary repository (in a subprocess, so torch stays out of the measuring process), starts
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -65,11 +67,11 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-def start_server(repo: Path, batching: bool | None) -> tuple[subprocess.Popen, str]:
-    """The server's defaults (K chars per engine call, onnxruntime threads = available cores), batching
-    as told (None: the default, auto)."""
+def start_server(repo: Path, batching: bool | None, extra: str = "") -> tuple[subprocess.Popen, str]:
+    """The server's defaults (K chars per engine call), batching as told (None: the default, auto),
+    plus `extra` flags."""
     flags = [] if batching is None else ["--batching", "1" if batching else "0"]
-    return common.start_server(repo, *flags)
+    return common.start_server(repo, *flags, *shlex.split(extra))
 
 
 def prompt_text(n: int) -> str:
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="alternating pairs (at least 2)")
     parser.add_argument("--batching", type=int, choices=[0, 1], default=None,
                         help="run the server with --batching 0 or 1 (default: its default, auto)")
+    parser.add_argument("--server-flags", default="", help="more server flags, e.g. '--max-wait-ms 0'")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--cpus", default=None,
                         help="pin the bench, the server and the in-process worker to these CPUs: '1', '0,1'")
@@ -152,7 +155,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", f"from bench.bench_server import export; export({str(tmp)!r})"],
                    cwd=ROOT, check=True)
     local = InProcess(tmp)
-    proc, address = start_server(tmp, args.batching)
+    proc, address = start_server(tmp, args.batching, args.server_flags)
     long_prompt = prompt_text(args.prompt_chars)
 
     local_rate, server_rate, prefill, ttfc, server_ttfc, messages = [], [], [], [], [], []
@@ -234,7 +237,8 @@ def main() -> None:
     lines = [
         f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-        f"server defaults{'' if args.batching is None else f' with --batching {args.batching}'}; the "
+        f"server defaults{'' if args.batching is None else f' with --batching {args.batching}'}"
+        f"{f' and {args.server_flags}' if args.server_flags else ''}; the "
         "in-process loop is Engine.step + sample per char at batch 1, 1 onnxruntime thread; client in the "
         "bench process, server and the in-process loop each in their own subprocess; "
         f"{args.repeats} repeats, each a back-to-back pair in alternating order; ratio = median of the "
