@@ -3,7 +3,8 @@
 What is computed stays in `generation.Decoder` (stop rules) and the engine's generation graph
 (sampling, in the graph, from per-row uniforms `philox_uniforms(seed, draw index)`); this module only
 decides which streams share an engine call and how many chars (K) each call advances them. Per model
-version, one `batcher.Batcher` drives a BatchCore on a worker thread:
+version, `--model-instances` `batcher.Batcher`s each drive a BatchCore on a worker thread (the Runner
+hands each new stream to the least loaded one):
 
     batcher = Batcher(engine, BatchingConfig(max_batch_size=32))
     batcher.submit(request, on_text=..., on_end=..., cancelled=...)   # from any thread

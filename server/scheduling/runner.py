@@ -119,7 +119,7 @@ class _Job:
 class Runner:
     """Where requests meet threads. Every call holds one of `max_concurrent` slots (more are
     OverloadedError); while draining every new call is ShuttingDownError. Generations run either
-    each on its own worker thread, or (with `batching`) through one Batcher per model version;
+    each on its own worker thread, or (with `batching`) through `instances` Batchers per model version;
     with `batch_variant_engines` False, only engines whose `batch_invariant` is True are batched,
     so a seeded text never depends on its batch mates (int8 engines then run unbatched)."""
 
