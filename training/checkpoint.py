@@ -45,6 +45,9 @@ class Checkpoint:
     scheduler: dict[str, Any] = field(default_factory=dict)  # kind, lr_scale, evals_since_best
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     hidden: list[torch.Tensor] = field(default_factory=list)
+    # With --ema, `model_state` is the weight average (what was evaluated and what export reads) and
+    # this is the weights as trained, which a resume continues from; empty otherwise.
+    train_state: dict[str, torch.Tensor] = field(default_factory=dict)
     reconstruction: str = ""  # seminar presets: the trained model's teacher-forced text
     accuracy: float = math.nan  # seminar presets: its accuracy against text[1:]
 

@@ -13,7 +13,7 @@ from nextchar.training.config import CELLS, FLAGS, RECIPES, SCHEDULES, ConfigErr
 # that an unset flag takes TrainConfig's own default, and so --preset can refuse flags it would ignore).
 _FIELDS = {flag.lstrip("-").replace("-", "_"): field for field, flag in FLAGS.items()}
 _TYPES = {"lr": float, "dropout": float, "input_dropout": float, "weight_decay": float, "grad_clip": float,
-          "min_lr_ratio": float,
+          "min_lr_ratio": float, "ema": float,
           "max_minutes": float, "val_fraction": float, "temperature": float, "corpus": str, "cell": str,
           "schedule": str}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -22,6 +22,8 @@ _HELP = {
     "schedule": "default cosine over --max-steps, or cosine-time over --max-minutes when no --max-steps",
     "max_steps": "stop after this many steps (0 = no step limit)",
     "max_minutes": "stop after this much wall time, evaluations included (0 = no limit)",
+    "ema": "evaluate, checkpoint and export an exponential moving average of the weights with this decay "
+           "per step, e.g. 0.998 (default 0 = off: the weights as trained)",
     "patience": f"stop after this many evaluations without a new best val loss (default "
                 f"{_DEFAULTS['patience']}; 0 = never)",
 }

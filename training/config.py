@@ -69,7 +69,7 @@ FLAGS = {
     "warmup_steps": "--warmup", "min_lr_ratio": "--min-lr-ratio", "max_steps": "--max-steps",
     "max_minutes": "--max-minutes", "eval_every": "--eval-every", "patience": "--patience",
     "val_fraction": "--val-fraction", "seed": "--seed", "sample_chars": "--sample-chars",
-    "temperature": "--temperature",
+    "temperature": "--temperature", "ema": "--ema",
 }
 
 
@@ -109,6 +109,7 @@ class TrainConfig:
     seed: int = 0
     sample_chars: int = 200
     temperature: float = 0.8
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and exported; 0 = off
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -135,6 +136,7 @@ class TrainConfig:
             ("seed", self.seed >= 0, ">= 0"),
             ("sample_chars", self.sample_chars >= 0, ">= 0"),
             ("temperature", self.temperature > 0.0, "> 0"),
+            ("ema", 0.0 <= self.ema < 1.0, "in [0, 1) (0 = off)"),
         ]
         for field, ok, rule in checks:
             if not ok:

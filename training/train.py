@@ -7,10 +7,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from nextchar.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from nextchar.training.config import ConfigError, TrainConfig
@@ -79,16 +80,24 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
-def _record(model: CharModel, opt: torch.optim.Optimizer, config: TrainConfig, corpus: TokenCorpus,
-            p: Progress, state: State | None, epoch: int, rt: Runtime) -> Checkpoint:
+def weight_average(model: CharModel, decay: float) -> AveragedModel:
+    """An exponential moving average of `model`'s weights (torch's AveragedModel): after each optimizer
+    step, average <- decay * average + (1 - decay) * weights; the first update copies the weights."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
+def _record(model: CharModel, average: AveragedModel | None, opt: torch.optim.Optimizer, config: TrainConfig,
+            corpus: TokenCorpus, p: Progress, state: State | None, epoch: int, rt: Runtime) -> Checkpoint:
     """The checkpoint of this moment; every process calls it (it gathers the streams' hidden rows)."""
     hidden = [rt.gather_rows(s).float().cpu() for s in state] if state is not None else []
     rng = {"torch": torch.get_rng_state()}  # dropout; data order needs none: it is f(seed, step)
     if rt.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(rt.device)
+    served = average.module if average is not None else model
     return Checkpoint(
-        model_config=model.config, vocab=corpus.vocab,
-        model_state=_cpu(model.state_dict()), corpus=corpus.info(), train_config=config.to_dict(),
+        model_config=model.config, vocab=corpus.vocab, model_state=_cpu(served.state_dict()),
+        train_state=_cpu(model.state_dict()) if average is not None else {},
+        corpus=corpus.info(), train_config=config.to_dict(),
         seed=config.seed, step=p.step, epoch=epoch, train_seconds=p.train_seconds, metrics=p.metrics,
         best_val=p.best_val, optimizer=_cpu(opt.state_dict()),
         scheduler={"kind": config.schedule, "lr_scale": p.lr_scale, "evals_since_best": p.evals_since_best},
@@ -142,11 +151,15 @@ def train(config: TrainConfig, out: Path, resume: bool = False, progress: bool =
     if rt.rank:
         torch.manual_seed(mix_seed(config.seed, rt.rank))  # each process its own dropout masks
     opt = optimizer(model, config)
+    average = weight_average(model, config.ema) if config.ema else None
     p, state = Progress(), None
     if resume:
         ckpt = load_checkpoint(last)
         _check_resumable(ckpt, config, corpus, last)
-        model.load_state_dict(ckpt.model_state)
+        model.load_state_dict(ckpt.train_state or ckpt.model_state)
+        if average is not None:
+            average.module.load_state_dict(ckpt.model_state)
+            average.n_averaged.fill_(ckpt.step)  # so the next step averages rather than copies
         opt.load_state_dict(ckpt.optimizer)
         if rt.is_main:
             torch.set_rng_state(ckpt.rng["torch"])
@@ -167,12 +180,13 @@ def train(config: TrainConfig, out: Path, resume: bool = False, progress: bool =
         f"{len(train_tokens):,} / val {len(val_tokens):,}; model {config.cell} "
         f"{sum(t.numel() for t in model.parameters()):,} params; {chars_per_step:,} chars/step; "
         f"{rt.world} process(es) on {rt.device.type}{', bf16 autocast' if rt.mixed_precision else ''}")
-    return _loop(config, model, opt, streams, val_tokens, corpus, out, p, state, progress, log, clock, rt)
+    return _loop(config, model, average, opt, streams, val_tokens, corpus, out, p, state, progress, log,
+                 clock, rt)
 
 
-def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, streams: Streams,
-          val_tokens: Tokens, corpus: TokenCorpus, out: Path, p: Progress, state: State | None,
-          progress: bool, log: Log, clock: Callable[[], float], rt: Runtime) -> Progress:
+def _loop(config: TrainConfig, model: CharModel, average: AveragedModel | None, opt: torch.optim.Optimizer,
+          streams: Streams, val_tokens: Tokens, corpus: TokenCorpus, out: Path, p: Progress,
+          state: State | None, progress: bool, log: Log, clock: Callable[[], float], rt: Runtime) -> Progress:
     from tqdm import tqdm
 
     net: torch.nn.Module = model
@@ -206,6 +220,8 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip, foreach=True)
         opt.step()
+        if average is not None:
+            average.update_parameters(model)
         p.step += 1
         loss_sum += loss.item()
         loss_n += 1
@@ -223,7 +239,9 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
         if stop or p.step % config.eval_every == 0:
             chars_s = seg_steps * chars_per_step / (now - seg_start)
             t0 = clock()
-            val = rt.from_main(evaluate(model, val_tokens, config.batch_size, config.seq_len)
+            # What a checkpoint exports: the weights as trained, or their average.
+            evaluated = model if average is None else cast(CharModel, average.module)
+            val = rt.from_main(evaluate(evaluated, val_tokens, config.batch_size, config.seq_len)
                                if rt.is_main else 0.0)
             improved = val < p.best_val
             if improved:
@@ -242,9 +260,9 @@ def _loop(config: TrainConfig, model: CharModel, opt: torch.optim.Optimizer, str
                 "lr": opt.param_groups[0]["lr"], "chars_per_s": chars_s, "elapsed_s": elapsed,
             })
             p.train_seconds = elapsed
-            record = _record(model, opt, config, corpus, p, state, epoch, rt)
+            record = _record(model, average, opt, config, corpus, p, state, epoch, rt)
             if rt.is_main:
-                _report(model, config, vocab, val_tokens, p, epoch, improved, chars_s, bar, log)
+                _report(evaluated, config, vocab, val_tokens, p, epoch, improved, chars_s, bar, log)
                 save_checkpoint(out / LAST, record)
                 if improved:
                     save_checkpoint(out / BEST, record)

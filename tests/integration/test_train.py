@@ -100,6 +100,59 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(corpus: Path, t
     assert (ma["step"], ma["val_loss"], ma["train_loss"]) == (mb["step"], mb["val_loss"], mb["train_loss"])
 
 
+def val_split(corpus: Path):
+    from nextchar.training.data import split
+    from nextchar.training.tokens import open_corpus
+
+    return split(open_corpus(str(corpus)).tokens, 0.1)[1]
+
+
+def test_ema_evaluates_checkpoints_and_resumes_the_weight_average(corpus: Path, tmp_path: Path) -> None:
+    """--ema: the val loss is the average's, model_state is the average (what export reads),
+    train_state the weights as trained; a resume continues both exactly."""
+    config = tiny(corpus, max_steps=60, schedule="cosine", ema=0.9)
+    train(config, tmp_path / "a", progress=False, log=quiet)
+    last = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert last.train_state.keys() == last.model_state.keys()
+    assert all(not torch.equal(last.model_state[k], last.train_state[k]) for k in last.model_state)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    served = CharModel(last.model_config)
+    served.load_state_dict(last.model_state)
+    val = evaluate(served, val_split(corpus), config.batch_size, config.seq_len)
+    assert records[-1]["val_loss"] == pytest.approx(val, rel=1e-6)  # the average was evaluated
+    trained = CharModel(last.model_config)
+    trained.load_state_dict(last.train_state)
+    assert evaluate(trained, val_split(corpus), config.batch_size, config.seq_len) != pytest.approx(val)
+
+    def die_at_step_60(line: str) -> None:
+        if line.startswith("step 60 "):
+            raise Killed
+    with pytest.raises(Killed):
+        train(config, tmp_path / "b", progress=False, log=die_at_step_60)
+    train(config, tmp_path / "b", resume=True, progress=False, log=quiet)
+    resumed = load_checkpoint(tmp_path / "b" / "last.pt")
+    for k in last.model_state:
+        assert float((last.model_state[k] - resumed.model_state[k]).abs().max()) <= 1e-6
+        assert float((last.train_state[k] - resumed.train_state[k]).abs().max()) <= 1e-6
+
+
+def test_weight_average_is_an_exponential_moving_average() -> None:
+    from nextchar.training.train import weight_average
+
+    model = torch.nn.Linear(2, 1)
+    average = weight_average(model, 0.75)
+    history = []
+    for value in (1.0, 3.0, -2.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update_parameters(model)
+        history.append(value)
+    want = history[0]  # the first update copies; later ones: 0.75 * average + 0.25 * weights
+    for v in history[1:]:
+        want = 0.75 * want + 0.25 * v
+    assert torch.allclose(average.module.weight, torch.full((1, 2), want))
+
+
 def test_different_seeds_give_different_models(corpus: Path, tmp_path: Path) -> None:
     train(tiny(corpus, max_steps=20, seed=0), tmp_path / "s0", progress=False, log=quiet)
     train(tiny(corpus, max_steps=20, seed=1), tmp_path / "s1", progress=False, log=quiet)
