@@ -44,7 +44,7 @@ class ServerConfig:
     variant: str = "fp32"              # which ONNX file of each version to serve
     batching: str = "auto"             # on / off / auto: batch the models proved batch-invariant (fp32)
     max_batch_size: int = 64           # the batcher's largest batch
-    max_wait_ms: float = 2.0           # an arrival at an idle batcher waits this long for company
+    max_wait_ms: float = 0.0           # an arrival at an idle batcher waits this long for company
     max_chars_per_call: int = 64       # K's ceiling: chars a stream advances per engine call
     max_call_ms: float = 30.0          # K is cut so one engine call lasts about this long (cancel latency)
     max_active_streams: int = 256      # batched streams decoding at once per model; more wait in the queue
@@ -237,7 +237,8 @@ _SPECS: dict[str, _Spec] = {
     "max_batch_size": _Spec("--max-batch-size", int, _int_range(1, MAX_BATCH_SIZE),
                              "largest decode batch"),
     "max_wait_ms": _Spec("--max-wait-ms", float, _float_range(0.0, 1000.0),
-                         "longest an arrival at an idle batcher waits for others"),
+                         "longest an arrival at an idle batcher waits for others (default 0: it starts at "
+                         "once and later arrivals join the next engine call)"),
     "max_chars_per_call": _Spec("--max-chars-per-call", int, _int_range(1, MAX_CHARS_PER_CALL),
                                 "most chars a stream advances per engine call (K; 1 = one char per call)"),
     "max_call_ms": _Spec("--max-call-ms", float, _float_range(0.0, 10_000.0),

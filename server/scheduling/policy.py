@@ -18,7 +18,7 @@ class BatchingConfigError(ValueError):
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int = 64       # rows per engine call, decode and prefill alike
-    max_wait_s: float = 0.002      # an arrival at an idle batcher waits this long for others to join
+    max_wait_s: float = 0.0        # an arrival at an idle batcher waits this long for others to join
     max_active_streams: int = 256  # streams decoding at once; more arrivals wait in the queue
     max_queue: int = 256           # arrivals waiting for a free stream slot; beyond: CapacityError
     max_chars_per_call: int = 64   # K's ceiling: chars each stream advances per engine call (1 = per char)
