@@ -104,8 +104,8 @@ class Triton:
             (models / name / "config.pbtxt").write_text(template.format(
                 name=name, model_dir=repo / name / "1", repo_root=ROOT, intra_op_threads=0))
         env = dict(os.environ)
-        # The stub links libpython3.X.so: the venv interpreter's own lib dir must come first, else the
-        # system's libpython of the same version is loaded against this interpreter's stdlib.
+        # The stub links libpython3.X.so: the venv interpreter's own lib dir first, so that it gets the
+        # library of the interpreter whose site-packages it imports, not a system copy of another 3.X.
         env["LD_LIBRARY_PATH"] = ":".join(x for x in (libdir, str(Path(site) / "nvidia_pytriton.libs"),
                                                        env.get("LD_LIBRARY_PATH")) if x)
         env["PYTHONPATH"] = site  # the stub's numpy and onnxruntime
