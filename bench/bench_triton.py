@@ -56,6 +56,11 @@ class Run:
     chars_per_s: float
     cores: float
     texts: list[str]
+    messages: int  # streamed messages that carried text, all streams
+
+    @property
+    def chars_per_message(self) -> float:
+        return sum(map(len, self.texts)) / max(1, self.messages)
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -147,7 +152,7 @@ class Triton:
         r = self._ask({"model": model, "prompts": prompts, "chars": chars, "temperature": TEMPERATURE,
                        "seeds": seeds})
         cpu = tree_cpu_seconds(self.proc.pid) - cpu0
-        return Run(sum(map(len, r["texts"])) / r["wall"], cpu / r["wall"], r["texts"])
+        return Run(sum(map(len, r["texts"])) / r["wall"], cpu / r["wall"], r["texts"], r["messages"])
 
     def close(self) -> None:
         if self.client.stdin:
@@ -167,22 +172,24 @@ class Triton:
 async def _nextchar(address: str, model: str, prompts: list[str], chars: int, seeds: list[int]) -> tuple:
     from nextchar.client.client import AsyncNextCharClient
 
-    async def one(c: AsyncNextCharClient, prompt: str, seed: int) -> str:
+    async def one(c: AsyncNextCharClient, prompt: str, seed: int) -> list[str]:
         stream = c.generate_stream(model, prompt, chars, temperature=TEMPERATURE, seed=seed)
-        return "".join([text async for text in stream])
+        return [text async for text in stream]
 
     async with AsyncNextCharClient(address, timeout=600) as c:
         await c.health()
         t0 = time.perf_counter()
-        texts = await asyncio.gather(*(one(c, p, s) for p, s in zip(prompts, seeds, strict=True)))
-        return texts, time.perf_counter() - t0
+        pieces = await asyncio.gather(*(one(c, p, s) for p, s in zip(prompts, seeds, strict=True)))
+        return pieces, time.perf_counter() - t0
 
 
 def nextchar_run(proc: subprocess.Popen, address: str, model: str, prompts: list[str], chars: int,
                  seeds: list[int]) -> Run:
     cpu0 = tree_cpu_seconds(proc.pid)
-    texts, wall = asyncio.run(_nextchar(address, model, prompts, chars, seeds))
-    return Run(sum(map(len, texts)) / wall, (tree_cpu_seconds(proc.pid) - cpu0) / wall, list(texts))
+    pieces, wall = asyncio.run(_nextchar(address, model, prompts, chars, seeds))
+    texts = ["".join(p) for p in pieces]
+    return Run(sum(map(len, texts)) / wall, (tree_cpu_seconds(proc.pid) - cpu0) / wall, texts,
+               sum(map(len, pieces)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,8 +232,9 @@ def report(runs: dict[tuple[str, int], dict[str, list[Run]]], a: argparse.Namesp
         f"seeded i. {a.rounds} interleaved rounds; chars/s are medians, the ratio is the median of per-round "
         "ratios (per-round values in brackets).", "",
         "| cell | streams | nextchar chars/s | Triton chars/s | nextchar / Triton | nextchar CPU cores "
-        "| Triton CPU cores | per CPU-second: nextchar / Triton | texts differing |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Triton CPU cores | per CPU-second: nextchar / Triton | chars/message nextchar / Triton "
+        "| texts differing |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (cell, streams), r in runs.items():
         n, t = r["nextchar"], r["triton"]
@@ -241,7 +249,9 @@ def report(runs: dict[tuple[str, int], dict[str, list[Run]]], a: argparse.Namesp
             f"| {med(y.chars_per_s for y in t):,.0f} "
             f"| **{med(ratios):.2f}x** ({', '.join(f'{x:.2f}' for x in ratios)}) "
             f"| {med(x.cores for x in n):.2f} "
-            f"| {med(y.cores for y in t):.2f} | {med(per_cpu):.2f} | {differ} of {total} |")
+            f"| {med(y.cores for y in t):.2f} | {med(per_cpu):.2f} "
+            f"| {med(x.chars_per_message for x in n):.1f} / {med(y.chars_per_message for y in t):.1f} "
+            f"| {differ} of {total} |")
     return lines
 
 
