@@ -1,20 +1,22 @@
 """nextchar's server side by side with a Triton Python-backend peer on the same models (issue 10).
 
 Usage: .venv/bin/python -m bench.bench_triton [--cells lstm gru rnn] [--rounds 5] [--streams 64]
-           [--chars 400] [--single-chars 2000] [--triton-venv /work/triton-venv] [--out FILE]
+           [--chars 400] [--single-chars 2000] [--triton-threads 1 2] [--triton-venv DIR] [--out FILE]
 
 Models: untrained 2-layer 256-unit exports over the tinyshakespeare character set (65 chars), as
 bench_concurrent. nextchar: `nextchar serve` with its defaults (plus --max-concurrent above the stream
 count). Triton: the tritonserver that PyPI's nvidia-pytriton bundles (a separate venv: tritonclient pins
-protobuf<7), one decoupled Python-backend model per cell (bench/triton/model.py: execute() only queues;
-one engine thread steps every active stream in one onnxruntime call per char over the same model.onnx,
-samples with nextchar's own seeded rule, flushes by nextchar's rule). Load: `streams` concurrent streams
-x `chars` chars, then 1 stream x `single_chars` chars; temperature 0.8, stream i seeded i (1-based),
-the same seeds every round. nextchar's clients run in this process (its asyncio client), Triton's in a
-triton-venv subprocess (tritonclient.grpc.aio, one ModelStreamInfer call per stream). Rounds interleave
-the two servers, alternating which goes first. Server CPU in cores: utime + stime of the server and its
-children (Triton's Python stub is a child process) over the run / wall time. Every text is compared
-between the two servers for the same seed and prompt; the mismatch count is reported.
+protobuf<7), decoupled Python-backend models (bench/triton/model.py: execute() only queues; one engine
+thread steps every active stream in one onnxruntime call per char over the same model.onnx, samples
+with nextchar's own seeded rule, flushes by nextchar's rule), one per cell and --triton-threads value
+(onnxruntime intra-op threads: 2 lets one call use both cores but waits on a second busy core under
+load; the faster variant of each round counts). Load: `streams` concurrent streams x `chars` chars,
+then 1 stream x `single_chars` chars; temperature 0.8, stream i seeded i (1-based), the same seeds every
+round. nextchar's clients run in this process (its asyncio client), Triton's in a triton-venv worker
+process (tritonclient.grpc.aio, one ModelStreamInfer call per stream). Rounds interleave the setups,
+rotating which goes first. Server CPU in cores: utime + stime of the server and its children (Triton's
+Python stubs are child processes) over the run / wall time. Every text is compared with nextchar's for
+the same seed and prompt; the count that differ is reported.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +79,11 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def triton_name(cell: str, threads: int) -> str:
+    """The Triton model of `cell` whose onnxruntime session runs `threads` intra-op threads."""
+    return f"{model_name(cell)}_t{threads}"
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton: a model repository and a backend directory in a temp dir, tritonserver, a client worker.
 
@@ -92,7 +100,7 @@ def _venv_python(venv: Path) -> tuple[Path, str, str, str]:
 class Triton:
     """tritonserver over `repo`'s exports of `cells`, and a client worker process talking to it."""
 
-    def __init__(self, venv: Path, repo: Path, cells: list[str], work: Path) -> None:
+    def __init__(self, venv: Path, repo: Path, cells: list[str], threads: list[int], work: Path) -> None:
         python, version, libdir, site = _venv_python(venv)
         dist = Path(site) / "pytriton" / "tritonserver"
         if not dist.is_dir():
@@ -102,12 +110,12 @@ class Triton:
         stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
         shutil.copy(stub, backends / "python")
         template = (HERE / "config.pbtxt").read_text().split("\n", 1)[1]  # line 1 is a comment
-        for cell in cells:
-            name = model_name(cell)
+        names = [(cell, n, triton_name(cell, n)) for cell in cells for n in threads]
+        for cell, n, name in names:
             (models / name / "1").mkdir(parents=True)
             shutil.copy(HERE / "model.py", models / name / "1" / "model.py")
             (models / name / "config.pbtxt").write_text(template.format(
-                name=name, model_dir=repo / name / "1", repo_root=ROOT, intra_op_threads=0))
+                name=name, model_dir=repo / model_name(cell) / "1", repo_root=ROOT, intra_op_threads=n))
         env = dict(os.environ)
         # The stub links libpython3.X.so: the venv interpreter's own lib dir first, so that it gets the
         # library of the interpreter whose site-packages it imports, not a system copy of another 3.X.
@@ -128,7 +136,7 @@ class Triton:
         self.client = subprocess.Popen([str(python), str(HERE / "client.py"), self.address],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
-        models_ready = {"ready": [model_name(c) for c in cells]}
+        models_ready = {"ready": [name for _, _, name in names]}
         while True:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
@@ -195,20 +203,22 @@ def nextchar_run(proc: subprocess.Popen, address: str, model: str, prompts: list
 # ------------------------------------------------------------------------------------------------
 
 def measure(a: argparse.Namespace, repo: Path, work: Path) -> dict[tuple[str, int], dict[str, list[Run]]]:
-    """{(cell, streams): {"nextchar": [Run per round], "triton": [...]}} for both loads of every cell."""
+    """{(cell, streams): {"nextchar": [Run per round], "triton 1t": [...], ...}} for both loads, all cells."""
     loads = [(a.streams, a.chars), (1, a.single_chars)]
     proc, address = start_server(repo, "--max-concurrent", str(max(64, 2 * a.streams)))
     triton = None
     try:
-        triton = Triton(a.triton_venv, repo, a.cells, work)
-        setups = {"nextchar": lambda *x: nextchar_run(proc, address, *x), "triton": triton.run}
+        triton = Triton(a.triton_venv, repo, a.cells, a.triton_threads, work)
+        setups: dict[str, Callable[..., Run]] = {"nextchar": lambda m, *x: nextchar_run(proc, address, m, *x)}
+        for n in a.triton_threads:
+            setups[f"triton {n}t"] = lambda m, *x, n=n: triton.run(f"{m}_t{n}", *x)
         runs: dict[tuple[str, int], dict[str, list[Run]]] = {}
         for cell in a.cells:
             model = model_name(cell)
             for fn in setups.values():  # warm-up: sessions, threads, channels
                 fn(model, list(PROMPTS), 20, [10_000 + i for i in range(len(PROMPTS))])
             for r in range(a.rounds):
-                order = list(setups) if r % 2 == 0 else list(setups)[::-1]
+                order = list(setups)[r % len(setups):] + list(setups)[:r % len(setups)]  # rotate
                 for streams, chars in loads:
                     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(streams)]
                     seeds = list(range(1, streams + 1))
@@ -226,31 +236,35 @@ def measure(a: argparse.Namespace, repo: Path, work: Path) -> dict[tuple[str, in
 
 def report(runs: dict[tuple[str, int], dict[str, list[Run]]], a: argparse.Namespace) -> list[str]:
     med, nan = statistics.median, math.nan
+    variants = [f"triton {n}t" for n in a.triton_threads]
     lines = [
         f"Loads: {a.streams} concurrent streams x {a.chars} chars, and 1 stream x {a.single_chars} chars; "
         f"2-layer 256-unit untrained models, tinyshakespeare vocab (65), temperature {TEMPERATURE}, stream i "
-        f"seeded i. {a.rounds} interleaved rounds; chars/s are medians, the ratio is the median of per-round "
-        "ratios (per-round values in brackets).", "",
-        "| cell | streams | nextchar chars/s | Triton chars/s | nextchar / Triton | nextchar CPU cores "
-        "| Triton CPU cores | per CPU-second: nextchar / Triton | chars/message nextchar / Triton "
-        "| texts differing |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"seeded i. {a.rounds} interleaved rounds. Triton Nt: the peer with N onnxruntime intra-op threads; "
+        "'best Triton' is the faster variant in each round. chars/s and CPU cores are medians; a ratio is "
+        "the median of per-round ratios (per-round values in brackets).", "",
+        "| cell | streams | nextchar chars/s | " + " | ".join(f"{v} chars/s" for v in variants)
+        + " | nextchar / best Triton | CPU cores: nextchar / " + " / ".join(variants)
+        + " | per CPU-second: nextchar / best Triton | chars/message: nextchar / best Triton "
+        "| texts differing from nextchar's |",
+        "|---|---|---|" + "---|" * len(variants) + "---|---|---|---|---|",
     ]
     for (cell, streams), r in runs.items():
-        n, t = r["nextchar"], r["triton"]
-        ratios = [x.chars_per_s / y.chars_per_s for x, y in zip(n, t, strict=True)]
+        n = r["nextchar"]
+        best = [max((r[v][i] for v in variants), key=lambda x: x.chars_per_s) for i in range(len(n))]
+        ratios = [x.chars_per_s / y.chars_per_s for x, y in zip(n, best, strict=True)]
         per_cpu = [(x.chars_per_s / x.cores) / (y.chars_per_s / y.cores) if x.cores and y.cores else nan
-                   for x, y in zip(n, t, strict=True)]  # 0 cores: a run shorter than a clock tick
-        differ = sum(x != y for xr, yr in zip(n, t, strict=True)
+                   for x, y in zip(n, best, strict=True)]  # 0 cores: a run shorter than a clock tick
+        differ = sum(x != y for v in variants for xr, yr in zip(n, r[v], strict=True)
                      for x, y in zip(xr.texts, yr.texts, strict=True))
-        total = sum(len(x.texts) for x in n)
+        total = sum(len(x.texts) for x in n) * len(variants)
+        cores = " / ".join(f"{med(x.cores for x in r[k]):.2f}" for k in ("nextchar", *variants))
         lines.append(
-            f"| {cell} | {streams} | {med(x.chars_per_s for x in n):,.0f} "
-            f"| {med(y.chars_per_s for y in t):,.0f} "
-            f"| **{med(ratios):.2f}x** ({', '.join(f'{x:.2f}' for x in ratios)}) "
-            f"| {med(x.cores for x in n):.2f} "
-            f"| {med(y.cores for y in t):.2f} | {med(per_cpu):.2f} "
-            f"| {med(x.chars_per_message for x in n):.1f} / {med(y.chars_per_message for y in t):.1f} "
+            f"| {cell} | {streams} | {med(x.chars_per_s for x in n):,.0f} | "
+            + " | ".join(f"{med(y.chars_per_s for y in r[v]):,.0f}" for v in variants)
+            + f" | **{med(ratios):.2f}x** ({', '.join(f'{x:.2f}' for x in ratios)}) | {cores} "
+            f"| {med(per_cpu):.2f} "
+            f"| {med(x.chars_per_message for x in n):.1f} / {med(y.chars_per_message for y in best):.1f} "
             f"| {differ} of {total} |")
     return lines
 
@@ -265,6 +279,8 @@ def main() -> None:
     p.add_argument("--triton-venv", type=Path,
                    default=Path(os.environ.get("TRITON_VENV", "/work/triton-venv")),
                    help="a venv with nvidia-pytriton, tritonclient[grpc], onnxruntime, numpy")
+    p.add_argument("--triton-threads", type=int, nargs="+", default=[1, 2],
+                   help="one Triton variant per value: onnxruntime intra-op threads of its engine")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as d:
