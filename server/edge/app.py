@@ -97,7 +97,8 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     metrics = Metrics()  # per server, so tests can run several in one process
     # Parallel engine calls, one thread each, beat one call on several threads here (BENCHMARKS.md 6c).
     instances = config.model_instances or available_cores()
-    threads = config.intra_op_threads or (1 if instances > 1 else 0)
+    parallel = config.batching != "off" and instances > 1
+    threads = config.intra_op_threads or (1 if parallel else 0)
     loader = metrics.metered(engine_loader(config.variant, threads))
     registry = Registry(config.model_repo, loader)
     registry.load_latest(allow_empty=config.reload_interval > 0)

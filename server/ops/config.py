@@ -216,9 +216,9 @@ _SPECS: dict[str, _Spec] = {
                             "x-forwarded-for address) may have in flight, an open Session counting as "
                             "one, before RESOURCE_EXHAUSTED (0 = no cap)"),
     "intra_op_threads": _Spec("--intra-op-threads", int, _int_range(0, 256),
-                              "onnxruntime threads per engine call; 0 = 1 when --model-instances is above "
-                              "1, else the CPUs available to the process (affinity mask, cgroup cpu.max "
-                              "quota) unless one thread is faster at warm-up"),
+                              "onnxruntime threads per engine call; 0 = 1 when batching with --model-"
+                              "instances above 1, else the CPUs available to the process (affinity mask, "
+                              "cgroup cpu.max quota) unless one thread is faster at warm-up"),
     "model_instances": _Spec("--model-instances", int, _int_range(0, 256),
                              "batched engine calls a model runs at once, each on its own thread with its "
                              "own share of the streams; 0 = the CPUs available to the process"),
