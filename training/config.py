@@ -169,7 +169,7 @@ class TrainConfig:
 RECIPES: dict[str, dict] = {
     "shakespeare": {
         "corpus": "../shared/data/tinyshakespeare.txt", "cell": "lstm", "hidden_size": 512, "num_layers": 2,
-        "embedding_dim": 64, "dropout": 0.3, "input_dropout": 0.1, "weight_decay": 0.1,
+        "embedding_dim": 64, "dropout": 0.4, "input_dropout": 0.1, "weight_decay": 0.1, "ema": 0.998,
         "batch_size": 64, "seq_len": 128, "lr": 3e-3,
         "schedule": "cosine-time", "max_minutes": 59.0, "eval_every": 100, "patience": 0,
     },

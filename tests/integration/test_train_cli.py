@@ -169,5 +169,5 @@ def test_the_shakespeare_recipe_fills_in_what_flags_leave_out(tmp_path: Path, ca
     config = load_checkpoint(out / "last.pt").train_config
     recipe = RECIPES["shakespeare"]
     assert (config["hidden_size"], config["batch_size"], config["max_steps"]) == (16, 4, 3)  # the flags
-    for kept in ("cell", "num_layers", "embedding_dim", "dropout", "lr", "schedule", "max_minutes"):
+    for kept in ("cell", "num_layers", "embedding_dim", "dropout", "ema", "lr", "schedule", "max_minutes"):
         assert config[kept] == recipe[kept]  # the recipe
