@@ -97,15 +97,11 @@ def _sampling_nodes(logits: str, step: str, tok_out: str, vocab_size: int) -> li
     return [
         _const(p + "last", -1, _I), _const(p + "ax1", [1], _I),
         _const(p + "ax1s", 1, _I), _const(p + "zero_d", 0.0, _D), _const(p + "minus1", -1, _I),
-        _const(p + "zero_f", 0.0, TensorProto.FLOAT),
-        n("Gather", [logits, p + "last"], [p + "row_raw"], axis=1),         # [B, V]
-        n("IsNaN", [p + "row_raw"], [p + "isnan"]),
+        n("Gather", [logits, p + "last"], [p + "row32"], axis=1),           # [B, V]
+        n("IsNaN", [p + "row32"], [p + "isnan"]),
         n("Cast", [p + "isnan"], [p + "isnan_f"], to=TensorProto.FLOAT),
         n("ReduceMax", [p + "isnan_f"], [p + "nan_f"], axes=[1], keepdims=1),  # [B, 1]
         n("Cast", [p + "nan_f"], [p + "nan"], to=TensorProto.BOOL),
-        # A NaN row answers -1 below; read as zeros until then, so that it cannot fail the whole Run
-        # (a NaN reaching the exp's 2^k Gather is an out-of-range index).
-        n("Where", [p + "isnan", p + "zero_f", p + "row_raw"], [p + "row32"]),
         n("If", [r + "any_filt"], [p + "order", p + "vals32"],
           then_branch=_order_branch(p, p + "row32", True, vocab_size),
           else_branch=_order_branch(p, p + "row32", False, vocab_size)),
@@ -117,8 +113,8 @@ def _sampling_nodes(logits: str, step: str, tok_out: str, vocab_size: int) -> li
         n("Or", [r + "is_greedy", p + "inf"], [p + "use_argmax"]),
         n("Sub", [p + "vals", p + "x0"], [p + "d"]),
         n("Div", [p + "d", r + "T_safe"], [p + "z_raw"]),
-        # inf - inf: only in rows with an infinite maximum, which take the argmax; 0 keeps the exp's
-        # 2^k Gather in range (a NaN index fails the whole Run).
+        # NaN only in rows that answer otherwise (a NaN logit: -1; an infinite maximum, inf - inf: the
+        # argmax); 0 keeps the exp's 2^k Gather in range (a NaN index would fail the whole Run).
         n("IsNaN", [p + "z_raw"], [p + "z_nan"]),
         n("Where", [p + "z_nan", p + "zero_d", p + "z_raw"], [p + "z"]),
         *exp_nodes(p + "z", p + "w_all"),
