@@ -14,19 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bench.common import load_engine, machine, model_name, scratch_repo
+from bench.common import generation_args, load_engine, machine, model_name, scratch_repo
 
 K = 64
 
 
 def work(engine: Any, rows: int, calls: int) -> None:
     """`calls` generation calls of `rows` rows x K chars."""
-    tokens, state = np.zeros((rows, 1), np.int64), engine.initial_state(rows)
-    u, t = np.random.default_rng(0).random((rows, K)), np.full(rows, 0.8)
+    args = generation_args(engine, rows, K)
     for _ in range(calls):
-        engine.generate(tokens, state, u, t, np.zeros(rows, np.int64), np.ones(rows))
+        engine.generate(*args)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import load_engine, machine, model_name, scratch_repo
+from bench.common import generation_args, load_engine, machine, model_name, scratch_repo
 
 
 def main() -> None:
@@ -29,9 +29,7 @@ def main() -> None:
         for cell in ("lstm", "gru", "rnn"):
             e = load_engine(repo, model_name(cell), threads=1)
             b, k = 64, a.k
-            tokens, state = np.zeros((b, 1), np.int64), e.initial_state(b)
-            u, t, top_p = np.random.default_rng(0).random((b, k)), np.full(b, 0.8), np.ones(b)
-            unfiltered = np.zeros(b, np.int64)
+            tokens, state, u, t, unfiltered, top_p = generation_args(e, b, k)
             one_filters = unfiltered.copy()
             one_filters[0] = 5
             best = {"no sort": np.inf, "sort": np.inf}

@@ -85,6 +85,16 @@ def load_engine(repo: Path, name: str, threads: int = 1):
     return engine
 
 
+def generation_args(engine, rows: int, k: int, temperature: float = 0.8) -> tuple:
+    """`engine.generate`'s arguments for `rows` rows x `k` chars from the zero state: token 0, seeded
+    uniforms, `temperature`, no top-k (int64 zeros, a row may be changed after) and no top-p."""
+    import numpy as np
+
+    uniforms = np.random.default_rng(0).random((rows, k))
+    return (np.zeros((rows, 1), np.int64), engine.initial_state(rows), uniforms, np.full(rows, temperature),
+            np.zeros(rows, np.int64), np.ones(rows))
+
+
 def prompt_text(n: int) -> str:
     """`n` characters of the anthem, repeated as needed (every char is in the models' vocabulary)."""
     from nextchar.training.corpora import load_corpus
