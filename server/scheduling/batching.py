@@ -132,11 +132,6 @@ class BatchCore:
         with self._lock:
             return self.active_count, self.pending
 
-    @property
-    def load(self) -> int:
-        """Streams this core holds (queued, prefilling, decoding): where the next one goes (Runner)."""
-        return len(self._inbox) + len(self.waiting) + len(self._prefilling) + len(self.active)
-
     def submit(self, request: GenerationRequest, *, on_text: OnText, on_end: OnEnd,
                cancelled: Callable[[], bool] | None = None, deadline: float | None = None) -> Decoder:
         """Queue a request (thread-safe). Raises request errors and CapacityError synchronously.

@@ -247,14 +247,16 @@ class Runner:
         lanes = self._batchers.get(id(engine))
         if lanes is None:
             n = self.instances
-            share = dataclasses.replace(c, max_active_streams=-(-c.max_active_streams // n),
-                                        max_queue=c.max_active_streams + c.max_queue)
+            share = c if n == 1 else dataclasses.replace(  # one batcher keeps the limits as configured
+                c, max_active_streams=-(-c.max_active_streams // n),
+                max_queue=c.max_active_streams + c.max_queue)
             lanes = [Batcher(engine, share, clock=self._clock, name=f"{engine.name}-{i}") for i in range(n)]
             self._batchers[id(engine)] = lanes
-        if len(lanes) > 1:
-            counts = [b.core.counts() for b in lanes]
-            check_capacity(sum(a for a, _ in counts), sum(q for _, q in counts), c)
-        return min(lanes, key=lambda b: b.core.load)
+        if len(lanes) == 1:
+            return lanes[0]  # its core checks the limits itself
+        counts = [b.core.counts() for b in lanes]
+        check_capacity(sum(a for a, _ in counts), sum(q for _, q in counts), c)
+        return lanes[min(range(len(lanes)), key=lambda i: sum(counts[i]))]
 
     def forget(self, engine: ModelEngine) -> None:
         """`engine`'s model version was unloaded after its last call ended: stop its batchers, if any."""

@@ -92,9 +92,10 @@ def test_past_active_and_queue_limits_resource_exhausted_at_once_naming_the_limi
         assert queued.summary.generated_chars == 7
 
 
-def test_without_a_queue_the_active_limit_is_named(make_server) -> None:
+@pytest.mark.parametrize("instances", [1, 2])
+def test_without_a_queue_the_active_limit_is_named(make_server, instances: int) -> None:
     s = make_server(batching="on", max_active_streams=1, max_queue=0, max_new_chars=LONG, max_concurrent=64,
-                    model_instances=2)
+                    model_instances=instances)
     with NextCharClient(s.address, timeout=60) as c:
         running = start_running(c, 1)
         with pytest.raises(ResourceExhausted, match=r"max_active_streams=1"):
