@@ -55,10 +55,9 @@ class SessionService:
         # An open session is a call in flight of its client (--max-per-client) for as long as it lasts.
         with self.clients.hold(client_key(context.peer(), context.invocation_metadata() or ())):
             held = self.registry.acquire(model.name, model.version)  # a reload unloads it after the session
+            session = TypingSession(model.artifact.vocab, model.engine.vocab_index, self.session_limits)
             try:
-                async for message in self._lifetime(_Live(model, TypingSession(
-                        model.artifact.vocab, model.engine.vocab_index, self.session_limits), opts),
-                        first, reader, context):
+                async for message in self._lifetime(_Live(model, session, opts), first, reader, context):
                     yield message
             finally:
                 if held is not None:
