@@ -1,6 +1,7 @@
 """Typing sessions vs PredictNext on the whole text: per-keystroke latency and server CPU as texts grow.
 
 Usage: .venv/bin/python -m bench.bench_sessions [--sessions 64] [--rate 20] [--seconds 30] [--start-chars 500]
+                                               [--server-flags "--session-wait-ms 2"]
                                                [--baseline-seconds 10] [--baseline-start-chars 1000 2000]
                                                [--idle 1000] [--idle-ttl 10] [--repo DIR] [--out FILE]
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import sys
 import time
 import urllib.request
@@ -159,6 +161,7 @@ def main() -> None:
     p.add_argument("--idle", type=int, default=1000, help="idle sessions for the memory check (0 = skip)")
     p.add_argument("--idle-ttl", type=float, default=10.0)
     p.add_argument("--repo", type=Path, default=None, help="a repo with lstm256/1 (default: export one)")
+    p.add_argument("--server-flags", default="", help="extra server flags, e.g. '--session-wait-ms 2'")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     out = [f"# bench.bench_sessions\n\ncommand: {' '.join(sys.argv)}\n\nmachine: {machine()}\n"]
@@ -168,7 +171,8 @@ def main() -> None:
         runs += [(f"predict_next@{n}", a.baseline_seconds, n) for n in a.baseline_start_chars]
         for mode, seconds, start in runs:
             mport = free_port()
-            proc, address = start_server(repo, "--max-concurrent", "256", "--metrics-port", str(mport))
+            proc, address = start_server(repo, "--max-concurrent", "256", "--metrics-port", str(mport),
+                                         *shlex.split(a.server_flags))
             try:
                 samples, cpu = asyncio.run(typing(address, mode, a.sessions, a.rate, seconds, start,
                                                   proc.pid))

@@ -56,7 +56,9 @@ def top_predictions(logits_row: np.ndarray, vocab: tuple[str, ...], n: int,
     """The `n` most probable entries of `logits_row: float32[V]` at `temperature`, most likely first."""
     logprobs = log_softmax(np.asarray(logits_row, dtype=np.float64) / temperature)
     order = np.argsort(-logprobs, kind="stable")[: min(n, len(vocab))]
-    return [Prediction(vocab[i], int(i), float(np.exp(logprobs[i])), float(logprobs[i])) for i in order]
+    top = logprobs[order]  # one array op each, not n scalar ones: this runs on every keystroke
+    return [Prediction(vocab[i], i, p, lp)
+            for i, p, lp in zip(order.tolist(), np.exp(top).tolist(), top.tolist(), strict=True)]
 
 
 @dataclass(frozen=True)

@@ -45,23 +45,28 @@ class SessionService:
     async def serve(self, requests: Any,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
         reader = self.table.reader(requests)
-        first = await reader.next()
-        if first is None:
-            return
-        if first.WhichOneof("action") != "open":
-            raise InvalidParameterError("open", "the first message of a session must be open, and only it")
-        model = await self._resolve(first.open.model, context)
-        opts = sw.options(first.open.options, model)
-        # An open session is a call in flight of its client (--max-per-client) for as long as it lasts.
-        with self.clients.hold(client_key(context.peer(), context.invocation_metadata() or ())):
-            held = self.registry.acquire(model.name, model.version)  # a reload unloads it after the session
-            session = TypingSession(model.artifact.vocab, model.engine.vocab_index, self.session_limits)
-            try:
-                async for message in self._lifetime(_Live(model, session, opts), first, reader, context):
-                    yield message
-            finally:
-                if held is not None:
-                    self.registry.release(held)
+        try:
+            first = await reader.next()
+            if first is None:
+                return
+            if first.WhichOneof("action") != "open":
+                raise InvalidParameterError("open",
+                                            "the first message of a session must be open, and only it")
+            model = await self._resolve(first.open.model, context)
+            opts = sw.options(first.open.options, model)
+            # An open session is a call in flight of its client (--max-per-client) for as long as it lasts.
+            with self.clients.hold(client_key(context.peer(), context.invocation_metadata() or ())):
+                # A reload unloads the version only after the session.
+                held = self.registry.acquire(model.name, model.version)
+                session = TypingSession(model.artifact.vocab, model.engine.vocab_index, self.session_limits)
+                try:
+                    async for message in self._lifetime(_Live(model, session, opts), first, reader, context):
+                        yield message
+                finally:
+                    if held is not None:
+                        self.registry.release(held)
+        finally:
+            reader.close()
 
     async def _lifetime(self, live: _Live, first: pb.SessionRequest, reader: Any,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:

@@ -53,6 +53,7 @@ class ServerConfig:
     session_idle_ttl: float = 300.0    # a session that sends nothing this long is ended, its state freed
     session_max_chars: int = 10_000    # text one session may hold: its memory bound
     session_saved_states: int = 16     # recent states a session keeps so deletes cost no re-read
+    session_wait_ms: float = 0.0       # a session step at an idle model waits this long for others' steps
     log_level: str = "INFO"
     # Operations (server.reload, server.metrics, server.reqlog, server.security):
     reload_interval: float = 0.0       # seconds between repository scans for new/removed versions; 0 = off
@@ -255,6 +256,10 @@ _SPECS: dict[str, _Spec] = {
                                "characters one session may hold (bounds its memory)"),
     "session_saved_states": _Spec("--session-saved-states", int, _int_range(0, 4096),
                                   "recent model states a session keeps, so deleting back costs no re-read"),
+    "session_wait_ms": _Spec("--session-wait-ms", float, _float_range(0.0, 100.0),
+                             "longest a session step at an idle model waits for other sessions' steps to "
+                             "share its engine call: less CPU per keystroke under many sessions, that much "
+                             "more latency (default 0: it goes at once, later steps go together next)"),
     "log_level": _Spec("--log-level", str.upper, _one_of(LOG_LEVELS), "logging level"),
     "reload_interval": _Spec("--reload-interval", float, _float_range(0.0, 86400.0),
                              "seconds between scans of the repository for new or removed versions (0 = off); "

@@ -125,18 +125,24 @@ class SessionTable:
 
 class SessionReader:
     """Reads a session's requests. While it waits, the idle TTL (a timer) or a drain cancels the wait
-    and it raises SessionIdleError / SessionsClosedError; no task or wait set per message."""
+    and it raises SessionIdleError / SessionsClosedError; no task or wait set per message, and one
+    timer per TTL period rather than one per message (it re-arms itself while the session is busy)."""
 
     def __init__(self, table: SessionTable, requests: Any) -> None:
         self._table, self._requests = table, requests
         self._task = asyncio.current_task()
         self._ended: str | None = None
+        self._since: float | None = None  # when the current wait began (None: not waiting)
+        self._timer: asyncio.TimerHandle | None = None
 
     async def next(self) -> Any:
         """The next message; None when the client closed its side."""
         if self._table.closing:
             raise SessionsClosedError("the server is shutting down; the session ended, reopen it elsewhere")
-        timer = asyncio.get_running_loop().call_later(self._table.idle_ttl_s, self.end, "idle")
+        loop = asyncio.get_running_loop()
+        self._since = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(self._since + self._table.idle_ttl_s, self._expire)
         self._table.waiting.add(self)
         try:
             return await anext(self._requests, None)
@@ -150,8 +156,26 @@ class SessionReader:
             raise SessionIdleError(f"the session sent nothing for {self._table.idle_ttl_s:g}s (the server's "
                                    "idle TTL); its state was freed, open a new session") from None
         finally:
-            timer.cancel()
+            self._since = None
             self._table.waiting.discard(self)
+
+    def _expire(self) -> None:
+        """The timer: end the wait if it has lasted the TTL, else re-arm for when it will have."""
+        self._timer = None
+        if self._since is None:  # answering a request: the next wait arms the timer again
+            return
+        due = self._since + self._table.idle_ttl_s
+        loop = asyncio.get_running_loop()
+        if loop.time() >= due:
+            self.end("idle")
+        else:
+            self._timer = loop.call_at(due, self._expire)
+
+    def close(self) -> None:
+        """The stream ended: drop the timer (it holds this reader, and the reader the stream)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def end(self, why: str) -> None:
         """Stop the wait for the next message (`why`: idle or drain)."""

@@ -64,13 +64,83 @@ def test_concurrent_steps_of_equal_length_share_one_engine_call() -> None:
     async def run() -> list:
         steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True)
         first = asyncio.ensure_future(steps.step(engine, np.array([1]), None))
-        await asyncio.sleep(0)  # the first starts alone; the next four wait for it and go together
+        await asyncio.sleep(0)  # the first starts alone; the next four, queued in one turn, go together
         rest = [steps.step(engine, np.array([t]), None) for t in (2, 3, 4)]
         rest.append(steps.step(engine, np.array([1, 2]), None))  # another length: its own call
         return [await first, *await asyncio.gather(*rest)], steps
 
     results, steps = asyncio.run(run())
     assert sorted(engine.calls) == [(1, 1), (1, 2), (3, 1)] and steps.rows == 5 and steps.calls == 3
+    assert steps.inline_calls == 2  # the first call measured the engine; the rest ran on the loop
     for (logits, state), text in zip(results, ["b", "c", "d", "e", "bc"], strict=True):
         np.testing.assert_allclose(logits, _full(engine, text), atol=1e-6)
         assert state[0].shape == (1, 1, engine.hidden_size)
+
+
+def test_steps_run_inline_only_when_their_measured_cost_fits() -> None:
+    """A call the engine's measured cost says is short runs on the event loop thread (no hand-off to a
+    worker); the first call of an engine, and calls estimated past inline_s, go to the worker. Both
+    give the same results, and an engine error reaches the callers of its own batch only."""
+    engine = FakeEngine()
+    threads: list[str] = []
+
+    async def offload(fn, *args):
+        def run():
+            threads.append("worker")
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, run)
+
+    async def run(steps: StepCoalescer, texts: list[str]) -> list:
+        out = []
+        for text in texts:
+            ids = np.array([engine.vocab_index[c] for c in text])
+            out.append(await steps.step(engine, ids, None))
+        return out
+
+    texts = ["ab", "c", "hg", "a" * 300]
+    steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, inline_s=1.0)
+    results = asyncio.run(run(steps, texts))
+    assert threads == ["worker"] and steps.inline_calls == 3  # only the unmeasured first call left
+    for (logits, _), text in zip(results, texts, strict=True):
+        np.testing.assert_allclose(logits, _full(engine, text), atol=1e-6)
+
+    threads.clear()
+    tight = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, inline_s=1e-12)
+    asyncio.run(run(tight, texts))
+    assert threads == ["worker"] * 4 and tight.inline_calls == 0  # never cheap enough
+
+    class Failing(FakeEngine):
+        def step(self, tokens, state):
+            if tokens.shape[1] == 2:
+                raise RuntimeError("engine failed")
+            return super().step(tokens, state)
+
+    async def failing() -> tuple:
+        bad = Failing()
+        steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, inline_s=1.0)
+        await steps.step(bad, np.array([1]), None)  # measured: later calls run inline
+        outcomes = await asyncio.gather(steps.step(bad, np.array([1, 2]), None),
+                                        steps.step(bad, np.array([3]), None), return_exceptions=True)
+        return outcomes, steps.inline_calls
+    (error, ok), inline = asyncio.run(failing())
+    assert isinstance(error, RuntimeError) and isinstance(ok, tuple) and inline == 2
+
+
+def test_session_wait_gathers_steps_that_arrive_within_it() -> None:
+    """--session-wait-ms: a step at an idle engine waits that long, and steps arriving meanwhile share
+    its engine call; without it, a step 10 ms later gets a call of its own."""
+    async def offload(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def run(wait_s: float) -> list[tuple[int, int]]:
+        engine = FakeEngine()
+        steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, wait_s=wait_s)
+        first = asyncio.ensure_future(steps.step(engine, np.array([1]), None))
+        await asyncio.sleep(0.01)
+        second = await steps.step(engine, np.array([2]), None)
+        np.testing.assert_allclose(second[0], _full(FakeEngine(), "c"), atol=1e-6)  # same weights
+        await first
+        return engine.calls
+
+    assert asyncio.run(run(0.2)) == [(2, 1)]
+    assert asyncio.run(run(0.0)) == [(1, 1), (1, 1)]
