@@ -257,9 +257,9 @@ _SPECS: dict[str, _Spec] = {
     "session_saved_states": _Spec("--session-saved-states", int, _int_range(0, 4096),
                                   "recent model states a session keeps, so deleting back costs no re-read"),
     "session_wait_ms": _Spec("--session-wait-ms", float, _float_range(0.0, 100.0),
-                             "longest a session step at an idle model waits for other sessions' steps to "
-                             "share its engine call: less CPU per keystroke under many sessions, that much "
-                             "more latency (default 0: it goes at once, later steps go together next)"),
+                             "while other sessions are typing on a model, a step waits this long for "
+                             "theirs to share its engine call: less CPU per keystroke, that much more "
+                             "latency (default 0: steps go at once; those arriving meanwhile go together)"),
     "log_level": _Spec("--log-level", str.upper, _one_of(LOG_LEVELS), "logging level"),
     "reload_interval": _Spec("--reload-interval", float, _float_range(0.0, 86400.0),
                              "seconds between scans of the repository for new or removed versions (0 = off); "

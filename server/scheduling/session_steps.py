@@ -36,6 +36,10 @@ class StepCoalescer:
     A call runs inline (on the event loop, which it blocks while onnxruntime runs, the GIL released)
     when the engine's measured seconds per row-position times its rows x positions is at most
     `inline_s`; until an engine has been measured (its first call) and for longer calls, a worker.
+
+    With `wait_s` (--session-wait-ms), a step that finds the engine idle but flushed less than wait_s
+    ago (other sessions are typing) waits wait_s for company: fewer, fuller calls for that much latency.
+    A lone typist never waits.
     """
 
     def __init__(self, offload: Offload, max_rows: int, may_batch: Callable[[Any], bool], *,
@@ -45,8 +49,10 @@ class StepCoalescer:
         self._waiting: dict[int, list[tuple[np.ndarray, State | None, asyncio.Future]]] = {}
         self._busy: set[int] = set()
         self._tasks: set[asyncio.Task] = set()  # the running drains (the loop keeps only weak references)
-        # Seconds per row-position of each engine's calls, smoothed; weak: an unloaded version leaves.
+        # Seconds per row-position of each engine's calls, smoothed, and when its last flush began;
+        # weak: an unloaded version leaves.
         self._cost: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._last_flush: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.calls = 0  # engine calls made
         self.rows = 0   # session steps they carried
         self.inline_calls = 0  # of the calls, those run on the event loop
@@ -58,8 +64,10 @@ class StepCoalescer:
         self._waiting.setdefault(id(engine), []).append((tokens, state, done))
         if id(engine) not in self._busy:
             self._busy.add(id(engine))
-            # Soon, not now: the steps queued in this turn of the loop (or within wait_s) go together.
-            if self.wait_s:
+            # Soon, not now: the steps queued in this turn of the loop go together; when the model
+            # is busy with sessions (a flush within wait_s), those that come within wait_s too.
+            last = self._last_flush.get(engine)
+            if self.wait_s and last is not None and loop.time() - last < self.wait_s:
                 loop.call_later(self.wait_s, self._flush, engine)
             else:
                 loop.call_soon(self._flush, engine)
@@ -79,6 +87,7 @@ class StepCoalescer:
     def _flush(self, engine: Any) -> None:
         """On the loop: the engine's waiting steps in calls, inline or (a task) on a worker thread."""
         key = id(engine)
+        self._last_flush[engine] = asyncio.get_running_loop().time()
         steps = [s for s in self._waiting.pop(key, ()) if not s[2].done()]  # drop callers that left
         if not steps:
             self._busy.discard(key)

@@ -126,21 +126,28 @@ def test_steps_run_inline_only_when_their_measured_cost_fits() -> None:
     assert isinstance(error, RuntimeError) and isinstance(ok, tuple) and inline == 2
 
 
-def test_session_wait_gathers_steps_that_arrive_within_it() -> None:
-    """--session-wait-ms: a step at an idle engine waits that long, and steps arriving meanwhile share
-    its engine call; without it, a step 10 ms later gets a call of its own."""
+def test_session_wait_gathers_steps_while_sessions_are_busy() -> None:
+    """--session-wait-ms: while the model is busy with sessions (a flush within the wait), a step waits
+    that long and steps arriving meanwhile share its engine call; a step after a quiet spell, or any
+    step without the setting, goes at once."""
     async def offload(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def run(wait_s: float) -> list[tuple[int, int]]:
         engine = FakeEngine()
         steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, wait_s=wait_s)
-        first = asyncio.ensure_future(steps.step(engine, np.array([1]), None))
+        await steps.step(engine, np.array([0]), None)  # the model was idle: at once
+        first = asyncio.ensure_future(steps.step(engine, np.array([1]), None))  # busy: waits
         await asyncio.sleep(0.01)
         second = await steps.step(engine, np.array([2]), None)
         np.testing.assert_allclose(second[0], _full(FakeEngine(), "c"), atol=1e-6)  # same weights
         await first
+        await asyncio.sleep(wait_s)
+        third = asyncio.ensure_future(steps.step(engine, np.array([3]), None))  # quiet: at once again
+        for _ in range(3):  # the task starts, the flush runs inline (the engine is measured), it ends
+            await asyncio.sleep(0)
+        assert third.done()
         return engine.calls
 
-    assert asyncio.run(run(0.2)) == [(2, 1)]
-    assert asyncio.run(run(0.0)) == [(1, 1), (1, 1)]
+    assert asyncio.run(run(0.2)) == [(1, 1), (2, 1), (1, 1)]
+    assert asyncio.run(run(0.0)) == [(1, 1)] * 4
