@@ -68,26 +68,52 @@ def _row_nodes(vocab_size: int) -> list[onnx.NodeProto]:
     ]
 
 
-def _order_branch(p: str, row32: str, sort: bool, vocab_size: int) -> onnx.GraphProto:
-    """The If branches giving (order int64[B, V], values float32[B, V] in that order): with `sort`,
-    rows that filter are sorted descending (ties to the lower id) and the others keep id order;
-    without, every row keeps id order and nothing is sorted."""
+def _pick_branch(p: str, vocab_size: int, filtering: bool) -> onnx.GraphProto:
+    """The If branches giving the sampled position `pick` int64[B, 1] from the weights `w_all`
+    (float64[B, V], id order) and the uniform `u1`. With `filtering`, rows that filter (top-k / top-p)
+    are sorted descending (ties to the lower id; in float32, the logits' own type: the same order,
+    ~2x faster than float64) and the candidates and top-p nucleus are cut; the others keep id order.
+    Without (no row of the Run filters), every row is a plain inverse-CDF draw over the vocabulary in
+    id order: the same pick, a third of the nodes."""
     n, r = helper.make_node, _P + "r/"
-    q = p + ("sort/" if sort else "ids/")
-    if sort:
-        nodes = [_const(q + "V1", [vocab_size], _I),
-                 # Sorted in float32 (the logits' own type; float64 values are the same numbers in
-                 # the same order), ~2x faster than float64.
-                 n("TopK", [row32, q + "V1"], [q + "vals_s", q + "order_s"], axis=1, largest=1, sorted=1),
-                 n("Where", [r + "filt", q + "order_s", r + "j"], [q + "order"]),
-                 n("Where", [r + "filt", q + "vals_s", row32], [q + "vals"])]
-    else:
-        nodes = [n("Shape", [row32], [q + "shape"]),
-                 n("Expand", [r + "j", q + "shape"], [q + "order"]),
-                 n("Identity", [row32], [q + "vals"])]
-    return helper.make_graph(nodes, q.strip("/").replace("/", "_"), [], [
-        helper.make_tensor_value_info(q + "order", _I, None),
-        helper.make_tensor_value_info(q + "vals", TensorProto.FLOAT, None)])
+    q = p + ("filter/" if filtering else "plain/")
+    if not filtering:
+        nodes = [
+            n("CumSum", [p + "w_all", p + "ax1s"], [q + "cum"]),                 # sequential, float64
+            n("GatherElements", [q + "cum", r + "n_last"], [q + "cum_last"], axis=1),
+            n("Mul", [p + "u1", q + "cum_last"], [q + "thr"]),
+            n("LessOrEqual", [q + "cum", q + "thr"], [q + "le"]),
+            n("Cast", [q + "le"], [q + "le_i"], to=_I),
+            n("ReduceSum", [q + "le_i", p + "ax1"], [q + "count"], keepdims=1),
+            n("Min", [r + "n_last", q + "count"], [q + "pick"]),
+        ]
+        return helper.make_graph(nodes, "plain", [], [helper.make_tensor_value_info(q + "pick", _I, None)])
+    nodes = [
+        _const(q + "V1", [vocab_size], _I),
+        n("TopK", [p + "row32", q + "V1"], [q + "vals_s", q + "order_s"], axis=1, largest=1, sorted=1),
+        n("Where", [r + "filt", q + "order_s", r + "j"], [q + "order"]),
+        n("GatherElements", [p + "w_all", q + "order"], [q + "w_sorted"], axis=1),  # exp is elementwise
+        n("Where", [r + "cand", q + "w_sorted", p + "zero_d"], [q + "w"]),
+        n("CumSum", [q + "w", p + "ax1s"], [q + "cum"]),                         # sequential, float64
+        n("GatherElements", [q + "cum", r + "n_last"], [q + "total"], axis=1),
+        n("Mul", [r + "tp", q + "total"], [q + "mass"]),
+        n("Less", [q + "cum", q + "mass"], [q + "below"]),
+        n("And", [q + "below", r + "cand"], [q + "below_c"]),
+        n("Cast", [q + "below_c"], [q + "below_i"], to=_I),
+        n("ReduceSum", [q + "below_i", p + "ax1"], [q + "nbelow"], keepdims=1),
+        n("Min", [r + "n_last", q + "nbelow"], [q + "last_p"]),
+        n("Where", [r + "p_off", r + "n_last", q + "last_p"], [q + "lastj"]),  # [B, 1]
+        n("GatherElements", [q + "cum", q + "lastj"], [q + "cum_last"], axis=1),
+        n("Mul", [p + "u1", q + "cum_last"], [q + "thr"]),
+        n("LessOrEqual", [q + "cum", q + "thr"], [q + "le"]),
+        n("LessOrEqual", [r + "j", q + "lastj"], [q + "upto"]),
+        n("And", [q + "le", q + "upto"], [q + "le_c"]),
+        n("Cast", [q + "le_c"], [q + "le_i"], to=_I),
+        n("ReduceSum", [q + "le_i", p + "ax1"], [q + "count"], keepdims=1),
+        n("Min", [q + "lastj", q + "count"], [q + "at"]),
+        n("GatherElements", [q + "order", q + "at"], [q + "pick"], axis=1),
+    ]
+    return helper.make_graph(nodes, "filter", [], [helper.make_tensor_value_info(q + "pick", _I, None)])
 
 
 def _sampling_nodes(logits: str, step: str, tok_out: str, vocab_size: int) -> list[onnx.NodeProto]:
@@ -102,10 +128,7 @@ def _sampling_nodes(logits: str, step: str, tok_out: str, vocab_size: int) -> li
         n("Cast", [p + "isnan"], [p + "isnan_f"], to=TensorProto.FLOAT),
         n("ReduceMax", [p + "isnan_f"], [p + "nan_f"], axes=[1], keepdims=1),  # [B, 1]
         n("Cast", [p + "nan_f"], [p + "nan"], to=TensorProto.BOOL),
-        n("If", [r + "any_filt"], [p + "order", p + "vals32"],
-          then_branch=_order_branch(p, p + "row32", True, vocab_size),
-          else_branch=_order_branch(p, p + "row32", False, vocab_size)),
-        n("Cast", [p + "vals32"], [p + "vals"], to=_D),
+        n("Cast", [p + "row32"], [p + "vals"], to=_D),
         n("ReduceMax", [p + "row32"], [p + "x0_32"], axes=[1], keepdims=1),  # [B, 1]
         n("Cast", [p + "x0_32"], [p + "x0"], to=_D),
         n("ArgMax", [p + "row32"], [p + "greedy_tok"], axis=1, keepdims=1, select_last_index=0),
@@ -117,29 +140,13 @@ def _sampling_nodes(logits: str, step: str, tok_out: str, vocab_size: int) -> li
         # argmax); 0 keeps the exp's 2^k Gather in range (a NaN index would fail the whole Run).
         n("IsNaN", [p + "z_raw"], [p + "z_nan"]),
         n("Where", [p + "z_nan", p + "zero_d", p + "z_raw"], [p + "z"]),
-        *exp_nodes(p + "z", p + "w_all"),
-        n("Where", [r + "cand", p + "w_all", p + "zero_d"], [p + "w"]),
-        n("CumSum", [p + "w", p + "ax1s"], [p + "cum"]),                   # sequential, float64
-        n("GatherElements", [p + "cum", r + "n_last"], [p + "total"], axis=1),
-        n("Mul", [r + "tp", p + "total"], [p + "mass"]),
-        n("Less", [p + "cum", p + "mass"], [p + "below"]),
-        n("And", [p + "below", r + "cand"], [p + "below_c"]),
-        n("Cast", [p + "below_c"], [p + "below_i"], to=_I),
-        n("ReduceSum", [p + "below_i", p + "ax1"], [p + "nbelow"], keepdims=1),
-        n("Min", [r + "n_last", p + "nbelow"], [p + "last_p"]),
-        n("Where", [r + "p_off", r + "n_last", p + "last_p"], [p + "lastj"]),  # [B, 1]
+        *exp_nodes(p + "z", p + "w_all"),                                  # [B, V], id order
         n("Gather", ["u", step], [p + "u"], axis=1),                       # [B]
         n("Unsqueeze", [p + "u", p + "ax1"], [p + "u1"]),
-        n("GatherElements", [p + "cum", p + "lastj"], [p + "cum_last"], axis=1),
-        n("Mul", [p + "u1", p + "cum_last"], [p + "thr"]),
-        n("LessOrEqual", [p + "cum", p + "thr"], [p + "le"]),
-        n("LessOrEqual", [r + "j", p + "lastj"], [p + "upto"]),
-        n("And", [p + "le", p + "upto"], [p + "le_c"]),
-        n("Cast", [p + "le_c"], [p + "le_i"], to=_I),
-        n("ReduceSum", [p + "le_i", p + "ax1"], [p + "count"], keepdims=1),
-        n("Min", [p + "lastj", p + "count"], [p + "pick"]),
-        n("GatherElements", [p + "order", p + "pick"], [p + "sampled_tok"], axis=1),
-        n("Where", [p + "use_argmax", p + "greedy_tok", p + "sampled_tok"], [p + "tok"]),
+        # Only when a row of the Run filters (top_k < V or top_p < 1) is anything sorted or cut.
+        n("If", [r + "any_filt"], [p + "pick"],
+          then_branch=_pick_branch(p, vocab_size, True), else_branch=_pick_branch(p, vocab_size, False)),
+        n("Where", [p + "use_argmax", p + "greedy_tok", p + "pick"], [p + "tok"]),
         n("Where", [p + "nan", p + "minus1", p + "tok"], [tok_out]),
     ]
 
