@@ -176,7 +176,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             # asked for them) about three times over (engine, reply tensor, serialised), and its states.
             state_bytes = sum(s.nbytes for s in state) if state else 0
             nbytes = 3 * 4 * tokens.size * len(model.artifact.vocab) + 4 * max(state_bytes, 1)
-            with self.v1.admit_bytes(model, nbytes, context):
+            # Token ids mean something in this version's vocabulary only: it stays pinned.
+            with self.v1.admit_bytes(model, nbytes, context, pinned=True):
                 logits, new_state = await self.runner.call(model.engine.step, tokens, state)
             response = kw.step_response(request, model, logits, new_state, wanted)
             if streaming:
@@ -185,7 +186,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return
         gen, stream = kw.generation_request(request, model, self.limits)
         live = streaming and stream
-        with self.v1.admit(model, len(gen.prompt) + gen.max_new_chars, context):
+        with self.v1.admit(model, len(gen.prompt) + gen.max_new_chars, context,
+                           pinned=bool(request.model_version)) as model:
             run = self.runner.generate(model.engine, gen, context.time_remaining(), live=live)
             if live:
                 async for item in run:

@@ -30,26 +30,30 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
         self.clients = clients or ClientSlots(0)
         self.sessions: SessionService | None = None  # set by build_server (server.edge.session)
 
-    def admit(self, model: LoadedModel, chars: int,
-              context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[None]:
+    def admit(self, model: LoadedModel, chars: int, context: grpc.aio.ServicerContext, *,
+              pinned: bool) -> contextlib.AbstractContextManager[LoadedModel]:
         """`admit_bytes` for a call on `chars` characters (prompt and generated, context and text)."""
-        return self.admit_bytes(model, call_bytes(chars, len(model.artifact.vocab)), context)
+        return self.admit_bytes(model, call_bytes(chars, len(model.artifact.vocab)), context, pinned=pinned)
 
     @contextlib.contextmanager
-    def admit_bytes(self, model: LoadedModel, nbytes: int,
-                    context: grpc.aio.ServicerContext) -> Iterator[None]:
+    def admit_bytes(self, model: LoadedModel, nbytes: int, context: grpc.aio.ServicerContext, *,
+                    pinned: bool) -> Iterator[LoadedModel]:
         """Per-client cap, then memory (each RESOURCE_EXHAUSTED naming its flag) for a call estimated at
         `nbytes`; the runner's own --max-concurrent comes after. While admitted the call holds the
         exact model version it uses (Registry.acquire), so a version replaced by a hot reload unloads
-        only once its last call has ended."""
+        only once its last call has ended; that version is what the block gets. A call that named no
+        version (`pinned` False) and whose lookup a reload overtook (the default it found was replaced
+        and unloaded since) uses the new default; a pinned version unloaded since is NOT_FOUND."""
         key = client_key(context.peer(), context.invocation_metadata() or ())
         with self.clients.hold(key), self.budget.reserve(nbytes):
             held = self.registry.acquire(model.name, model.version)
+            if held is None and not pinned:
+                held = self.registry.acquire(model.name, None)
             if held is None:  # unloaded between its lookup and now (an Admin UnloadModel)
                 raise ModelNotFoundError("model.name", f"{model.name!r} version {model.version} was just "
                                                        "unloaded; retry for the current version")
             try:
-                yield
+                yield held
             finally:
                 self.registry.release(held)
 
@@ -81,7 +85,8 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def PredictNext(self, request: pb.PredictNextRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         args = wire.predict_args(request, self.limits)
-        with self.admit(model, len(request.context), context):
+        with self.admit(model, len(request.context), context,
+                        pinned=wire.pinned(request.model)) as model:
             best = await self.runner.call(functools.partial(predict, model.engine, **args))
         return wire.predict_response(best, model)
 
@@ -89,7 +94,8 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         gen = wire.generation_request(request, self.limits)
-        with self.admit(model, len(request.prompt) + gen.max_new_chars, context):
+        with self.admit(model, len(request.prompt) + gen.max_new_chars, context,
+                        pinned=wire.pinned(request.model)) as model:
             run = self.runner.generate(model.engine, gen, context.time_remaining(), live=False)
             items = [item async for item in run]
         outcome = items.pop()  # the runner always ends with exactly one Outcome
@@ -100,7 +106,8 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         gen = wire.generation_request(request, self.limits)
-        with self.admit(model, len(request.prompt) + gen.max_new_chars, context):
+        with self.admit(model, len(request.prompt) + gen.max_new_chars, context,
+                        pinned=wire.pinned(request.model)) as model:
             run = self.runner.generate(model.engine, gen, context.time_remaining())
             async with contextlib.aclosing(run) as items:
                 async for item in items:
@@ -110,7 +117,8 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
         model = await self._model(request.model, context)
         args = wire.score_args(request, self.limits)
-        with self.admit(model, len(request.context) + len(request.text), context):
+        with self.admit(model, len(request.context) + len(request.text), context,
+                        pinned=wire.pinned(request.model)) as model:
             result = await self.runner.call(functools.partial(score, model.engine, **args))
         return wire.score_response(result, model)
 

@@ -15,7 +15,7 @@ from nextchar.server.core.scoring import top_predictions
 from nextchar.server.core.session import SessionLimits, SessionOptions, Step, TypingSession
 from nextchar.server.edge import session_wire as sw
 from nextchar.server.edge import wire
-from nextchar.server.ops.registry import LoadedModel, Registry
+from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
 from nextchar.server.ops.sessions import SessionIdleError, SessionsClosedError, SessionTable
 from nextchar.server.scheduling.clients import ClientSlots, client_key
 from nextchar.server.scheduling.session_steps import StepCoalescer
@@ -53,18 +53,24 @@ class SessionService:
                 raise InvalidParameterError("open",
                                             "the first message of a session must be open, and only it")
             model = await self._resolve(first.open.model, context)
-            opts = sw.options(first.open.options, model)
+            sw.options(first.open.options, model)  # a bad option fails the open before anything is held
             # An open session is a call in flight of its client (--max-per-client) for as long as it lasts.
             with self.clients.hold(client_key(context.peer(), context.invocation_metadata() or ())):
-                # A reload unloads the version only after the session.
+                # A reload unloads the version only after the session; a session that named no
+                # version and whose lookup a reload overtook opens on the new default.
                 held = self.registry.acquire(model.name, model.version)
-                session = TypingSession(model.artifact.vocab, model.engine.vocab_index, self.session_limits)
+                if held is None and not wire.pinned(first.open.model):
+                    held = self.registry.acquire(model.name, None)
+                if held is None:
+                    raise ModelNotFoundError("model.name", f"{model.name!r} version {model.version} was just "
+                                                           "unloaded; retry for the current version")
                 try:
-                    async for message in self._lifetime(_Live(model, session, opts), first, reader, context):
+                    opts = sw.options(first.open.options, held)
+                    session = TypingSession(held.artifact.vocab, held.engine.vocab_index, self.session_limits)
+                    async for message in self._lifetime(_Live(held, session, opts), first, reader, context):
                         yield message
                 finally:
-                    if held is not None:
-                        self.registry.release(held)
+                    self.registry.release(held)
         finally:
             reader.close()
 

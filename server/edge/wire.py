@@ -53,6 +53,11 @@ def model_ref(ref: pb.ModelRef) -> tuple[str, int | None]:
     return ref.name, ref.version
 
 
+def pinned(ref: pb.ModelRef) -> bool:
+    """Does the request name a version (rather than the model's default)?"""
+    return ref.HasField("version") and ref.version != 0
+
+
 def _text(value: str, field: str, limit: int, minimum: int = 1) -> str:
     if not minimum <= len(value) <= limit:
         raise InvalidParameterError(field, f"must have {minimum} to {limit} characters, got {len(value)}")

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from ops_harness import ServerProcess, scrape, value
-from server_harness import free_port, run_cli, wait_until
+from server_harness import ServerThread, free_port, run_cli, server_config, wait_until
 
 from nextchar.client.client import NextCharClient
 from nextchar.server.ops.reload import Change
@@ -244,3 +244,34 @@ def test_batched_stream_keeps_its_version_and_the_old_batcher_closes(make_server
         assert len(text) == 20_000 and old.summary.version == 1
         wait_until(lambda: ("lstm", 1) not in registry.loaded_versions(), 30, "v1 to unload")
         assert {b.core.engine.artifact.version for b in server.runner.batchers} == {2}
+
+
+def test_a_reload_between_lookup_and_admission_serves_the_new_default(model_repo_copy: Path,
+                                                                      export_tiny) -> None:
+    """A call that names no version looks up the default, then is admitted (Registry.acquire); a reload
+    that lands between the two (forced here: the admission first publishes v2, and idle v1 unloads at
+    once) must not fail it: it runs on the new default. Before, it got NOT_FOUND "was just unloaded"."""
+    server = ServerThread(server_config(model_repo_copy))  # serving lstm v1
+    export_tiny("lstm", repo=model_repo_copy, name="lstm", version=2)
+    registry = server.server.servicer.registry
+    real = registry.acquire
+
+    def overtaken(name: str, version: int | None):
+        if (name, version) == ("lstm", 1):
+            registry.acquire = real  # once per arming
+            registry.publish(registry.load("lstm", 2), [1, 2])
+            assert ("lstm", 1) not in registry.loaded_versions()  # it had no call in flight: gone
+        return real(name, version)
+
+    try:
+        with NextCharClient(server.address, timeout=30) as c:
+            registry.acquire = overtaken
+            assert c.generate("lstm", PROMPT, 5, seed=1).summary.version == 2
+            registry.publish(registry.load("lstm", 1), [1, 2])  # v1 the default again, for the session
+            registry.acquire = overtaken
+            with c.session("lstm", n=1, text=PROMPT) as s:
+                assert s.version == 2 and s.opened is not None and len(s.opened.predictions) == 1
+            assert registry.acquire is real  # both calls were overtaken
+    finally:
+        registry.acquire = real
+        server.stop()
