@@ -62,7 +62,7 @@ def test_concurrent_steps_of_equal_length_share_one_engine_call() -> None:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def run() -> list:
-        steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True)
+        steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, inline_s=1.0)
         first = asyncio.ensure_future(steps.step(engine, np.array([1]), None))
         await asyncio.sleep(0)  # the first starts alone; the next four, queued in one turn, go together
         rest = [steps.step(engine, np.array([t]), None) for t in (2, 3, 4)]
@@ -135,7 +135,7 @@ def test_session_wait_gathers_steps_while_sessions_are_busy() -> None:
 
     async def run(wait_s: float) -> list[tuple[int, int]]:
         engine = FakeEngine()
-        steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, wait_s=wait_s)
+        steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, inline_s=1.0, wait_s=wait_s)
         await steps.step(engine, np.array([0]), None)  # the model was idle: at once
         first = asyncio.ensure_future(steps.step(engine, np.array([1]), None))  # busy: waits
         await asyncio.sleep(0.01)
