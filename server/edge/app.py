@@ -106,6 +106,7 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
         max_batch_size=config.max_batch_size, max_wait_s=config.max_wait_ms / 1e3,
         max_active_streams=config.max_active_streams, max_queue=config.max_queue,
         max_chars_per_call=config.max_chars_per_call, max_call_s=config.max_call_ms / 1e3,
+        burst_gap_s=config.burst_gap_ms / 1e3,
     )
     runner = Runner(config.max_concurrent, config.flush_ms / 1e3, config.flush_chars,
                     batching=batching if config.batching != "off" else None,

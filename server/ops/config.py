@@ -45,6 +45,7 @@ class ServerConfig:
     batching: str = "auto"             # on / off / auto: batch the models proved batch-invariant (fp32)
     max_batch_size: int = 64           # the batcher's largest batch
     max_wait_ms: float = 0.0           # an arrival at an idle batcher waits this long for company
+    burst_gap_ms: float = 3.0          # arrivals closer than this are a burst, admitted once it pauses
     max_chars_per_call: int = 64       # K's ceiling: chars a stream advances per engine call
     max_call_ms: float = 30.0          # K is cut so one engine call lasts about this long (cancel latency)
     max_active_streams: int = 256      # batched streams decoding at once per model; more wait in the queue
@@ -240,6 +241,10 @@ _SPECS: dict[str, _Spec] = {
     "max_wait_ms": _Spec("--max-wait-ms", float, _float_range(0.0, 1000.0),
                          "longest an arrival at an idle batcher waits for others (default 0: it starts at "
                          "once and later arrivals join the next engine call)"),
+    "burst_gap_ms": _Spec("--burst-gap-ms", float, _float_range(0.0, 1000.0),
+                          "generations arriving less than this apart are a burst: admitted together once "
+                          "arrivals pause this long (at most --max-call-ms), so their prefills share calls; "
+                          "a lone arrival starts at once (0 = off)"),
     "max_chars_per_call": _Spec("--max-chars-per-call", int, _int_range(1, MAX_CHARS_PER_CALL),
                                 "most chars a stream advances per engine call (K; 1 = one char per call)"),
     "max_call_ms": _Spec("--max-call-ms", float, _float_range(0.0, 10_000.0),

@@ -17,7 +17,8 @@ while arrivals wait, then doubles per call up to `max_chars_per_call`, bounded s
 `max_call_s` (a cancel or a deadline is seen between calls) and by the chars the rows still need.
 A stop sequence inside a chunk ends the stream there (the Decoder truncates; the rest is dropped).
 Finished and cancelled streams leave between calls, new ones join after their prefill; an arrival at
-an idle batcher waits up to `max_wait_s` for company. An engine error fails only the streams of that
+an idle batcher waits up to `max_wait_s` for company, and a burst (arrivals less than `burst_gap_s`
+apart) is admitted once it pauses, so its prefills share calls (policy.admit_count). An engine error fails only the streams of that
 call. `BatchCore.tick(now)` is the whole scheduling logic, synchronous, driven by the caller's clock.
 
 Reproducibility: char i of a stream is sampled with the uniform (seed, i) by one float64 rule, so its
@@ -113,6 +114,8 @@ class BatchCore:
         self.closed: BaseException | None = None  # set by fail_all: later submits are refused
         self.k = 1                         # the last decode call's K
         self.seconds_per_char = 0.0        # one decode iteration, smoothed over calls
+        self._previous: float | None = None  # arrival time of the newest admitted stream (bursts)
+        self._held: float | None = None      # seconds until waiting arrivals (a burst) are admitted
 
     @property
     def pending(self) -> int:
@@ -156,10 +159,13 @@ class BatchCore:
             self._inbox.clear()
         self.waiting = [s for s in self.waiting if not self._left(s)]
         self.active = [s for s in self.active if not self._left(s)]
-        n, _ = admit_count([s.arrival for s in self.waiting], len(self.active), now, self.config)
+        n, self._held = admit_count([s.arrival for s in self.waiting], len(self.active), now, self.config,
+                                    self._previous)
         with self._lock:
             admitted, self.waiting = self.waiting[:n], self.waiting[n:]
             self._prefilling.update(admitted)
+        if admitted:
+            self._previous = admitted[-1].arrival
         lengths = [s.decoder.prompt_tokens.size for s in admitted]
         groups = prefill_groups(lengths, self.config.max_batch_size)
         started, decoding = self.clock(), bool(self.active)  # streams that were decoding before this tick
@@ -182,7 +188,7 @@ class BatchCore:
             return 0.0
         if not self.waiting:
             return None
-        n, wait = admit_count([s.arrival for s in self.waiting], 0, now, self.config)
+        n, wait = admit_count([s.arrival for s in self.waiting], 0, now, self.config, self._previous)
         return 0.0 if n else wait
 
     def fail_all(self, error: BaseException) -> None:
@@ -249,11 +255,14 @@ class BatchCore:
             self._prefilling.difference_update(group)
 
     def _decode(self, chunk: list[_Stream], now: float) -> None:
-        deadlines = [s.deadline for s in chunk if s.deadline is not None]
+        # A burst being held is not admitted next tick: the call may run until its hold ends.
+        until = [s.deadline - now for s in chunk if s.deadline is not None]
+        if self._held is not None:
+            until.append(self._held)
         k = chars_per_call(
-            self.k, arrivals_waiting=bool(self.waiting) or self.has_arrivals,
+            self.k, arrivals_waiting=(bool(self.waiting) or self.has_arrivals) and self._held is None,
             remaining=max(s.remaining for s in chunk), seconds_per_char=self.seconds_per_char,
-            until_deadline_s=min(deadlines) - now if deadlines else None, config=self.config)
+            until_deadline_s=min(until) if until else None, config=self.config)
         self.k = k
         self.stats.decode_calls += 1
         self.stats.decode_rows += len(chunk)

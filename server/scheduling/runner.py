@@ -143,7 +143,7 @@ class Runner:
         # Unbatched generations still advance K chars per engine call (K settings from chars_per_call).
         k_settings = chars_per_call or batching or BatchingConfig()
         self._unbatched = dataclasses.replace(k_settings, max_batch_size=1, max_wait_s=0.0,
-                                              max_active_streams=1, max_queue=0)
+                                              max_active_streams=1, max_queue=0, burst_gap_s=0.0)
         self._batch_variant_engines = batch_variant_engines
         # Batchers per model version, each with its own worker thread: their engine calls run at
         # once (onnxruntime releases the GIL), so a model's streams use that many cores.

@@ -90,6 +90,22 @@ def test_admit_respects_free_slots():
     assert admit_count([0.0, 0.0], 2, 0.0, c) == (2, None)
 
 
+def test_a_burst_is_admitted_once_it_pauses_a_lone_arrival_at_once():
+    c = BatchingConfig(max_batch_size=8, max_active_streams=100, burst_gap_s=0.003, max_call_s=0.03)
+    assert admit_count([0.0], 0, 0.0, c) == (1, None)                        # lone: at once
+    assert admit_count([0.0], 1, 0.0, c, previous=-1.0) == (1, None)         # the one before is long gone
+    n, wait = admit_count([0.001], 1, 0.001, c, previous=0.0)                # 1 ms after the one before:
+    assert n == 0 and wait == pytest.approx(0.003)                           # a burst, held
+    n, wait = admit_count([0.001, 0.002], 1, 0.004, c, previous=0.0)         # still coming 2 ms ago
+    assert n == 0 and wait == pytest.approx(0.001)
+    assert admit_count([0.001, 0.002], 1, 0.005, c, previous=0.0) == (2, None)  # paused 3 ms: all in
+    steady = [i * 0.001 for i in range(1, 8)]                                # never pausing:
+    assert admit_count(steady, 1, 0.031, c, previous=0.0) == (7, None)       # the oldest waited max_call_s
+    assert admit_count([i * 1e-4 for i in range(8)], 0, 0.0008, c) == (8, None)  # a full batch: at once
+    off = BatchingConfig(max_batch_size=8, max_active_streams=100)           # burst_gap_s 0: off
+    assert admit_count([0.001], 1, 0.001, off, previous=0.0) == (1, None)
+
+
 def test_k_is_one_while_arrivals_wait_then_doubles_within_its_bounds():
     c = BatchingConfig(max_chars_per_call=64, max_call_s=0.03)
 
@@ -112,7 +128,7 @@ def test_prefill_groups_by_equal_length_in_arrival_order():
 
 
 @pytest.mark.parametrize("kw", [{"max_batch_size": 0}, {"max_wait_s": -1}, {"max_queue": -1},
-                                {"max_active_streams": 0}])
+                                {"max_active_streams": 0}, {"burst_gap_s": -0.001}])
 def test_config_is_validated(kw):
     with pytest.raises(BatchingConfigError, match=next(iter(kw))):
         BatchingConfig(**kw)
@@ -191,6 +207,29 @@ def test_arrivals_prefills_yield_to_streams_already_decoding_after_about_one_cal
     drain(core, clock)
     assert all(isinstance(s.end, Finished) for s in (first, *late))
     assert [len("".join(s.texts)) for s in late] == [3, 3, 3]
+
+
+def test_a_burst_prefills_together_while_the_first_arrival_goes_on():
+    """The first of a burst starts at once; the rest, arriving 0.5 ms apart, are held (the first keeps
+    decoding) until arrivals pause for burst_gap_s, then prefill in one call and decode with it."""
+    clock, engine = Clock(), FakeEngine()
+    core = make_core(engine, clock=clock, burst_gap_s=0.003, max_call_s=0.03, max_batch_size=8)
+    first = submit(core, "ab", 50)
+    core.tick(clock())
+    assert engine.calls[:1] == [(1, 2)] and first.texts  # at once: its prefill (first char), a decode
+    rest = []
+    for _ in range(5):
+        clock.now += 0.0005
+        rest.append(submit(core, "ba", 5))
+        core.tick(clock())
+    assert all(not s.texts for s in rest) and len(core.waiting) == 5  # held while they keep coming
+    assert len("".join(first.texts)) > 1                               # the first went on meanwhile
+    calls = len(engine.calls)
+    clock.now += 0.004  # a pause longer than burst_gap_s
+    core.tick(clock())
+    assert engine.calls[calls] == (5, 2)  # one prefill for the five
+    drain(core, clock)
+    assert all(isinstance(s.end, Finished) and len("".join(s.texts)) == 5 for s in rest)
 
 
 def test_batched_text_equals_unbatched_on_the_fake_model():
