@@ -117,7 +117,7 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
                                 ClientSlots(config.max_per_client))
     sessions = SessionTable(config.max_sessions, config.session_idle_ttl, metrics.registry)
     steps = StepCoalescer(runner.call, config.max_batch_size, runner.batches,
-                          wait_s=config.session_wait_ms / 1e3)
+                          wait_s=config.session_wait_ms / 1e3, check=runner.ensure_open)
     servicer.sessions = SessionService(
         registry, sessions, steps, servicer.limits,
         SessionLimits(config.session_max_chars, config.session_saved_states), servicer._model,

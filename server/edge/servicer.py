@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -33,19 +33,23 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
     def admit(self, model: LoadedModel, chars: int, context: grpc.aio.ServicerContext, *,
               pinned: bool) -> contextlib.AbstractContextManager[LoadedModel]:
         """`admit_bytes` for a call on `chars` characters (prompt and generated, context and text)."""
-        return self.admit_bytes(model, call_bytes(chars, len(model.artifact.vocab)), context, pinned=pinned)
+        return self._admit(model, lambda m: call_bytes(chars, len(m.artifact.vocab)), context, pinned)
 
-    @contextlib.contextmanager
     def admit_bytes(self, model: LoadedModel, nbytes: int, context: grpc.aio.ServicerContext, *,
-                    pinned: bool) -> Iterator[LoadedModel]:
+                    pinned: bool) -> contextlib.AbstractContextManager[LoadedModel]:
         """Per-client cap, then memory (each RESOURCE_EXHAUSTED naming its flag) for a call estimated at
         `nbytes`; the runner's own --max-concurrent comes after. While admitted the call holds the
         exact model version it uses (Registry.acquire), so a version replaced by a hot reload unloads
         only once its last call has ended; that version is what the block gets. A call that named no
         version (`pinned` False) and whose lookup a reload overtook (the default it found was replaced
         and unloaded since) uses the new default; a pinned version unloaded since is NOT_FOUND."""
+        return self._admit(model, lambda m: nbytes, context, pinned)
+
+    @contextlib.contextmanager
+    def _admit(self, model: LoadedModel, size: Callable[[LoadedModel], int],
+               context: grpc.aio.ServicerContext, pinned: bool) -> Iterator[LoadedModel]:
         key = client_key(context.peer(), context.invocation_metadata() or ())
-        with self.clients.hold(key), self.budget.reserve(nbytes):
+        with self.clients.hold(key):
             held = self.registry.acquire(model.name, model.version)
             if held is None and not pinned:
                 held = self.registry.acquire(model.name, None)
@@ -53,7 +57,8 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
                 raise ModelNotFoundError("model.name", f"{model.name!r} version {model.version} was just "
                                                        "unloaded; retry for the current version")
             try:
-                yield held
+                with self.budget.reserve(size(held)):  # sized by the version the call will use
+                    yield held
             finally:
                 self.registry.release(held)
 

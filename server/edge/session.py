@@ -149,7 +149,8 @@ class SessionService:
     async def _edit(self, live: _Live, rid: int, step: Step) -> pb.SessionResponse:
         logits, state = step.logits, step.state
         if step.tokens.size:
-            logits, state = await self.steps.step(live.model.engine, step.tokens, step.state)
+            logits, state = await self.steps.step(live.model.engine, step.tokens, step.state,
+                                                  caller=live.session)
         live.session.commit(step, logits, state)
         return self._predictions(live, rid, int(step.tokens.size), live.opts.n)
 
@@ -174,7 +175,9 @@ class SessionService:
                 yield sw.completion_text(rid, s.length, text)
             if decoder.finished:
                 break
-            logits, state = await self.steps.step(live.model.engine, np.array([decoder.next_token]), state)
+            # A chain of steps: none of them waits for other sessions' (--session-wait-ms).
+            logits, state = await self.steps.step(live.model.engine, np.array([decoder.next_token]), state,
+                                                  caller=live.session, wait=False)
             computed += 1
             text = decoder.feed(logits)
         s.last_completion = "".join(pieces)

@@ -18,8 +18,9 @@ while arrivals wait, then doubles per call up to `max_chars_per_call`, bounded s
 A stop sequence inside a chunk ends the stream there (the Decoder truncates; the rest is dropped).
 Finished and cancelled streams leave between calls, new ones join after their prefill; an arrival at
 an idle batcher waits up to `max_wait_s` for company, and a burst (arrivals less than `burst_gap_s`
-apart) is admitted once it pauses, so its prefills share calls (policy.admit_count). An engine error fails only the streams of that
-call. `BatchCore.tick(now)` is the whole scheduling logic, synchronous, driven by the caller's clock.
+apart) is admitted once it pauses, so its prefills share calls (policy.admit_count). An engine error
+fails only the streams of that call. `BatchCore.tick(now)` is the whole scheduling logic, synchronous,
+driven by the caller's clock.
 
 Reproducibility: char i of a stream is sampled with the uniform (seed, i) by one float64 rule, so its
 text is the same whatever K and, when `engine.batch_invariant` (measured by Engine.warmup; true for

@@ -25,7 +25,7 @@ INLINE_S = 0.0005
 
 
 class StepCoalescer:
-    """`await step(engine, tokens, state)` for many sessions; no timer and no added wait.
+    """`await step(engine, tokens, state)` for many sessions.
 
     The first step of an idle engine goes at the loop's next turn, with the steps queued in the same
     turn; steps that arrive while an engine call runs wait for it to end and then go together: one
@@ -35,39 +35,47 @@ class StepCoalescer:
 
     A call runs inline (on the event loop, which it blocks while onnxruntime runs, the GIL released)
     when the engine's measured seconds per row-position times its rows x positions is at most
-    `inline_s`; until an engine has been measured (its first call) and for longer calls, a worker.
+    `inline_s`; until an engine has been measured (its first call) and for longer calls, a worker
+    (`offload`, which admits the call itself). Before an inline call, `check()` (e.g. the runner's
+    "not draining") may refuse it, as the offload would.
 
-    With `wait_s` (--session-wait-ms), a step that finds the engine idle but flushed less than wait_s
-    ago (other sessions are typing) waits wait_s for company: fewer, fuller calls for that much latency.
-    A lone typist never waits.
+    With `wait_s` (--session-wait-ms), a step that finds the engine idle, its last call having carried
+    another caller's steps less than wait_s ago (other sessions are typing), waits wait_s for company:
+    fewer, fuller calls for that much latency. A lone typist never waits, nor a `wait=False` step
+    (a completion's chain of steps).
     """
 
     def __init__(self, offload: Offload, max_rows: int, may_batch: Callable[[Any], bool], *,
-                 inline_s: float = INLINE_S, wait_s: float = 0.0) -> None:
+                 inline_s: float = INLINE_S, wait_s: float = 0.0,
+                 check: Callable[[], None] = lambda: None) -> None:
         self._offload, self._max_rows, self._may_batch = offload, max_rows, may_batch
-        self.inline_s, self.wait_s = inline_s, wait_s
-        self._waiting: dict[int, list[tuple[np.ndarray, State | None, asyncio.Future]]] = {}
+        self.inline_s, self.wait_s, self._check = inline_s, wait_s, check
+        self._waiting: dict[int, list[tuple[np.ndarray, State | None, asyncio.Future, int]]] = {}
         self._busy: set[int] = set()
         self._tasks: set[asyncio.Task] = set()  # the running drains (the loop keeps only weak references)
-        # Seconds per row-position of each engine's calls, smoothed, and when its last flush began;
-        # weak: an unloaded version leaves.
+        # Seconds per row-position of each engine's calls, smoothed; when its last flush began and
+        # whose steps (caller ids) it carried. Weak: an unloaded version leaves.
         self._cost: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-        self._last_flush: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._last_flush: weakref.WeakKeyDictionary[Any, tuple[float, frozenset[int]]] = \
+            weakref.WeakKeyDictionary()
         self.calls = 0  # engine calls made
         self.rows = 0   # session steps they carried
         self.inline_calls = 0  # of the calls, those run on the event loop
 
-    async def step(self, engine: Any, tokens: np.ndarray, state: State | None) -> Result:
-        """tokens: int64[T] (T >= 1) from `state` (None: the zero state) -> (logits float32[V], state)."""
+    async def step(self, engine: Any, tokens: np.ndarray, state: State | None, *, caller: object = None,
+                   wait: bool = True) -> Result:
+        """tokens: int64[T] (T >= 1) from `state` (None: the zero state) -> (logits float32[V], state).
+        `caller`: who steps (its session), so its own earlier calls never make it wait."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        self._waiting.setdefault(id(engine), []).append((tokens, state, done))
+        self._waiting.setdefault(id(engine), []).append((tokens, state, done, id(caller)))
         if id(engine) not in self._busy:
             self._busy.add(id(engine))
-            # Soon, not now: the steps queued in this turn of the loop go together; when the model
-            # is busy with sessions (a flush within wait_s), those that come within wait_s too.
+            # Soon, not now: the steps queued in this turn of the loop go together; while other
+            # sessions are typing on the model (see the class), those that come within wait_s too.
             last = self._last_flush.get(engine)
-            if self.wait_s and last is not None and loop.time() - last < self.wait_s:
+            if self.wait_s and wait and last is not None and loop.time() - last[0] < self.wait_s \
+                    and last[1] - {id(caller)}:
                 loop.call_later(self.wait_s, self._flush, engine)
             else:
                 loop.call_soon(self._flush, engine)
@@ -87,23 +95,30 @@ class StepCoalescer:
     def _flush(self, engine: Any) -> None:
         """On the loop: the engine's waiting steps in calls, inline or (a task) on a worker thread."""
         key = id(engine)
-        self._last_flush[engine] = asyncio.get_running_loop().time()
         steps = [s for s in self._waiting.pop(key, ()) if not s[2].done()]  # drop callers that left
         if not steps:
             self._busy.discard(key)
             return
+        loop = asyncio.get_running_loop()
+        self._last_flush[engine] = (loop.time(), frozenset(s[3] for s in steps))
         groups: dict[int, list] = {}
         for s in steps:
             groups.setdefault(s[0].size, []).append(s)
-        rows = self._max_rows if self._may_batch(engine) else 1
-        batches = [g[i:i + rows] for g in groups.values() for i in range(0, len(g), rows)]
-        work = [[s[:2] for s in b] for b in batches]
-        if not self._inline(engine, work):
-            task = asyncio.get_running_loop().create_task(self._offloaded(engine, batches, work))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        try:
+            rows = self._max_rows if self._may_batch(engine) else 1
+            batches = [g[i:i + rows] for g in groups.values() for i in range(0, len(g), rows)]
+            work = [[s[:2] for s in b] for b in batches]
+            if not self._inline(engine, work):
+                task = loop.create_task(self._offloaded(engine, batches, work))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+            self._check()
+            results, seconds = _timed(engine, work)
+        except Exception as e:  # refused, or a bug: these callers get it; the engine is not left busy
+            _settle([steps], e)
+            self._busy.discard(key)
             return
-        results, seconds = _timed(engine, work)
         self._count(engine, work, seconds)
         self.inline_calls += len(work)
         _settle(batches, results)
@@ -131,7 +146,8 @@ def _settle(batches: list, outcome: list[list[Result] | BaseException] | BaseExc
     """Hand each caller its result, or the exception that failed its batch (or every batch)."""
     for i, b in enumerate(batches):
         out = outcome if isinstance(outcome, BaseException) else outcome[i]
-        for j, (_, _, done) in enumerate(b):
+        for j, item in enumerate(b):
+            done = item[2]
             if done.done():
                 continue
             if isinstance(out, BaseException):
@@ -156,11 +172,11 @@ def _run_batch(engine: Any, batch: Batch) -> list[Result]:
     """One chunked prefill of a batch of equal-length rows (core.prefill: engine calls of at most
     PREFILL_CHUNK positions keeping only the last logits, so a long append's memory follows the
     configuration, not its length); rows copied out of the batch."""
-    if len(batch) == 1:  # a lone row: no stacking, and its outputs are its own
+    if len(batch) == 1:  # a lone row: no stacking; its outputs are its own unless views (padded rows)
         tokens, state = batch[0]
         last, new = prefill(engine, tokens[None].astype(np.int64, copy=False),
                             state if state is not None else engine.initial_state(1))
-        return [(last[0], new)]
+        return [(last[0], tuple(s if s.base is None else s.copy() for s in new))]
     tokens = np.stack([t for t, _ in batch]).astype(np.int64, copy=False)
     zero = engine.initial_state(1)
     states = [s if s is not None else zero for _, s in batch]

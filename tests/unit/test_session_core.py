@@ -126,28 +126,75 @@ def test_steps_run_inline_only_when_their_measured_cost_fits() -> None:
     assert isinstance(error, RuntimeError) and isinstance(ok, tuple) and inline == 2
 
 
-def test_session_wait_gathers_steps_while_sessions_are_busy() -> None:
-    """--session-wait-ms: while the model is busy with sessions (a flush within the wait), a step waits
-    that long and steps arriving meanwhile share its engine call; a step after a quiet spell, or any
-    step without the setting, goes at once."""
+def test_session_wait_gathers_steps_while_other_sessions_type() -> None:
+    """--session-wait-ms: when the engine's last call carried another session's step less than the
+    wait ago, a step waits that long and steps arriving meanwhile share its call. A step after a quiet
+    spell, a session whose own step was the last call, a wait=False step (a completion's chain) and
+    any step without the setting go at once."""
     async def offload(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def run(wait_s: float) -> list[tuple[int, int]]:
-        engine = FakeEngine()
-        steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, inline_s=1.0, wait_s=wait_s)
-        await steps.step(engine, np.array([0]), None)  # the model was idle: at once
-        first = asyncio.ensure_future(steps.step(engine, np.array([1]), None))  # busy: waits
-        await asyncio.sleep(0.01)
-        second = await steps.step(engine, np.array([2]), None)
-        np.testing.assert_allclose(second[0], _full(FakeEngine(), "c"), atol=1e-6)  # same weights
-        await first
-        await asyncio.sleep(wait_s)
-        third = asyncio.ensure_future(steps.step(engine, np.array([3]), None))  # quiet: at once again
+    async def at_once(steps: StepCoalescer, engine: FakeEngine, token: int, who: object, **kw) -> bool:
+        pending = asyncio.ensure_future(steps.step(engine, np.array([token]), None, caller=who, **kw))
         for _ in range(3):  # the task starts, the flush runs inline (the engine is measured), it ends
             await asyncio.sleep(0)
-        assert third.done()
-        return engine.calls
+        done = pending.done()
+        await pending
+        return done
 
-    assert asyncio.run(run(0.2)) == [(1, 1), (2, 1), (1, 1)]
-    assert asyncio.run(run(0.0)) == [(1, 1)] * 4
+    async def run(wait_s: float) -> tuple[list, list[bool]]:
+        engine = FakeEngine()
+        a, b = object(), object()
+        steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, inline_s=1.0, wait_s=wait_s)
+        await steps.step(engine, np.array([0]), None, caller=a)  # the model was idle: at once
+        first = asyncio.ensure_future(steps.step(engine, np.array([1]), None, caller=b))  # a typed: waits
+        await asyncio.sleep(0.01)
+        second = await steps.step(engine, np.array([2]), None, caller=a)
+        np.testing.assert_allclose(second[0], _full(FakeEngine(), "c"), atol=1e-6)  # same weights
+        await first
+        shared = list(engine.calls)
+        now = [await at_once(steps, engine, 3, a)]   # the last call carried b: a waits (not at once)
+        await asyncio.sleep(wait_s)
+        now.append(await at_once(steps, engine, 3, a))  # quiet for the wait: at once
+        now.append(await at_once(steps, engine, 4, a))  # its own step was the last call: at once
+        now.append(await at_once(steps, engine, 5, b, wait=False))  # a completion's step: at once
+        return shared, now
+
+    shared, now = asyncio.run(run(0.2))
+    assert shared == [(1, 1), (2, 1)] and now == [False, True, True, True]
+    shared, now = asyncio.run(run(0.0))
+    assert shared == [(1, 1)] * 3 and now == [True] * 4
+
+
+def test_a_refused_inline_call_fails_its_steps_only_and_row_views_are_copied() -> None:
+    """check() (the runner's "not draining") refuses an inline call as the offload would: its callers
+    get the error and the engine is not left busy. A lone row's state that is a view into a padded
+    batch (engines that pad single rows) is copied, so a saved state holds only its own row."""
+    class Padded(FakeEngine):
+        def step(self, tokens, state):
+            logits, new = super().step(np.repeat(tokens, 2, axis=0), tuple(np.repeat(s, 2, axis=1)
+                                                                          for s in state))
+            return logits[:1], tuple(s[:, :1] for s in new)  # views, as Engine.step's take() gives
+
+    async def offload(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    refuse = [False]
+
+    def check() -> None:
+        if refuse[0]:
+            raise RuntimeError("draining")
+
+    async def run() -> tuple:
+        engine = Padded()
+        steps = StepCoalescer(offload, max_rows=8, may_batch=lambda e: True, inline_s=1.0, check=check)
+        await steps.step(engine, np.array([1]), None)  # measured on a worker
+        refuse[0] = True
+        with pytest.raises(RuntimeError, match="draining"):
+            await steps.step(engine, np.array([2]), None)
+        refuse[0] = False
+        return await steps.step(engine, np.array([3]), None)
+
+    logits, state = asyncio.run(run())
+    np.testing.assert_allclose(logits, _full(FakeEngine(), "d"), atol=1e-6)
+    assert state[0].base is None and state[0].shape == (1, 1, 8)
