@@ -119,7 +119,7 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     steps = StepCoalescer(runner.call, config.max_batch_size, runner.batches,
                           wait_s=config.session_wait_ms / 1e3, check=runner.ensure_open)
     servicer.sessions = SessionService(
-        registry, sessions, steps, servicer.limits,
+        registry, sessions, steps, runner, servicer.limits,
         SessionLimits(config.session_max_chars, config.session_saved_states), servicer._model,
         servicer.clients)
     health = health_aio.HealthServicer()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from nextchar.server.core.generation import Finished
 from nextchar.server.core.sampling import InvalidParameterError
 from nextchar.server.core.scoring import top_predictions
 from nextchar.server.core.session import SessionLimits, SessionOptions, Step, TypingSession
@@ -18,6 +20,7 @@ from nextchar.server.edge import wire
 from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
 from nextchar.server.ops.sessions import SessionIdleError, SessionsClosedError, SessionTable
 from nextchar.server.scheduling.clients import ClientSlots, client_key
+from nextchar.server.scheduling.runner import Outcome, Runner
 from nextchar.server.scheduling.session_steps import StepCoalescer
 from nextchar.v1 import inference_pb2 as pb
 
@@ -32,13 +35,18 @@ class _Live:
 
 
 class SessionService:
-    """Serves Session streams. `resolve` turns a ModelRef into a loaded model (the servicer's `_model`)."""
+    """Serves Session streams. `resolve` turns a ModelRef into a loaded model (the servicer's `_model`).
 
-    def __init__(self, registry: Registry, table: SessionTable, steps: StepCoalescer, limits: wire.Limits,
-                 session_limits: SessionLimits,
+    Keystrokes (edits) step through `steps` (StepCoalescer: one row per session, calls shared with the
+    other sessions' steps, small ones on the event loop); completions are generations resumed from
+    the session's state, run by `runner` like any GenerateStream, so they share the continuous
+    batcher's calls (K chars each) with the model's other generations."""
+
+    def __init__(self, registry: Registry, table: SessionTable, steps: StepCoalescer, runner: Runner,
+                 limits: wire.Limits, session_limits: SessionLimits,
                  resolve: Callable[[pb.ModelRef, grpc.aio.ServicerContext], Awaitable[LoadedModel]],
                  clients: ClientSlots | None = None) -> None:
-        self.registry, self.table, self.steps = registry, table, steps
+        self.registry, self.table, self.steps, self.runner = registry, table, steps, runner
         self.limits, self.session_limits, self._resolve = limits, session_limits, resolve
         self.clients = clients or ClientSlots(0)
 
@@ -165,20 +173,19 @@ class SessionService:
         """Sample from the session's last logits, step copies of its state; the session is unchanged."""
         s, rid = live.session, request.id
         c = sw.completion(request.complete, live.model, self.limits)
-        decoder = s.completion(c.max_new_chars, c.sampling, c.seed, c.stop)
-        state, pieces, computed = s.state, [], 0
-        assert s.logits is not None  # a session answers completions only once it holds text
-        text = decoder.feed(s.logits)
-        while True:
-            if text:
-                pieces.append(text)
-                yield sw.completion_text(rid, s.length, text)
-            if decoder.finished:
-                break
-            # A chain of steps: none of them waits for other sessions' (--session-wait-ms).
-            logits, state = await self.steps.step(live.model.engine, np.array([decoder.next_token]), state,
-                                                  caller=live.session, wait=False)
-            computed += 1
-            text = decoder.feed(logits)
+        request_ = s.completion(c.max_new_chars, c.sampling, c.seed, c.stop).request  # validated
+        assert s.state is not None and s.logits is not None  # a session completes only once it holds text
+        pieces: list[str] = []
+        finished: Finished | None = None
+        run = self.runner.generate(live.model.engine, request_, start=(s.state, s.logits))
+        async with contextlib.aclosing(run) as items:
+            async for item in items:
+                if isinstance(item, Outcome):
+                    finished = item.finished
+                    break
+                pieces.append(item)
+                yield sw.completion_text(rid, s.length, item)
+        assert finished is not None  # the runner ends every generation with one Outcome, or raises
         s.last_completion = "".join(pieces)
-        yield sw.completion_summary(rid, s.length, computed, decoder.finished_event(), live.model)
+        computed = max(0, finished.usage.generated_chars - 1)  # each char but the last was read back
+        yield sw.completion_summary(rid, s.length, computed, finished, live.model)

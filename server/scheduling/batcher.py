@@ -16,7 +16,7 @@ from nextchar.server.core.generation import (
     GenerationRequest,
     TextChunk,
 )
-from nextchar.server.scheduling.batching import BatchCore, BatcherClosedError, OnEnd, OnText
+from nextchar.server.scheduling.batching import BatchCore, BatcherClosedError, OnEnd, OnText, Start
 from nextchar.server.scheduling.policy import BatchingConfig
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,15 @@ class Batcher:
         self._thread.start()
 
     def submit(self, request: GenerationRequest, *, on_text: OnText, on_end: OnEnd,
-               cancelled: Callable[[], bool] | None = None, deadline: float | None = None) -> Decoder:
-        """Queue `request`. Callbacks run on the worker thread: on_text(text) per piece (the echo first,
-        on the caller's thread), then exactly one on_end(Finished or the exception that failed it)."""
+               cancelled: Callable[[], bool] | None = None, deadline: float | None = None,
+               start: Start | None = None) -> Decoder:
+        """Queue `request` (`start`: see BatchCore.submit). Callbacks run on the worker thread:
+        on_text(text) per piece (the echo first, on the caller's thread), then exactly one
+        on_end(Finished or the exception that failed it)."""
         if self._closing:  # the core also refuses once closed; this is the early, common case
             raise BatcherClosedError("the batcher is shutting down")
         decoder = self.core.submit(request, on_text=on_text, on_end=on_end, cancelled=cancelled,
-                                   deadline=deadline)
+                                   deadline=deadline, start=start)
         self.wake()
         return decoder
 

@@ -72,6 +72,11 @@ class BatcherClosedError(RuntimeError):
     """The batcher is shutting down (UNAVAILABLE: the model version was unloaded or the server stops)."""
 
 
+# Where a stream resumes instead of reading its prompt: (the state after the prompt, float32[L, 1, H]
+# each, and the last position's logits, float32[V]), e.g. a typing session's.
+Start = tuple[State, np.ndarray]
+
+
 @dataclass(eq=False)
 class _Stream:
     decoder: Decoder
@@ -82,6 +87,7 @@ class _Stream:
     deadline: float | None = None
     state: tuple[State, int] | None = None  # (the batch state of its last engine call, its row)
     done: bool = False
+    start: Start | None = None
 
     @property
     def remaining(self) -> int:
@@ -137,9 +143,12 @@ class BatchCore:
             return self.active_count, self.pending
 
     def submit(self, request: GenerationRequest, *, on_text: OnText, on_end: OnEnd,
-               cancelled: Callable[[], bool] | None = None, deadline: float | None = None) -> Decoder:
+               cancelled: Callable[[], bool] | None = None, deadline: float | None = None,
+               start: Start | None = None) -> Decoder:
         """Queue a request (thread-safe). Raises request errors and CapacityError synchronously.
-        `deadline` (on the core's clock) only shortens K near it; `cancelled` ends the stream."""
+        `deadline` (on the core's clock) only shortens K near it; `cancelled` ends the stream.
+        With `start`, the prompt is not read: its state and last logits are given (a session's text),
+        the first char is sampled from those logits and the stream joins the decoding ones at once."""
         decoder = Decoder(request, self.engine.vocab, self.engine.vocab_index, clock=self.clock)
         c = self.config
         with self._lock:
@@ -149,7 +158,7 @@ class BatchCore:
             if request.echo:
                 on_text(decoder.echo_text)
             self._inbox.append(_Stream(decoder, on_text, on_end, cancelled, arrival=self.clock(),
-                                       deadline=deadline))
+                                       deadline=deadline, start=start))
         return decoder
 
     def tick(self, now: float) -> float | None:
@@ -167,6 +176,10 @@ class BatchCore:
             self._prefilling.update(admitted)
         if admitted:
             self._previous = admitted[-1].arrival
+        resumed = [s for s in admitted if s.start is not None]
+        admitted = [s for s in admitted if s.start is None]
+        for s in resumed:
+            self._resume(s)
         lengths = [s.decoder.prompt_tokens.size for s in admitted]
         groups = prefill_groups(lengths, self.config.max_batch_size)
         started, decoding = self.clock(), bool(self.active)  # streams that were decoding before this tick
@@ -254,6 +267,27 @@ class BatchCore:
         with self._lock:
             self.active.extend(s for s in group if not s.done)
             self._prefilling.difference_update(group)
+
+    def _resume(self, s: _Stream) -> None:
+        """A stream with a start: its first char from the given logits (no engine call), then it
+        decodes from the given state with the others."""
+        assert s.start is not None
+        state, logits = s.start
+        s.start = None
+        try:
+            text = s.decoder.feed(logits)
+        except Exception as e:  # e.g. logits holding NaN: only this stream fails
+            self._end(s, e)
+        else:
+            s.state = (state, 0)
+            if text:
+                self._call(s, s.on_text, text)
+            if s.decoder.finished:
+                self._end(s, s.decoder.finished_event())
+        with self._lock:
+            if not s.done:
+                self.active.append(s)
+            self._prefilling.discard(s)
 
     def _decode(self, chunk: list[_Stream], now: float) -> None:
         # A burst being held is not admitted next tick: the call may run until its hold ends.

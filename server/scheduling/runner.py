@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from nextchar.server.core.contract import ModelEngine
 from nextchar.server.core.generation import Finished, FinishReason, GenerationRequest
 from nextchar.server.scheduling.batcher import Batcher
-from nextchar.server.scheduling.batching import BatchCore, check_capacity
+from nextchar.server.scheduling.batching import BatchCore, Start, check_capacity
 from nextchar.server.scheduling.channel import Channel
 from nextchar.server.scheduling.policy import BatchingConfig
 
@@ -98,13 +98,14 @@ class _Job:
             self.track.reason = FinishReason.DEADLINE if timed_out else end.reason
         self.channel.close(end)
 
-    def run(self, engine: ModelEngine, request: GenerationRequest, config: BatchingConfig) -> None:
+    def run(self, engine: ModelEngine, request: GenerationRequest, config: BatchingConfig,
+            start: Start | None = None) -> None:
         """Unbatched: a one-row BatchCore ticked on this worker thread, K chars per engine call."""
         self.started = self._clock()
         core = BatchCore(engine, config, clock=self._clock)
         try:
             core.submit(request, on_text=self.channel.put, on_end=self.finish, cancelled=self.counted_stop,
-                        deadline=self.deadline)
+                        deadline=self.deadline, start=start)
         except BaseException as e:  # a bad request: handed to the event loop, which raises it
             self.finish(e)
             return
@@ -174,11 +175,13 @@ class Runner:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def generate(self, engine: ModelEngine, request: GenerationRequest, deadline_s: float | None = None,
-                       *, live: bool = True) -> AsyncGenerator[str | Outcome, None]:
+                       *, live: bool = True,
+                       start: Start | None = None) -> AsyncGenerator[str | Outcome, None]:
         """Stream one generation: text pieces (coalesced: at most every flush_s, stretched past
         STREAMS_PER_FLUSH calls in flight, or flush_chars once the first char is out), then one
         Outcome. Stops the work at once when the caller goes away. `live=False` (a unary call) wakes
-        the event loop only at the end, since nobody reads the pieces before it."""
+        the event loop only at the end, since nobody reads the pieces before it. `start`: resume from
+        a state and its logits instead of reading the prompt (BatchCore.submit), e.g. a session's."""
         with self._admit():
             loop = asyncio.get_running_loop()
             arrived = self._clock()
@@ -190,10 +193,10 @@ class Runner:
             if self.batches(engine):
                 # Decoder errors (bad prompt) raise here, before anything was streamed.
                 self._batcher(engine).submit(request, on_text=job.channel.put, on_end=job.finish,
-                                             cancelled=job.counted_stop, deadline=deadline)
+                                             cancelled=job.counted_stop, deadline=deadline, start=start)
                 job.started = self._clock()
             else:
-                loop.run_in_executor(self._executor, job.run, engine, request, self._unbatched)
+                loop.run_in_executor(self._executor, job.run, engine, request, self._unbatched, start)
             first = True
             try:
                 while True:

@@ -41,8 +41,7 @@ class StepCoalescer:
 
     With `wait_s` (--session-wait-ms), a step that finds the engine idle, its last call having carried
     another caller's steps less than wait_s ago (other sessions are typing), waits wait_s for company:
-    fewer, fuller calls for that much latency. A lone typist never waits, nor a `wait=False` step
-    (a completion's chain of steps).
+    fewer, fuller calls for that much latency. A lone typist never waits.
     """
 
     def __init__(self, offload: Offload, max_rows: int, may_batch: Callable[[Any], bool], *,
@@ -62,8 +61,8 @@ class StepCoalescer:
         self.rows = 0   # session steps they carried
         self.inline_calls = 0  # of the calls, those run on the event loop
 
-    async def step(self, engine: Any, tokens: np.ndarray, state: State | None, *, caller: object = None,
-                   wait: bool = True) -> Result:
+    async def step(self, engine: Any, tokens: np.ndarray, state: State | None, *,
+                   caller: object = None) -> Result:
         """tokens: int64[T] (T >= 1) from `state` (None: the zero state) -> (logits float32[V], state).
         `caller`: who steps (its session), so its own earlier calls never make it wait."""
         loop = asyncio.get_running_loop()
@@ -74,7 +73,7 @@ class StepCoalescer:
             # Soon, not now: the steps queued in this turn of the loop go together; while other
             # sessions are typing on the model (see the class), those that come within wait_s too.
             last = self._last_flush.get(engine)
-            if self.wait_s and wait and last is not None and loop.time() - last[0] < self.wait_s \
+            if self.wait_s and last is not None and loop.time() - last[0] < self.wait_s \
                     and last[1] - {id(caller)}:
                 loop.call_later(self.wait_s, self._flush, engine)
             else:

@@ -212,3 +212,21 @@ def test_an_oversized_append_is_refused_before_it_is_read(client: NextCharClient
             session.append("\x01" * 20_000)
         assert len(str(full.value)) < 400
         assert session.append("y").text_chars == 5
+
+
+def test_a_completion_shares_the_batchers_calls_with_a_generation(make_server) -> None:
+    """A session's completion is a generation resumed from the session's state: on a model with one
+    batcher it rides in the same engine calls as a GenerateStream running meanwhile, and its text is
+    Generate's for the same seed."""
+    server = make_server(model_instances=1, max_new_chars=20_000)
+    with NextCharClient(server.address, timeout=60) as c:
+        stream = c.generate_stream("lstm", "O say", 20_000, temperature=1.0, seed=1)
+        first = next(iter(stream))  # the generation is running
+        assert first
+        with c.session("lstm", n=0, text="O say") as session:
+            text = "".join(session.complete(300, temperature=0.8, seed=7))
+        (batcher,) = [b for b in server.runner.batchers if b.core.engine.name == "lstm"]
+        shared = dict(batcher.core.stats.batch_sizes)  # before anything else runs on it
+        stream.cancel()
+        assert text == c.generate("lstm", "O say", 300, temperature=0.8, seed=7).text
+    assert shared.get(2, 0) > 0, shared

@@ -232,6 +232,34 @@ def test_a_burst_prefills_together_while_the_first_arrival_goes_on():
     assert all(isinstance(s.end, Finished) and len("".join(s.texts)) == 5 for s in rest)
 
 
+def test_a_stream_resumed_from_a_state_equals_one_reading_its_prompt_and_shares_calls():
+    """submit(start=(state, logits)): no prefill call; the first char comes from the given logits, then
+    the stream decodes in the same calls as the others, with the text of a stream that read the prompt."""
+    sampling = SamplingParams(1.5, top_k=6)
+
+    def texts(resume: bool) -> tuple[list[str], list[tuple[int, int]]]:
+        engine = FakeEngine()
+        core = make_core(engine, max_chars_per_call=4)
+        other = submit(core, "ba", 12, sampling=sampling, seed=5)
+        start = None
+        if resume:
+            ids = np.array([[engine.vocab_index[c] for c in "abca"]], np.int64)
+            logits, state = FakeEngine().step(ids, engine.initial_state(1))  # same weights, not counted
+            start = (state, logits[0, -1])
+        sink = Sink()
+        core.submit(GenerationRequest("abca", 12, sampling, seed=9), on_text=sink.text, on_end=sink.finish,
+                    start=start)
+        drain(core)
+        assert isinstance(sink.end, Finished) and sink.end.usage.generated_chars == 12
+        return ["".join(other.texts), "".join(sink.texts)], engine.calls
+
+    read, read_calls = texts(False)
+    resumed, resumed_calls = texts(True)
+    assert resumed == read
+    assert (1, 4) not in resumed_calls and (1, 4) in read_calls  # the prompt was never read
+    assert (2, 1) in resumed_calls  # decode calls carry both streams
+
+
 def test_batched_text_equals_unbatched_on_the_fake_model():
     # The fake model is plain numpy; its rows do not depend on batch mates beyond float rounding,
     # and each row draws its own uniforms (seed, char index).

@@ -129,13 +129,12 @@ def test_steps_run_inline_only_when_their_measured_cost_fits() -> None:
 def test_session_wait_gathers_steps_while_other_sessions_type() -> None:
     """--session-wait-ms: when the engine's last call carried another session's step less than the
     wait ago, a step waits that long and steps arriving meanwhile share its call. A step after a quiet
-    spell, a session whose own step was the last call, a wait=False step (a completion's chain) and
-    any step without the setting go at once."""
+    spell, a session whose own step was the last call, and any step without the setting go at once."""
     async def offload(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def at_once(steps: StepCoalescer, engine: FakeEngine, token: int, who: object, **kw) -> bool:
-        pending = asyncio.ensure_future(steps.step(engine, np.array([token]), None, caller=who, **kw))
+    async def at_once(steps: StepCoalescer, engine: FakeEngine, token: int, who: object) -> bool:
+        pending = asyncio.ensure_future(steps.step(engine, np.array([token]), None, caller=who))
         for _ in range(3):  # the task starts, the flush runs inline (the engine is measured), it ends
             await asyncio.sleep(0)
         done = pending.done()
@@ -157,13 +156,12 @@ def test_session_wait_gathers_steps_while_other_sessions_type() -> None:
         await asyncio.sleep(wait_s)
         now.append(await at_once(steps, engine, 3, a))  # quiet for the wait: at once
         now.append(await at_once(steps, engine, 4, a))  # its own step was the last call: at once
-        now.append(await at_once(steps, engine, 5, b, wait=False))  # a completion's step: at once
         return shared, now
 
     shared, now = asyncio.run(run(0.2))
-    assert shared == [(1, 1), (2, 1)] and now == [False, True, True, True]
+    assert shared == [(1, 1), (2, 1)] and now == [False, True, True]
     shared, now = asyncio.run(run(0.0))
-    assert shared == [(1, 1)] * 3 and now == [True] * 4
+    assert shared == [(1, 1)] * 3 and now == [True] * 3
 
 
 def test_a_refused_inline_call_fails_its_steps_only_and_row_views_are_copied() -> None:
