@@ -170,7 +170,8 @@ class SessionService:
         return sw.predictions(rid, s.length, computed, best)
 
     async def _complete(self, live: _Live, request: pb.SessionRequest) -> AsyncIterator[pb.SessionResponse]:
-        """Sample from the session's last logits, step copies of its state; the session is unchanged."""
+        """A generation resumed from the session's state and last logits (Runner.generate's `start`), in
+        the model's batcher like any other; the session itself is unchanged until `accept`."""
         s, rid = live.session, request.id
         c = sw.completion(request.complete, live.model, self.limits)
         request_ = s.completion(c.max_new_chars, c.sampling, c.seed, c.stop).request  # validated
