@@ -19,8 +19,11 @@ from nextchar.server.ops.registry import Registry
 
 log = logging.getLogger("nextchar.requests")
 
-# Only calls of these services are observed: health probes and reflection would drown the log.
-OBSERVED_SERVICES = ("/nextchar.v1.NextChar/", "/nextchar.v1.Admin/")
+# Only calls of these services and methods are observed: health probes (KServe's Server/ModelReady
+# and ServerLive too) and reflection would drown the log.
+_KSERVE = "/inference.GRPCInferenceService/"
+OBSERVED_SERVICES = ("/nextchar.v1.NextChar/", "/nextchar.v1.Admin/", _KSERVE + "ModelInfer",
+                     _KSERVE + "ModelMetadata")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _USER_TEXT = ("prompt", "context", "text")
 DEADLINE_SLACK_S = 0.05  # request fields holding user text: logged only when asked
@@ -64,10 +67,18 @@ class _Call:
         self.id = given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         ref = getattr(request, "model", None) if hasattr(request, "DESCRIPTOR") else None
         ref = ref if ref is not None and ref.DESCRIPTOR.name == "ModelRef" else None
-        name = ref.name if ref is not None else getattr(request, "name", "")
+        if ref is not None:
+            name, version = ref.name, ref.version
+        else:  # KServe: ModelInferRequest.model_name (or "<name>.step") / ModelMetadataRequest.name
+            name = getattr(request, "model_name", "") or getattr(request, "name", "")
+            text = getattr(request, "model_version", "") or getattr(request, "version", "")
+            version = int(text) if isinstance(text, str) and text.isdigit() and len(text) < 10 else 0
+        known = registry.names()
+        if isinstance(name, str) and name not in known and name.rpartition(".")[0] in known:
+            name = name.rpartition(".")[0]  # a model's other face, e.g. KServe's "<name>.step"
         # Only names the server knows become labels: a caller cannot grow the metrics without bound.
-        self.model = name if name in registry.names() else ""
-        self.version = ref.version if ref is not None and self.model else 0  # the reply names the one used
+        self.model = name if name in known else ""
+        self.version = version if self.model else 0  # the reply names the one used
         texts = {f: getattr(request, f, None) for f in _USER_TEXT} if log_prompts else {}
         self.user_text = {f: v for f, v in texts.items() if isinstance(v, str) and v}
         self.code = "OK"
@@ -90,6 +101,11 @@ class _Call:
             self.summary(reply.summary)
         elif getattr(reply, "model", None) is not None and hasattr(reply.model, "version"):
             self.version = reply.model.version or self.version
+        elif hasattr(reply, "model_version"):  # KServe ModelInferResponse
+            if reply.model_version.isdigit() and len(reply.model_version) < 10:
+                self.version = int(reply.model_version)
+            if "generated_chars" in reply.parameters:
+                self.chars = reply.parameters["generated_chars"].int64_param
 
     def fields(self, duration_s: float) -> dict[str, Any]:
         f: dict[str, Any] = {"request_id": self.id, "method": self.method, "model": self.model,

@@ -135,3 +135,49 @@ def test_log_prompts_puts_the_user_text_in_the_request_line(make_server, caplog)
     line = next(r for r in caplog.records if getattr(r, "fields", {}).get("method") == "Score")
     assert line.fields["text"] == "O say can" and line.fields["context"] == "And the"
     assert 'text="O say can"' in line.getMessage() and line.fields["model"] == "gru"
+
+
+def test_kserve_calls_are_observed_like_nextchars(metered) -> None:
+    """Standard model-serving clients (KServe v2 / Triton gRPC) get the same request lines and counters:
+    ModelInfer on the text face and on "<name>.step" (labelled with the model), ModelMetadata; the
+    protocol's liveness probe is not a request."""
+    from nextchar.inference import grpc_service_pb2 as kpb
+    from nextchar.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+
+    server, port = metered
+    before = scrape(port)
+    tensor = kpb.ModelInferRequest.InferInputTensor
+    text = kpb.ModelInferRequest(model_name="lstm", id="k1", inputs=[
+        tensor(name="text_input", datatype="BYTES", shape=[1],
+               contents=kpb.InferTensorContents(bytes_contents=[b"O say"])),
+        tensor(name="max_tokens", datatype="INT64", shape=[1],
+               contents=kpb.InferTensorContents(int64_contents=[9]))])
+    step = kpb.ModelInferRequest(model_name="rnn.step", inputs=[
+        tensor(name="tokens", datatype="INT64", shape=[1, 2],
+               contents=kpb.InferTensorContents(int64_contents=[1, 2]))])
+    with grpc.insecure_channel(server.address) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(text, timeout=30, metadata=(("x-request-id", "kserve-7"),))
+        stub.ModelInfer(step, timeout=30)
+        stub.ModelMetadata(kpb.ModelMetadataRequest(name="gru"), timeout=30)
+        stub.ServerLive(kpb.ServerLiveRequest(), timeout=30)
+    expected = {("ModelInfer", "lstm"): 1, ("ModelInfer", "rnn"): 1, ("ModelMetadata", "gru"): 1}
+
+    def counted() -> dict | None:
+        scraped = scrape(port)
+        done = all(value(scraped, "nextchar_requests_total", method=m, model=n, code="OK")
+                   - value(before, "nextchar_requests_total", method=m, model=n, code="OK") >= k
+                   for (m, n), k in expected.items())
+        return scraped if done else None
+
+    after = wait_until(counted, 10, "the KServe calls to be counted")
+    for (method, model), n in expected.items():
+        assert value(after, "nextchar_requests_total", method=method, model=model, code="OK") \
+            - value(before, "nextchar_requests_total", method=method, model=model, code="OK") == n
+    assert not [k for k in after if k[0] == "nextchar_requests_total" and ("method", "ServerLive") in k[1]]
+    assert value(after, "nextchar_generated_chars_total", model="lstm") \
+        - value(before, "nextchar_generated_chars_total", model="lstm") == 9
+    (line,) = [json.loads(x) for x in server.log().splitlines()
+               if x.startswith("{") and json.loads(x).get("request_id") == "kserve-7"]
+    assert line["method"] == "ModelInfer" and line["model"] == "lstm" and line["version"] == 1
+    assert line["chars"] == 9 and line["code"] == "OK"
