@@ -51,7 +51,7 @@ def model_version(text: str) -> int | None:
     """ModelInferRequest.model_version (a string) -> nextchar's version, None for the latest."""
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # "²".isdigit(), but int() refuses it
         raise InvalidParameterError("model_version", f"must be a positive integer, or empty for the latest; "
                                     f"got {text!r}")
     return int(text)

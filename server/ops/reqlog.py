@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from nextchar.server.edge.kserve_wire import STEP_SUFFIX
 from nextchar.server.ops.metrics import Metrics, RequestRecord
 from nextchar.server.ops.registry import Registry
 
@@ -72,10 +73,10 @@ class _Call:
         else:  # KServe: ModelInferRequest.model_name (or "<name>.step") / ModelMetadataRequest.name
             name = getattr(request, "model_name", "") or getattr(request, "name", "")
             text = getattr(request, "model_version", "") or getattr(request, "version", "")
-            version = int(text) if isinstance(text, str) and text.isdigit() and len(text) < 10 else 0
+            version = int(text) if isinstance(text, str) and _digits(text) else 0
         known = registry.names()
-        if isinstance(name, str) and name not in known and name.rpartition(".")[0] in known:
-            name = name.rpartition(".")[0]  # a model's other face, e.g. KServe's "<name>.step"
+        if isinstance(name, str) and name.endswith(STEP_SUFFIX):
+            name = name.removesuffix(STEP_SUFFIX)  # KServe's raw-step face of the model
         # Only names the server knows become labels: a caller cannot grow the metrics without bound.
         self.model = name if name in known else ""
         self.version = version if self.model else 0  # the reply names the one used
@@ -102,7 +103,7 @@ class _Call:
         elif getattr(reply, "model", None) is not None and hasattr(reply.model, "version"):
             self.version = reply.model.version or self.version
         elif hasattr(reply, "model_version"):  # KServe ModelInferResponse
-            if reply.model_version.isdigit() and len(reply.model_version) < 10:
+            if _digits(reply.model_version):
                 self.version = int(reply.model_version)
             if "generated_chars" in reply.parameters:
                 self.chars = reply.parameters["generated_chars"].int64_param
@@ -198,6 +199,11 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         log.info("request %s", text, extra={"fields": fields})  # first: a metric seen means a line written
         self._metrics.observe(RequestRecord(call.method, call.model, call.code, duration, call.chars,
                                             call.ttfc_s))
+
+
+def _digits(text: str) -> bool:
+    """A version string int() takes: ASCII digits only ("²".isdigit() is True), and not absurdly long."""
+    return text.isascii() and text.isdigit() and len(text) < 10
 
 
 def _code(exc: BaseException, context: grpc.aio.ServicerContext) -> str:

@@ -68,6 +68,15 @@ def check_capacity(active: int, queued: int, config: BatchingConfig) -> None:
             f"{queued} waiting (max_queue={c.max_queue}); retry later"))
 
 
+def _check_start(start: Start, engine: ModelEngine) -> None:
+    """A start that does not fit the engine fails its own request here, not the batch it would join."""
+    state, logits = start
+    want = [z.shape for z in engine.initial_state(1)]
+    if [np.shape(x) for x in state] != want or np.shape(logits) != (engine.vocab_size,):
+        raise ValueError(f"start must be a state {want} and logits ({engine.vocab_size},), got "
+                         f"{[np.shape(x) for x in state]} and {np.shape(logits)}")
+
+
 class BatcherClosedError(RuntimeError):
     """The batcher is shutting down (UNAVAILABLE: the model version was unloaded or the server stops)."""
 
@@ -150,6 +159,8 @@ class BatchCore:
         With `start`, the prompt is not read: its state and last logits are given (a session's text),
         the first char is sampled from those logits and the stream joins the decoding ones at once."""
         decoder = Decoder(request, self.engine.vocab, self.engine.vocab_index, clock=self.clock)
+        if start is not None:
+            _check_start(start, self.engine)
         c = self.config
         with self._lock:
             if self.closed is not None:
@@ -169,6 +180,15 @@ class BatchCore:
             self._inbox.clear()
         self.waiting = [s for s in self.waiting if not self._left(s)]
         self.active = [s for s in self.active if not self._left(s)]
+        # Resumed streams need no prefill, so nothing to wait for: in at once while slots are free.
+        free = self.config.max_active_streams - len(self.active)
+        resumed = [s for s in self.waiting if s.start is not None][:max(0, free)]
+        if resumed:
+            with self._lock:
+                self.waiting = [s for s in self.waiting if s not in resumed]
+                self._prefilling.update(resumed)
+            for s in resumed:
+                self._resume(s)
         n, self._held = admit_count([s.arrival for s in self.waiting], len(self.active), now, self.config,
                                     self._previous)
         with self._lock:
@@ -176,9 +196,9 @@ class BatchCore:
             self._prefilling.update(admitted)
         if admitted:
             self._previous = admitted[-1].arrival
-        resumed = [s for s in admitted if s.start is not None]
+        late = [s for s in admitted if s.start is not None]  # none, as resumed streams went in above
         admitted = [s for s in admitted if s.start is None]
-        for s in resumed:
+        for s in late:
             self._resume(s)
         lengths = [s.decoder.prompt_tokens.size for s in admitted]
         groups = prefill_groups(lengths, self.config.max_batch_size)

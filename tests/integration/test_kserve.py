@@ -226,3 +226,16 @@ def test_the_protocol_needs_the_token_like_every_call(make_server) -> None:
                 call()
             assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
             assert call(metadata=(("authorization", "Bearer s3cret-token"),))
+
+
+def test_a_version_that_only_looks_numeric_is_invalid_argument(served) -> None:
+    """"²".isdigit() is True in Python but int() refuses it: the version check and the request log take
+    ASCII digits only, so the caller gets INVALID_ARGUMENT naming model_version, not UNKNOWN."""
+    request = _text_request("v", 3)
+    request.model_version = "²"
+    with grpc.insecure_channel(served.address) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=30)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("model_version: must be a positive integer")

@@ -260,6 +260,25 @@ def test_a_stream_resumed_from_a_state_equals_one_reading_its_prompt_and_shares_
     assert (2, 1) in resumed_calls  # decode calls carry both streams
 
 
+def test_a_resumed_stream_never_waits_for_company_and_a_bad_start_fails_only_its_request():
+    """A resumed stream needs no prefill: even with max_wait_s and a burst hold it goes in at the next
+    tick. A start whose shapes do not fit the engine is refused at submit; the core goes on."""
+    clock, engine = Clock(), FakeEngine()
+    core = make_core(engine, clock=clock, max_wait_s=1.0, burst_gap_s=0.003, max_call_s=0.03)
+    ids = np.array([[engine.vocab_index[c] for c in "abca"]], np.int64)
+    logits, state = FakeEngine().step(ids, engine.initial_state(1))
+    with pytest.raises(ValueError, match="start must be a state"):
+        core.submit(GenerationRequest("abca", 5, GREEDY), on_text=lambda t: None, on_end=lambda e: None,
+                    start=(state, logits[0]))  # logits[0] is [T, V], not [V]
+    sink = Sink()
+    core.submit(GenerationRequest("abca", 5, GREEDY), on_text=sink.text, on_end=sink.finish,
+                start=(state, logits[0, -1]))
+    core.tick(clock())  # at once: no wait for company
+    assert sink.texts and not core.waiting
+    drain(core, clock)
+    assert isinstance(sink.end, Finished) and len("".join(sink.texts)) == 5
+
+
 def test_batched_text_equals_unbatched_on_the_fake_model():
     # The fake model is plain numpy; its rows do not depend on batch mates beyond float rounding,
     # and each row draws its own uniforms (seed, char index).
