@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nextchar.server.core.generation import Decoder, GenerationRequest
+from nextchar.server.core.generation import GenerationRequest
 from nextchar.server.core.sampling import InvalidParameterError, SamplingParams
 from nextchar.server.core.vocab import OovPolicy, decode, encode
 
@@ -125,17 +125,17 @@ class TypingSession:
                 self._saved.popitem(last=False)
 
     def completion(self, max_new_chars: int, sampling: SamplingParams, seed: int,
-                   stop: tuple[str, ...]) -> Decoder:
-        """A Decoder for a continuation of the text; feed it `self.logits` first, then step from `state`.
+                   stop: tuple[str, ...]) -> GenerationRequest:
+        """The request for a continuation of the text, to run from `state` and `logits` (the batcher's
+        `start`, whose Decoder checks it against the vocabulary).
 
         The session itself is untouched (states are never changed in place), so an unaccepted
         completion costs the session nothing.
         """
         if not self.tokens:
             raise InvalidParameterError("complete", "the session's text is empty; append something first")
-        request = GenerationRequest(prompt=self.text, max_new_chars=max_new_chars, sampling=sampling,
-                                    seed=seed, stop=stop)
-        return Decoder(request, self.vocab, self._index)
+        return GenerationRequest(prompt=self.text, max_new_chars=max_new_chars, sampling=sampling,
+                                 seed=seed, stop=stop)
 
     def free(self) -> None:
         """Drop the text and every state now (the session ended), whoever still holds the object."""

@@ -174,7 +174,7 @@ class SessionService:
         the model's batcher like any other; the session itself is unchanged until `accept`."""
         s, rid = live.session, request.id
         c = sw.completion(request.complete, live.model, self.limits)
-        request_ = s.completion(c.max_new_chars, c.sampling, c.seed, c.stop).request  # validated
+        request_ = s.completion(c.max_new_chars, c.sampling, c.seed, c.stop)
         assert s.state is not None and s.logits is not None  # a session completes only once it holds text
         pieces: list[str] = []
         finished: Finished | None = None

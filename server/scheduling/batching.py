@@ -196,10 +196,8 @@ class BatchCore:
             self._prefilling.update(admitted)
         if admitted:
             self._previous = admitted[-1].arrival
-        late = [s for s in admitted if s.start is not None]  # none, as resumed streams went in above
-        admitted = [s for s in admitted if s.start is None]
-        for s in late:
-            self._resume(s)
+        # Resumed streams went in above; admit_count saw no free slot for any left over.
+        assert all(s.start is None for s in admitted)
         lengths = [s.decoder.prompt_tokens.size for s in admitted]
         groups = prefill_groups(lengths, self.config.max_batch_size)
         started, decoding = self.clock(), bool(self.active)  # streams that were decoding before this tick
