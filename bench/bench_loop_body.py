@@ -15,12 +15,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import helper
 
 import nextchar.server.core.kstep as kstep
-from bench.common import export_untrained, machine, model_name
+from bench.common import export_untrained, generation_feed, machine, model_name
 from nextchar.server.core.engine import _session
 
 
@@ -50,10 +49,7 @@ def measure(version_dir: Path, rounds: int) -> list[str]:
     layers, hidden = manifest["architecture"]["num_layers"], manifest["architecture"]["hidden_size"]
     lines = []
     for batch, k in ((1, 64), (64, 16)):
-        feed = {names[0]: np.zeros((batch, 1), np.int64),
-                **{n: np.zeros((layers, batch, hidden), np.float32) for n in names[1:-4]},
-                "u": np.random.default_rng(0).random((batch, k)), "temperature": np.full(batch, 0.8),
-                "top_k": np.zeros(batch, np.int64), "top_p": np.ones(batch)}
+        feed = generation_feed(names, layers, hidden, batch, k)
         best = dict.fromkeys(kinds, float("inf"))
         for _ in range(rounds):
             for kind, s in sessions.items():

@@ -90,9 +90,25 @@ def generation_args(engine, rows: int, k: int, temperature: float = 0.8) -> tupl
     uniforms, `temperature`, no top-k (int64 zeros, a row may be changed after) and no top-p."""
     import numpy as np
 
-    uniforms = np.random.default_rng(0).random((rows, k))
-    return (np.zeros((rows, 1), np.int64), engine.initial_state(rows), uniforms, np.full(rows, temperature),
-            np.zeros(rows, np.int64), np.ones(rows))
+    return (np.zeros((rows, 1), np.int64), engine.initial_state(rows), *_sampling(rows, k, temperature))
+
+
+def generation_feed(input_names: Sequence[str], layers: int, hidden: int, rows: int, k: int) -> dict:
+    """The same as a feed for a generation-graph session, by its input names in order (tokens, the
+    state inputs, u, temperature, top_k, top_p): for benches that run the graph without an Engine."""
+    import numpy as np
+
+    state = [np.zeros((layers, rows, hidden), np.float32) for _ in input_names[1:-4]]
+    values = (np.zeros((rows, 1), np.int64), *state, *_sampling(rows, k, 0.8))
+    return dict(zip(input_names, values, strict=True))
+
+
+def _sampling(rows: int, k: int, temperature: float) -> tuple:
+    """u (seeded uniforms), temperature, top_k (off), top_p (off) for `rows` rows x `k` chars."""
+    import numpy as np
+
+    return (np.random.default_rng(0).random((rows, k)), np.full(rows, temperature), np.zeros(rows, np.int64),
+            np.ones(rows))
 
 
 def prompt_text(n: int) -> str:

@@ -15,11 +15,10 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bench.common import machine, model_name
+from bench.common import generation_feed, machine, model_name
 from nextchar.server.core.artifact import load_artifact
 from nextchar.server.core.kstep import build_generation_graph
 
@@ -35,11 +34,7 @@ def profile(version_dir: Path, batch: int, k: int, runs: int, out: Path) -> list
     session = ort.InferenceSession(graph.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     a = art.manifest.architecture
     names = [i.name for i in session.get_inputs()]
-    feed: dict[str, np.ndarray] = {names[0]: np.zeros((batch, 1), np.int64)}
-    for name in names[1:-4]:  # the state inputs
-        feed[name] = np.zeros((a.num_layers, batch, a.hidden_size), np.float32)
-    feed.update(u=np.random.default_rng(0).random((batch, k)), temperature=np.full(batch, 0.8),
-                top_k=np.zeros(batch, np.int64), top_p=np.ones(batch))
+    feed = generation_feed(names, a.num_layers, a.hidden_size, batch, k)
     for _ in range(runs):
         session.run(None, feed)
     events = json.loads(Path(session.end_profiling()).read_text())

@@ -201,15 +201,21 @@ def test_one_stream_runs_requests_concurrently_and_outlives_a_bad_one(served) ->
     assert len(texts["short"]) == 3 and len(texts["long"]) == 5000
 
 
-def test_a_prompt_outside_the_vocabulary_names_text_input(served) -> None:
-    request = _text_request("oov", 5)
-    request.inputs[0].contents.bytes_contents[0] = "O say ✓".encode()
-    with grpc.insecure_channel(served.address) as channel:
+def _refused(address: str, request: kpb.ModelInferRequest) -> grpc.RpcError:
+    """The error a ModelInfer call ends with (it must fail)."""
+    with grpc.insecure_channel(address) as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
             stub.ModelInfer(request, timeout=30)
-    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert refused.value.details().startswith("text_input: 1 character(s) not in the model's vocabulary")
+    return refused.value
+
+
+def test_a_prompt_outside_the_vocabulary_names_text_input(served) -> None:
+    request = _text_request("oov", 5)
+    request.inputs[0].contents.bytes_contents[0] = "O say ✓".encode()
+    error = _refused(served.address, request)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("text_input: 1 character(s) not in the model's vocabulary")
 
 
 def test_the_protocol_needs_the_token_like_every_call(make_server) -> None:
@@ -233,9 +239,6 @@ def test_a_version_that_only_looks_numeric_is_invalid_argument(served) -> None:
     ASCII digits only, so the caller gets INVALID_ARGUMENT naming model_version, not UNKNOWN."""
     request = _text_request("v", 3)
     request.model_version = "²"
-    with grpc.insecure_channel(served.address) as channel:
-        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.ModelInfer(request, timeout=30)
-    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert refused.value.details().startswith("model_version: must be a positive integer")
+    error = _refused(served.address, request)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("model_version: must be a positive integer")
