@@ -39,7 +39,7 @@ def serve(port: int, repo: Path | None) -> None:
     if repo is not None:
         from nextchar.server.core.artifact import load_artifact
         from nextchar.server.core.engine import Engine
-        from nextchar.server.core.scoring import top_predictions
+        from nextchar.server.core.scoring import top_entries
         from nextchar.server.edge import session_wire as sw
 
         engine = Engine.load(load_artifact(repo / MODEL / "1"), intra_op_threads=1)
@@ -63,8 +63,7 @@ def serve(port: int, repo: Path | None) -> None:
                     continue
                 tokens = np.array([[engine.vocab_index[c] for c in text]], np.int64)
                 logits, state = engine.step(tokens, state)
-                best = top_predictions(logits[0, -1], engine.vocab, 5)
-                yield sw.predictions(r.id, 1, 1, best)
+                yield sw.predictions(r.id, 1, 1, engine.vocab, top_entries(logits[0, -1], 5))
 
     async def run() -> None:
         server = grpc.aio.server()

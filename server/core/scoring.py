@@ -54,11 +54,24 @@ def predict(engine, context: str, n: int, *, temperature: float = DEFAULT_TEMPER
 def top_predictions(logits_row: np.ndarray, vocab: tuple[str, ...], n: int,
                     temperature: float = 1.0) -> list[Prediction]:
     """The `n` most probable entries of `logits_row: float32[V]` at `temperature`, most likely first."""
-    logprobs = log_softmax(np.asarray(logits_row, dtype=np.float64) / temperature)
-    order = np.argsort(-logprobs, kind="stable")[: min(n, len(vocab))]
-    top = logprobs[order]  # one array op each, not n scalar ones: this runs on every keystroke
-    return [Prediction(vocab[i], i, p, lp)
-            for i, p, lp in zip(order.tolist(), np.exp(top).tolist(), top.tolist(), strict=True)]
+    ids, probs, logprobs = top_entries(logits_row, min(n, len(vocab)), temperature)
+    return [Prediction(vocab[i], i, p, lp) for i, p, lp in zip(ids, probs, logprobs, strict=True)]
+
+
+def top_entries(logits_row: np.ndarray, n: int,
+                temperature: float = 1.0) -> tuple[list[int], list[float], list[float]]:
+    """top_predictions as plain lists (token ids, probabilities, logprobs), for a caller that builds
+    its own messages from them: a typing session's answer to every keystroke."""
+    # log_softmax of one row in ndarray methods (no numpy dispatch wrappers), then one array op per
+    # list rather than n scalar ones: this runs on every keystroke
+    z = np.array(logits_row, dtype=np.float64)
+    if temperature != 1.0:
+        z /= temperature
+    z -= z.max()
+    z -= math.log(np.exp(z).sum())
+    order = np.argsort(-z, kind="stable")[:n]
+    top = z[order]
+    return order.tolist(), np.exp(top).tolist(), top.tolist()
 
 
 @dataclass(frozen=True)

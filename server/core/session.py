@@ -114,13 +114,14 @@ class TypingSession:
     def commit(self, step: Step, logits: np.ndarray | None, state: State | None) -> None:
         """Apply a prepared step with its engine result (`logits: float32[V]`, the state after it)."""
         self.tokens[step.length - step.tokens.size:] = step.tokens.tolist()
-        self.state, self.logits = (state, logits) if self.tokens else (None, None)
-        for k in [k for k in self._saved if k > self.length]:
+        length = len(self.tokens)
+        self.state, self.logits = (state, logits) if length else (None, None)
+        for k in [k for k in self._saved if k > length]:
             del self._saved[k]
-        if self.tokens and self.limits.saved_states:
+        if length and self.limits.saved_states:
             assert self.state is not None and self.logits is not None  # set above: tokens exist
-            self._saved[self.length] = (self.state, self.logits)
-            self._saved.move_to_end(self.length)
+            self._saved[length] = (self.state, self.logits)
+            self._saved.move_to_end(length)
             while len(self._saved) > self.limits.saved_states:
                 self._saved.popitem(last=False)
 

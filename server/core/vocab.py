@@ -71,10 +71,11 @@ def encode(
     `field` names the request field in error messages (e.g. "prompt").
     """
     replacement_id = check_replacement(replacement, vocab_index) if policy is OovPolicy.REPLACE else -1
-    ids = np.fromiter((vocab_index.get(c, -1) for c in text), dtype=np.int64, count=len(text))
-    unknown = np.flatnonzero(ids < 0)
-    if unknown.size == 0:
+    found = [vocab_index.get(c, -1) for c in text]
+    ids = np.array(found, dtype=np.int64)
+    if -1 not in found:  # the common case (a keystroke: one char) without an array scan
         return ids
+    unknown = np.flatnonzero(ids < 0)
     if policy is OovPolicy.ERROR:
         raise OutOfVocabularyError([(int(i), text[i]) for i in unknown], field=field)
     if policy is OovPolicy.SKIP:

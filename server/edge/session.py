@@ -13,7 +13,7 @@ import numpy as np
 
 from nextchar.server.core.generation import Finished
 from nextchar.server.core.sampling import InvalidParameterError
-from nextchar.server.core.scoring import top_predictions
+from nextchar.server.core.scoring import top_entries
 from nextchar.server.core.session import SessionLimits, SessionOptions, Step, TypingSession
 from nextchar.server.edge import session_wire as sw
 from nextchar.server.edge import wire
@@ -49,6 +49,7 @@ class SessionService:
         self.registry, self.table, self.steps, self.runner = registry, table, steps, runner
         self.limits, self.session_limits, self._resolve = limits, session_limits, resolve
         self.clients = clients or ClientSlots(0)
+        self._edits: dict[str, Any] = {}  # the edits counter's child per kind
 
     async def serve(self, requests: Any,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
@@ -94,8 +95,11 @@ class SessionService:
                                                          opts.oov_replacement), "open.text")
                     yield await self._edit(live, first.id, step)
                 while (request := await reader.next()) is not None:
-                    async for message in self._answer(live, request):
-                        yield message
+                    if request.WhichOneof("action") == "complete":
+                        async for message in self._complete_answers(live, request):
+                            yield message
+                    else:  # the common case, a keystroke: one answer, no generator per message
+                        yield await self._answer(live, request)
                 # A client that cancels can look like one that closed its side first.
                 reason = "cancelled" if context.cancelled() else "closed"
             except SessionIdleError:
@@ -110,29 +114,46 @@ class SessionService:
             finally:
                 self.table.ended_by(reason)
 
-    async def _answer(self, live: _Live, request: pb.SessionRequest) -> AsyncIterator[pb.SessionResponse]:
-        """The answers to one request; a bad request gets an error answer and changes nothing."""
+    async def _answer(self, live: _Live, request: pb.SessionRequest) -> pb.SessionResponse:
+        """The answer to an edit or a predict; a bad request gets an error answer and changes nothing."""
         arrived = time.perf_counter()
         kind = request.WhichOneof("action") or "none"
-        self.table.edits.labels(kind).inc()
+        self._count(kind)
         try:
             if kind in EDITS:
-                yield await self._edit(live, request.id, self._prepare(live, request, kind))
+                answer = await self._edit(live, request.id, self._prepare(live, request, kind))
                 self.table.keystroke.observe(time.perf_counter() - arrived)
-            elif kind == "predict":
+                return answer
+            if kind == "predict":
                 n = sw.predict_n(request.predict, live.opts, live.model)
-                yield self._predictions(live, request.id, 0, n)
-            elif kind == "complete":
-                async for message in self._complete(live, request):
-                    yield message
-            else:
-                raise InvalidParameterError(kind, "open is only allowed as the first message"
-                                            if kind == "open" else "the request has no action")
+                return self._predictions(live, request.id, 0, n)
+            raise InvalidParameterError(kind, "open is only allowed as the first message"
+                                        if kind == "open" else "the request has no action")
         except Exception as e:
-            answer = sw.error(request.id, live.session.length, e)
-            if answer is None:
-                raise
-            yield answer
+            return self._error_answer(live, request, e)
+
+    async def _complete_answers(self, live: _Live,
+                                request: pb.SessionRequest) -> AsyncIterator[pb.SessionResponse]:
+        """A completion's answers; a bad one gets an error answer and changes nothing."""
+        self._count("complete")
+        try:
+            async for message in self._complete(live, request):
+                yield message
+        except Exception as e:
+            yield self._error_answer(live, request, e)
+
+    def _count(self, kind: str) -> None:
+        child = self._edits.get(kind)
+        if child is None:  # one labels() lookup per kind, not per message
+            child = self._edits[kind] = self.table.edits.labels(kind)
+        child.inc()
+
+    @staticmethod
+    def _error_answer(live: _Live, request: pb.SessionRequest, e: Exception) -> pb.SessionResponse:
+        answer = sw.error(request.id, live.session.length, e)
+        if answer is None:
+            raise e
+        return answer
 
     def _prepare(self, live: _Live, request: pb.SessionRequest, kind: str) -> Step:
         s = live.session
@@ -165,9 +186,9 @@ class SessionService:
     def _predictions(self, live: _Live, rid: int, computed: int, n: int) -> pb.SessionResponse:
         s = live.session
         if s.logits is None or n == 0:
-            return sw.predictions(rid, s.length, computed, [])
-        best = top_predictions(s.logits, s.vocab, n, live.opts.temperature)
-        return sw.predictions(rid, s.length, computed, best)
+            return sw.predictions(rid, s.length, computed, s.vocab)
+        top = top_entries(s.logits, min(n, len(s.vocab)), live.opts.temperature)
+        return sw.predictions(rid, s.length, computed, s.vocab, top)
 
     async def _complete(self, live: _Live, request: pb.SessionRequest) -> AsyncIterator[pb.SessionResponse]:
         """A generation resumed from the session's state and last logits (Runner.generate's `start`), in

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from nextchar.server.core.generation import Finished
 from nextchar.server.core.sampling import InvalidParameterError, SamplingParams
-from nextchar.server.core.scoring import Prediction
 from nextchar.server.core.session import SessionOptions
 from nextchar.server.edge import wire
 from nextchar.server.edge.errors import bounded, status_code_for
@@ -71,9 +70,11 @@ def opened(rid: int, model: LoadedModel, max_chars: int) -> pb.SessionResponse:
     return pb.SessionResponse(id=rid, opened=pb.SessionOpened(model=wire.ref_of(model), max_chars=max_chars))
 
 
-def predictions(rid: int, length: int, computed: int, best: list[Prediction]) -> pb.SessionResponse:
-    chars = [pb.CharProbability(char=p.char, token_id=p.token_id, probability=p.probability,
-                                logprob=p.logprob) for p in best]
+def predictions(rid: int, length: int, computed: int, vocab: tuple[str, ...],
+                top: tuple[list[int], list[float], list[float]] | None = None) -> pb.SessionResponse:
+    """An edit's or a predict's answer; `top`: scoring.top_entries (None: no predictions)."""
+    chars = [] if top is None else [pb.CharProbability(char=vocab[i], token_id=i, probability=p, logprob=lp)
+                                    for i, p, lp in zip(*top, strict=True)]
     return pb.SessionResponse(id=rid, text_chars=length, computed_chars=computed,
                               predictions=pb.SessionPredictions(predictions=chars))
 
