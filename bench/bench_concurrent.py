@@ -12,7 +12,10 @@ once on one asyncio channel, temperature 0.8, seeded. Server CPU use in cores = 
 (/proc/PID/stat) over the run / wall time; the client's: this process's CPU time over the run / wall
 time. Repeats interleave limit and server so load hits both
 alike; figures are medians, the ratio is the median of per-repeat ratios. Target: >= 0.8x.
-"Per CPU-second" compares chars per CPU-second (less moved by other jobs on a shared machine).
+"Per CPU-second" compares chars per CPU-second (less moved by other jobs on a shared machine). The
+server's CPU per char by thread (bench.common.thread_cpu): "loop", its main thread (the event loop:
+gRPC's Python side, the handlers); "python", the threads Python started (the batchers, each running
+its engine calls); "grpc", gRPC core's own threads.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from bench.common import (
     percentile,
     start_server,
     stop_server,
+    thread_cpu,
 )
 
 PROMPTS = ("O say can you see", "What so proudly we hailed", "And the rockets red glare", "O")
@@ -50,6 +54,8 @@ class Run:
     gaps: list[float] = field(default_factory=list)
     chars_per_message: float = 0.0
     client_cores: float = 0.0  # CPU seconds of the client (this process) / wall seconds
+    # The server's CPU per char by thread group (bench.common.thread_cpu): loop, python, grpc.
+    per_char_us: dict[str, float] = field(default_factory=dict)
 
 
 def limit_worker(repo: Path, model: str, streams: int, chars: int) -> None:
@@ -105,12 +111,14 @@ async def clients(address: str, pid: int, model: str, streams: int, chars: int, 
     async with AsyncNextCharClient(address, timeout=600) as c:
         await c.health()
         t0, cpu0, own0 = time.perf_counter(), cpu_seconds(pid), time.process_time()
+        threads0 = thread_cpu(pid)
         await asyncio.gather(*(one(i, c) for i in range(streams)))
         wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
         own = time.process_time() - own0
+        threads = {k: (v - threads0[k]) / max(counts[0], 1) * 1e6 for k, v in thread_cpu(pid).items()}
     if counts[0] != streams * chars:
         raise SystemExit(f"expected {streams * chars} chars, got {counts[0]}")
-    return Run(counts[0] / wall, cpu / wall, ttfc, gaps, counts[0] / counts[1], own / wall)
+    return Run(counts[0] / wall, cpu / wall, ttfc, gaps, counts[0] / counts[1], own / wall, threads)
 
 
 def measure(cell: str, streams: int, chars: int, repeats: int, server_flags: list[str],
@@ -148,8 +156,8 @@ def report(all_runs: dict[str, dict[str, list[Run]]], streams: int, chars: int) 
         f"tinyshakespeare vocab (65), temperature {TEMPERATURE}; medians of interleaved repeats.", "",
         "| cell | limit 1 thread chars/s | limit 2 threads chars/s | server chars/s | server / best limit "
         "| server CPU cores | client CPU cores | per CPU-second: server / limit 1 thread | TTFC p50 / p99 ms "
-        "| gap p50 / p99 ms | chars/message |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| gap p50 / p99 ms | chars/message | server CPU µs/char: loop / python / grpc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell, runs in all_runs.items():
         pairs = zip(runs["limit1"], runs["limit2"], strict=True)
@@ -158,6 +166,8 @@ def report(all_runs: dict[str, dict[str, list[Run]]], streams: int, chars: int) 
         ttfc = [t for r in runs["server"] for t in r.ttfc]
         gaps = [g for r in runs["server"] for g in r.gaps]
         ratio = med(ratios)
+        split = " / ".join(f"{med(r.per_char_us[k] for r in runs['server']):.2f}"
+                           for k in ("loop", "python", "grpc"))
         per_cpu = [(s.chars_per_s / s.cores) / (a.chars_per_s / a.cores)
                    for s, a in zip(runs["server"], runs["limit1"], strict=True)]
         lines.append(
@@ -169,7 +179,7 @@ def report(all_runs: dict[str, dict[str, list[Run]]], streams: int, chars: int) 
             f"{med(r.client_cores for r in runs['server']):.2f} | {med(per_cpu):.2f} | "
             f"{percentile(ttfc, 50) * 1e3:.0f} / {percentile(ttfc, 99) * 1e3:.0f} | "
             f"{percentile(gaps, 50) * 1e3:.1f} / {percentile(gaps, 99) * 1e3:.1f} | "
-            f"{med(r.chars_per_message for r in runs['server']):.1f} |")
+            f"{med(r.chars_per_message for r in runs['server']):.1f} | {split} |")
     return lines
 
 

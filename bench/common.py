@@ -75,6 +75,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of process `pid`'s threads by group (schedstat: nanosecond resolution):
+    "loop" (the main thread: the server's event loop, gRPC's Python side), "python" (threads Python
+    started: the batchers, the session workers, grpc's poller) and "grpc" (gRPC core's own threads).
+    A thread that ended is no longer counted: compare snapshots of a steady server."""
+    out = {"loop": 0.0, "python": 0.0, "grpc": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            seconds = int((task / "schedstat").read_text().split()[0]) / 1e9
+            name = (task / "comm").read_text().strip()
+        except (OSError, ValueError, IndexError):  # a thread that just ended
+            continue
+        group = "loop" if task.name == str(pid) else "python" if name.startswith("python") else "grpc"
+        out[group] += seconds
+    return out
+
+
 def load_engine(repo: Path, name: str, threads: int = 1):
     """The server's Engine for `<repo>/<name>/1`, warmed up, with `threads` intra-op threads."""
     from nextchar.server.core.artifact import load_artifact
