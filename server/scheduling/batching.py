@@ -180,24 +180,17 @@ class BatchCore:
             self._inbox.clear()
         self.waiting = [s for s in self.waiting if not self._left(s)]
         self.active = [s for s in self.active if not self._left(s)]
-        # Resumed streams need no prefill, so nothing to wait for: in at once while slots are free.
-        free = self.config.max_active_streams - len(self.active)
-        resumed = [s for s in self.waiting if s.start is not None][:max(0, free)]
-        if resumed:
-            with self._lock:
-                self.waiting = [s for s in self.waiting if s not in resumed]
-                self._prefilling.update(resumed)
-            for s in resumed:
-                self._resume(s)
-        n, self._held = admit_count([s.arrival for s in self.waiting], len(self.active), now, self.config,
+        self._resume_waiting()
+        plain = [s for s in self.waiting if s.start is None]  # resumed ones left: no slot is theirs yet
+        n, self._held = admit_count([s.arrival for s in plain], len(self.active), now, self.config,
                                     self._previous)
-        with self._lock:
-            admitted, self.waiting = self.waiting[:n], self.waiting[n:]
-            self._prefilling.update(admitted)
+        admitted = plain[:n]
         if admitted:
+            with self._lock:
+                chosen = set(admitted)
+                self.waiting = [s for s in self.waiting if s not in chosen]
+                self._prefilling.update(admitted)
             self._previous = admitted[-1].arrival
-        # Resumed streams went in above; admit_count saw no free slot for any left over.
-        assert all(s.start is None for s in admitted)
         lengths = [s.decoder.prompt_tokens.size for s in admitted]
         groups = prefill_groups(lengths, self.config.max_batch_size)
         started, decoding = self.clock(), bool(self.active)  # streams that were decoding before this tick
@@ -220,8 +213,32 @@ class BatchCore:
             return 0.0
         if not self.waiting:
             return None
-        n, wait = admit_count([s.arrival for s in self.waiting], 0, now, self.config, self._previous)
+        # Nothing active: every resumed stream got a slot, unless older plain arrivals hold them all.
+        arrivals = [s.arrival for s in self.waiting if s.start is None]
+        n, wait = admit_count(arrivals, 0, now, self.config, self._previous) if arrivals else (1, None)
         return 0.0 if n else wait
+
+    def _resume_waiting(self) -> None:
+        """Resumed streams (a start, no prefill) go in at once, nothing to wait for, while a slot is
+        free for them: slots go in arrival order, so one is theirs only once every older plain arrival
+        waiting has one. One at a time: a stream that ends on its first char frees its slot again."""
+        while True:
+            free = self.config.max_active_streams - len(self.active)
+            older, chosen = 0, None
+            for s in self.waiting:
+                if s.start is None:
+                    older += 1
+                elif free - older > 0:
+                    chosen = s
+                    break
+                else:
+                    return
+            if chosen is None:
+                return
+            with self._lock:
+                self.waiting.remove(chosen)
+                self._prefilling.add(chosen)
+            self._resume(chosen)
 
     def fail_all(self, error: BaseException) -> None:
         """End every stream with `error` and refuse later submits (the batcher shuts down)."""

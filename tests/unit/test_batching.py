@@ -279,6 +279,54 @@ def test_a_resumed_stream_never_waits_for_company_and_a_bad_start_fails_only_its
     assert isinstance(sink.end, Finished) and len("".join(sink.texts)) == 5
 
 
+def _resumed(core: BatchCore, engine, n: int, prompt: str = "abca") -> Sink:
+    """A stream resumed from the state after `prompt` (submit's start), n chars greedy."""
+    ids = np.array([[engine.vocab_index[c] for c in prompt]], np.int64)
+    logits, state = FakeEngine().step(ids, engine.initial_state(1))  # same weights, not counted
+    sink = Sink()
+    core.submit(GenerationRequest(prompt, n, GREEDY), on_text=sink.text, on_end=sink.finish,
+                start=(state, logits[0, -1]))
+    return sink
+
+
+def test_resumed_streams_that_end_on_their_first_char_free_their_slot_for_the_next():
+    """At the stream limit, a resumed stream that ends at once (max_new_chars 1) frees its slot in the
+    same tick; the next resumed one takes it. (It used to reach the plain-arrival path, trip an
+    assertion and fail every stream of the batcher for good.)"""
+    clock, engine = Clock(), FakeEngine()
+    core = make_core(engine, clock=clock, max_active_streams=1)
+    sinks = [_resumed(core, engine, 1) for _ in range(3)] + [_resumed(core, engine, 4)]
+    core.tick(clock())
+    assert [isinstance(s.end, Finished) for s in sinks] == [True, True, True, False]
+    drain(core, clock)
+    assert all(isinstance(s.end, Finished) for s in sinks)
+    assert [s.end.usage.generated_chars for s in sinks] == [1, 1, 1, 4]
+    assert core.closed is None
+
+
+def test_free_slots_go_in_arrival_order_to_plain_and_resumed_streams():
+    """At the stream limit a resumed stream does not jump ahead of an older queued arrival: slots are
+    handed out in arrival order (a resumed one still needs no prefill and goes in at once when its
+    turn comes)."""
+    clock, engine = Clock(), FakeEngine()
+    core = make_core(engine, clock=clock, max_active_streams=1)
+    first = submit(core, "ab", 3)
+    core.tick(clock())  # first holds the only slot
+    queued = submit(core, "ab", 3)
+    clock.now += 0.001
+    resumed = _resumed(core, engine, 3)
+    order: list[str] = []
+    for _ in range(20):
+        core.tick(clock())
+        for name, sink in (("first", first), ("queued", queued), ("resumed", resumed)):
+            if sink.texts and name not in order:
+                order.append(name)
+        if resumed.end is not None:
+            break
+    assert order == ["first", "queued", "resumed"]
+    assert all(isinstance(s.end, Finished) for s in (first, queued, resumed))
+
+
 def test_batched_text_equals_unbatched_on_the_fake_model():
     # The fake model is plain numpy; its rows do not depend on batch mates beyond float rounding,
     # and each row draws its own uniforms (seed, char index).
