@@ -22,6 +22,9 @@ Batch = list[tuple[np.ndarray, State | None]]
 # a worker thread and back (two wake-ups and a future) costs more CPU than the step itself
 # (bench_sessions: 0.50 -> 0.35 ms of server CPU per keystroke, and lower latency).
 INLINE_S = 0.0005
+# ... and only for steps of at most this many chars: a paste's positions run one after another, so the
+# cost per row-position measured on keystrokes (rows side by side) would understate its call.
+INLINE_MAX_CHARS = 8
 
 
 class StepCoalescer:
@@ -34,10 +37,10 @@ class StepCoalescer:
     per call, so a session's predictions never depend on other sessions.
 
     A call runs inline (on the event loop, which it blocks while onnxruntime runs, the GIL released)
-    when the engine's measured seconds per row-position times its rows x positions is at most
-    `inline_s`; until an engine has been measured (its first call) and for longer calls, a worker
-    (`offload`, which admits the call itself). Before an inline call, `check()` (e.g. the runner's
-    "not draining") may refuse it, as the offload would.
+    when its steps are at most INLINE_MAX_CHARS chars and the engine's measured seconds per
+    row-position times its rows x positions is at most `inline_s`; until an engine has been measured
+    (its first call) and for longer calls, a worker (`offload`, which admits the call itself). Before
+    an inline call, `check()` (e.g. the runner's "not draining") may refuse it, as the offload would.
 
     With `wait_s` (--session-wait-ms), a step that finds the engine idle, its last call having carried
     another caller's steps less than wait_s ago (other sessions are typing), waits wait_s for company:
@@ -82,7 +85,8 @@ class StepCoalescer:
 
     def _inline(self, engine: Any, batches: list[Batch]) -> bool:
         cost = self._cost.get(engine)
-        return cost is not None and cost * sum(len(b) * b[0][0].size for b in batches) <= self.inline_s
+        return cost is not None and all(b[0][0].size <= INLINE_MAX_CHARS for b in batches) \
+            and cost * sum(len(b) * b[0][0].size for b in batches) <= self.inline_s
 
     def _count(self, engine: Any, batches: list[Batch], seconds: float) -> None:
         cost = seconds / sum(len(b) * b[0][0].size for b in batches)
