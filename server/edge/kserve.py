@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
-# ModelStreamInfer: requests of one stream answered at once; past this, reading waits for an answer to
-# end, so a client that sends without reading holds bounded memory. Echoed names and ids are cut.
+# ModelStreamInfer: requests of one stream answered at once; past this, reading waits until the client
+# has read every response of an earlier request, so a client that sends without reading holds bounded
+# memory (this many requests' responses). Echoed names and ids are cut.
 MAX_STREAM_REQUESTS = 64
 MAX_ECHO_CHARS = 256
 
@@ -119,10 +120,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                context: grpc.aio.ServicerContext):
         """Requests are answered concurrently, each in order; a failed request gets one response with
         error_message and the stream goes on. Cancelling the call stops every generation on it."""
-        queue: asyncio.Queue[kpb.ModelStreamInferResponse | None] = asyncio.Queue()
+        queue: asyncio.Queue[kpb.ModelStreamInferResponse | bool] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()  # running ones only: a finished answer leaves at once
-        slots = asyncio.Semaphore(MAX_STREAM_REQUESTS)  # reading waits while this many are unanswered
-        started = 1  # the reader, then one per request; each puts one None when it ends
+        # Reading waits while this many requests have responses not yet taken by the client: a slot is
+        # freed when the request's end marker (True) is taken off the queue, not when it is put.
+        slots = asyncio.Semaphore(MAX_STREAM_REQUESTS)
+        started = 1  # the reader, then one per request; each puts one end marker (reader: False)
 
         async def answer(request: kpb.ModelInferRequest) -> None:
             try:
@@ -134,8 +137,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     infer_response=kpb.ModelInferResponse(model_name=request.model_name[:MAX_ECHO_CHARS],
                                                           id=request.id[:MAX_ECHO_CHARS])))
             finally:
-                slots.release()
-                queue.put_nowait(None)
+                queue.put_nowait(True)
 
         def spawn(coroutine: Any) -> None:
             task = asyncio.create_task(coroutine)
@@ -150,15 +152,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     started += 1
                     spawn(answer(request))
             finally:
-                queue.put_nowait(None)
+                queue.put_nowait(False)
 
         spawn(read())
         try:
             finished = 0
             while finished < started:
                 item = await queue.get()
-                if item is None:
+                if isinstance(item, bool):
                     finished += 1
+                    if item:  # a request's last response was taken (yielded to gRPC) before this
+                        slots.release()
                 else:
                     yield item
         finally:
@@ -168,6 +172,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext,
                      streaming: bool) -> AsyncGenerator[kpb.ModelInferResponse, None]:
         """One request's responses: one, or (a streamed generation) one per text chunk, then the end."""
+        kw.check_id(request)
         model, step = await self._model(request.model_name, request.model_version, context)
         final = True if streaming else None
         if step:

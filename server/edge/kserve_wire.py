@@ -18,6 +18,7 @@ from nextchar.server.core.generation import GenerationRequest
 from nextchar.server.core.sampling import InvalidParameterError
 from nextchar.server.core.vocab import OutOfVocabularyError
 from nextchar.server.edge import wire
+from nextchar.server.edge.errors import bounded
 from nextchar.server.edge.tensors import decode_inputs, encode_output
 from nextchar.server.ops.registry import LoadedModel
 from nextchar.server.scheduling.runner import Outcome
@@ -25,7 +26,7 @@ from nextchar.v1 import inference_pb2 as pb
 
 STEP_SUFFIX = ".step"
 FINAL = "triton_final_response"  # Triton's flag on the last response of a request in ModelStreamInfer
-_INT32, _UINT64 = (-(2**31), 2**31 - 1), (0, 2**64 - 1)
+_UINT64 = (0, 2**64 - 1)
 _INTS = ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
 _FLOATS = ("FP32", "FP64")
 # Generation inputs: name -> (datatype in the metadata, accepted datatypes); all [1] but stop_words.
@@ -47,14 +48,26 @@ TensorMeta = kpb.ModelMetadataResponse.TensorMetadata
 _NONE = np.empty(0, dtype=object)
 
 
+MAX_VERSION = 2**63 - 1  # nextchar.v1's ModelRef.version is an int64
+MAX_ID_CHARS = 256  # a request id is echoed in every response of its request
+
+
 def model_version(text: str) -> int | None:
     """ModelInferRequest.model_version (a string) -> nextchar's version, None for the latest."""
     if not text:
         return None
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # "²".isdigit(), but int() refuses it
-        raise InvalidParameterError("model_version", f"must be a positive integer, or empty for the latest; "
-                                    f"got {text!r}")
+    # "²".isdigit(), but int() refuses it; past 19 digits it is out of range (and int() of a string over
+    # 4,300 digits raises), so the length is checked before the conversion.
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or not 1 <= int(text) <= MAX_VERSION:
+        raise InvalidParameterError("model_version", f"must be an integer in [1, {MAX_VERSION}], or empty "
+                                                     f"for the latest; got {bounded(repr(text), 40)}")
     return int(text)
+
+
+def check_id(request: kpb.ModelInferRequest) -> None:
+    """The request id comes back in every response of the request (each chunk of a stream): bounded."""
+    if len(request.id) > MAX_ID_CHARS:
+        raise InvalidParameterError("id", f"must be at most {MAX_ID_CHARS} characters, got {len(request.id)}")
 
 
 def _state_names(model: LoadedModel) -> tuple[list[str], list[str]]:
@@ -113,7 +126,8 @@ def _utf8(value: bytes, name: str) -> str:
 
 
 def _integer(value: Any, name: str, bounds: tuple[int, int]) -> int:
-    """Within the range of the nextchar.v1 field it fills, so that field's own check gives the error."""
+    """`value` as an int in `bounds`: the input's own range where a nextchar.v1 field could not carry
+    the value to its own check (past int32), so both faces name the same range."""
     if not bounds[0] <= int(value) <= bounds[1]:
         raise InvalidParameterError(name, f"must be in [{bounds[0]}, {bounds[1]}], got {int(value)}")
     return int(value)
@@ -137,13 +151,13 @@ def generation_request(request: kpb.ModelInferRequest, model: LoadedModel, limit
         raise InvalidParameterError("max_tokens", "is required: how many characters to generate at most")
     fields: dict[str, Any] = {
         "prompt": _utf8(_one(inputs, "text_input"), "text_input"),
-        "max_new_chars": _integer(_one(inputs, "max_tokens"), "max_tokens", _INT32),
+        "max_new_chars": _integer(_one(inputs, "max_tokens"), "max_tokens", (1, limits.max_new_chars)),
         "stop": [_utf8(s, f"stop_words[{i}]") for i, s in enumerate(inputs.get("stop_words", _NONE).flat)],
     }
     if "temperature" in inputs:
         fields["temperature"] = float(_one(inputs, "temperature"))
     if "top_k" in inputs:
-        fields["top_k"] = _integer(_one(inputs, "top_k"), "top_k", _INT32)
+        fields["top_k"] = _integer(_one(inputs, "top_k"), "top_k", (0, len(model.artifact.vocab)))
     if "top_p" in inputs:
         fields["top_p"] = float(_one(inputs, "top_p"))
     if "random_seed" in inputs:
@@ -225,6 +239,9 @@ def step_args(request: kpb.ModelInferRequest, model: LoadedModel, limits: wire.L
         if given is not None and (given.dtype != np.float32 or given.shape != want):
             raise InvalidParameterError(name, f"must be FP32 of shape {list(want)} [num_layers, batch, "
                                         f"hidden_size]; got {given.dtype} {list(given.shape)}")
+        if given is not None and not np.isfinite(given).all():
+            raise InvalidParameterError(name, "must hold finite numbers (a state with NaN or Inf makes "
+                                              "NaN logits)")
         state.append(zero if given is None else given)
     return tokens, tuple(state), wanted
 

@@ -234,11 +234,53 @@ def test_the_protocol_needs_the_token_like_every_call(make_server) -> None:
             assert call(metadata=(("authorization", "Bearer s3cret-token"),))
 
 
-def test_a_version_that_only_looks_numeric_is_invalid_argument(served) -> None:
-    """"²".isdigit() is True in Python but int() refuses it: the version check and the request log take
-    ASCII digits only, so the caller gets INVALID_ARGUMENT naming model_version, not UNKNOWN."""
-    request = _text_request("v", 3)
-    request.model_version = "²"
-    error = _refused(served.address, request)
+def test_a_version_that_only_looks_numeric_or_overflows_is_invalid_argument(served) -> None:
+    """"²".isdigit() is True in Python but int() refuses it; 2^63 does not fit the version (int64); int()
+    refuses a string of over 4,300 digits. Each is INVALID_ARGUMENT naming model_version (the last two
+    were INTERNAL), on ModelInfer, ModelMetadata and ModelReady alike, with a bounded message."""
+    expected = "model_version: must be an integer in [1, 9223372036854775807]"
+    with grpc.insecure_channel(served.address) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for version in ("²", "0", str(2**63), "9" * 5000):
+            request = _text_request("v", 3)
+            request.model_version = version
+            metadata = kpb.ModelMetadataRequest(name="lstm", version=version)
+            calls = (functools.partial(stub.ModelInfer, request),
+                     functools.partial(stub.ModelMetadata, metadata),
+                     functools.partial(stub.ModelReady, kpb.ModelReadyRequest(name="lstm", version=version)))
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(timeout=30)
+                assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (version[:20], call)
+                assert refused.value.details().startswith(expected), refused.value.details()
+                assert len(refused.value.details()) < 200
+
+
+def test_kserve_inputs_are_checked_as_nextchar_v1_checks_them(served, step_inputs) -> None:
+    """A request id over 256 chars (echoed in every response of a stream) is refused; max_tokens and
+    top_k past int32 name the same ranges as nextchar.v1 (they named int32's); a state with NaN is
+    refused on the step face (it answered NaN logits with OK)."""
+    long_id = _refused(served.address, _text_request("x" * 257, 3))
+    assert long_id.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert long_id.details() == "id: must be at most 256 characters, got 257"
+    tensor = kpb.ModelInferRequest.InferInputTensor
+    for name, value, expected in (("max_tokens", 2**40, f"max_tokens: must be in [1, {CANCEL_MAX}], got "),
+                                  ("top_k", 2**40, "top_k: must be in [0, ")):
+        request = _text_request("r", 3)
+        request.inputs.append(tensor(name=name, datatype="INT64", shape=[1],
+                                     contents=kpb.InferTensorContents(int64_contents=[value])))
+        if name == "max_tokens":
+            del request.inputs[1]
+        error = _refused(served.address, request)
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details().startswith(expected), error.details()
+    h0 = step_inputs["h0"].copy()
+    h0[0, 0, 0] = np.nan
+    step = kpb.ModelInferRequest(model_name="lstm.step", inputs=[
+        tensor(name="tokens", datatype="INT64", shape=list(step_inputs["tokens"].shape),
+               contents=kpb.InferTensorContents(int64_contents=step_inputs["tokens"].ravel().tolist())),
+        tensor(name="h0", datatype="FP32", shape=list(h0.shape),
+               contents=kpb.InferTensorContents(fp32_contents=h0.ravel().tolist()))])
+    error = _refused(served.address, step)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert error.details().startswith("model_version: must be a positive integer")
+    assert error.details().startswith("h0: must hold finite numbers"), error.details()
