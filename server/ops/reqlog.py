@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from nextchar.server.edge.errors import bounded
 from nextchar.server.edge.kserve_wire import STEP_SUFFIX
 from nextchar.server.ops.metrics import Metrics, RequestRecord
 from nextchar.server.ops.registry import Registry
@@ -27,6 +28,9 @@ OBSERVED_SERVICES = ("/nextchar.v1.NextChar/", "/nextchar.v1.Admin/", _KSERVE + 
                      _KSERVE + "ModelMetadata")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _USER_TEXT = ("prompt", "context", "text")
+# With --log-prompts, a text past this many chars is cut in the log (its length noted): a refused 4 MB
+# prompt must not make a 4 MB log line.
+MAX_LOGGED_CHARS = 10_000
 DEADLINE_SLACK_S = 0.05  # request fields holding user text: logged only when asked
 
 
@@ -81,7 +85,8 @@ class _Call:
         self.model = name if name in known else ""
         self.version = version if self.model else 0  # the reply names the one used
         texts = {f: getattr(request, f, None) for f in _USER_TEXT} if log_prompts else {}
-        self.user_text = {f: v for f, v in texts.items() if isinstance(v, str) and v}
+        self.user_text = {f: bounded(v, MAX_LOGGED_CHARS) for f, v in texts.items()
+                          if isinstance(v, str) and v}
         self.code = "OK"
         self.chars = 0            # generated characters: the summary's count, else those delivered
         self.delivered_chars = 0  # text handed to gRPC so far (a stream cut short has no summary)

@@ -135,6 +135,16 @@ def test_log_prompts_puts_the_user_text_in_the_request_line(make_server, caplog)
     line = next(r for r in caplog.records if getattr(r, "fields", {}).get("method") == "Score")
     assert line.fields["text"] == "O say can" and line.fields["context"] == "And the"
     assert 'text="O say can"' in line.getMessage() and line.fields["model"] == "gru"
+    # A prompt far past the limit is refused, and its log line stays bounded (it held all 1 MB).
+    with caplog.at_level(logging.INFO, logger="nextchar.requests"):
+        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):
+            NextCharStub(channel).Generate(pb.GenerateRequest(model=_ref("gru"), prompt="O" * 1_000_000,
+                                                              max_new_chars=5), timeout=30)
+        wait_until(lambda: any(getattr(r, "fields", {}).get("method") == "Generate" for r in caplog.records),
+                   10, "the Generate request line")
+    line = next(r for r in caplog.records if getattr(r, "fields", {}).get("method") == "Generate")
+    assert line.fields["code"] == "INVALID_ARGUMENT" and line.fields["prompt"].endswith("(1000000 chars)")
+    assert len(line.getMessage()) < 12_000
 
 
 def test_kserve_calls_are_observed_like_nextchars(metered) -> None:
