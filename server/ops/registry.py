@@ -68,11 +68,14 @@ class Registry:
         self._latest: dict[str, int] = {}
         self._loaded: dict[tuple[str, int], LoadedModel] = {}
         self._loading: dict[tuple[str, int], threading.Lock] = {}  # versions being loaded on demand
-        # Lifecycle (server.reload drives it): refused versions, calls in flight per loaded version,
-        # and replaced defaults that unload once their last call ends.
+        # Lifecycle (server.reload drives it): refused versions, calls in flight per loaded object, and
+        # retired objects that unload once their last call ends. Counts and retirement go by object
+        # identity, not by (name, version): a version loaded again (Admin LoadModel, a model directory
+        # that comes back) is a second object, and the one it displaces must still unload, once.
+        # An object counted here is alive: it is in `_loaded` or `_retiring` until its count is 0.
         self._errors: dict[str, dict[int, str]] = {}
-        self._in_flight: dict[tuple[str, int], int] = {}
-        self._retiring: set[tuple[str, int]] = set()
+        self._in_flight: dict[int, int] = {}              # id(model) -> calls in flight
+        self._retiring: dict[int, LoadedModel] = {}       # id(model) -> model, unloads when idle
         self.on_unload: Callable[[LoadedModel], None] = lambda model: None
 
     def load_latest(self, allow_empty: bool = False) -> list[LoadedModel]:
@@ -100,7 +103,8 @@ class Registry:
             with self._lock:
                 self._versions[name] = versions
                 self._latest[name] = versions[-1]
-                self._loaded[(name, versions[-1])] = model
+                dropped = self._install(model)
+            self._unloaded(dropped)
             loaded.append(model)
         return loaded
 
@@ -148,9 +152,17 @@ class Registry:
                         "model.version", f"model {name!r} has no version {key[1]} (available: {listed})")
                 model = self._loader(self.root / name / str(key[1]))
                 log.info("loaded %s v%d on demand", name, key[1])
+                # Never replace what is there: the reloader may have published this version meanwhile
+                # (that object is served and kept), or removed the model (nothing of it is kept).
                 with self._lock:
-                    self._loaded[key] = model
-                return model
+                    gone = name not in self._latest
+                    kept = model if gone else self._loaded.setdefault(key, model)
+                if gone or kept is not model:
+                    self._unloaded([model])
+                if gone:
+                    raise ModelNotFoundError("model.name", f"model {name!r} was unloaded while its "
+                                                           f"version {key[1]} loaded")
+                return kept
             finally:
                 with self._lock:
                     self._loading.pop(key, None)
@@ -169,17 +181,16 @@ class Registry:
     def publish(self, model: LoadedModel, versions: list[int]) -> int | None:
         """Serve `model` as its name's default version; returns the default it replaced (None: a new name).
 
-        The replaced version unloads once its last call in flight ends (`release`).
+        The replaced version unloads once its last call in flight ends (`release`); so does another
+        object of `model`'s own version that `model` displaces (that version was loaded again).
         """
-        key = (model.name, model.version)
         with self._lock:
             old = self._latest.get(model.name)
             self._versions[model.name] = versions
             self._latest[model.name] = model.version
-            self._loaded[key] = model
-            self._retiring.discard(key)
+            dropped = self._install(model)
             self._errors.get(model.name, {}).pop(model.version, None)
-            dropped = self._retire([(model.name, old)] if old not in (None, model.version) else [])
+            dropped += self._retire([(model.name, old)] if old not in (None, model.version) else [])
         self._unloaded(dropped)
         return old
 
@@ -202,9 +213,15 @@ class Registry:
             return dict(sorted(self._errors.get(name, {}).items()))
 
     def loaded_versions(self) -> dict[tuple[str, int], int]:
-        """(name, version) -> calls in flight, for every loaded version (served or draining)."""
+        """(name, version) -> calls in flight, for every loaded version (served or draining); a version
+        loaded again while its displaced object drains counts the calls on both."""
         with self._lock:
-            return {key: self._in_flight.get(key, 0) for key in self._loaded}
+            models = {id(m): m for m in (*self._loaded.values(), *self._retiring.values())}
+            counts: dict[tuple[str, int], int] = {}
+            for mid, model in models.items():
+                key = (model.name, model.version)
+                counts[key] = counts.get(key, 0) + self._in_flight.get(mid, 0)
+            return counts
 
     def acquire(self, name: str, version: int | None) -> LoadedModel | None:
         """The loaded model a call will use, counted as in flight until `release`; None if not loaded."""
@@ -212,34 +229,55 @@ class Registry:
             chosen = self._latest.get(name) if version is None else version
             if chosen is None:
                 return None
-            key = (name, chosen)
-            model = self._loaded.get(key)
+            model = self._loaded.get((name, chosen))
             if model is not None:
-                self._in_flight[key] = self._in_flight.get(key, 0) + 1
+                self._in_flight[id(model)] = self._in_flight.get(id(model), 0) + 1
             return model
 
     def release(self, model: LoadedModel) -> None:
-        key = (model.name, model.version)
+        """End a call `acquire` counted on this very object; it unloads here if it was its last and it
+        was retired meanwhile."""
         with self._lock:
-            left = self._in_flight.get(key, 1) - 1
+            left = self._in_flight.get(id(model), 1) - 1
             if left > 0:
-                self._in_flight[key] = left
+                self._in_flight[id(model)] = left
                 dropped = []
             else:
-                self._in_flight.pop(key, None)
-                dropped = self._retire([key]) if key in self._retiring else []
+                self._in_flight.pop(id(model), None)
+                retired = self._retiring.get(id(model)) is model
+                dropped = self._retire_object(model) if retired else []
         self._unloaded(dropped)
 
+    def _install(self, model: LoadedModel) -> list[LoadedModel]:
+        """Under the lock: `model` becomes what its (name, version) resolves to, and is not retiring; a
+        different object it displaces retires (returned if idle, for `_unloaded`)."""
+        key = (model.name, model.version)
+        displaced = self._loaded.get(key)
+        self._loaded[key] = model
+        self._retiring.pop(id(model), None)
+        return self._retire_object(displaced) if displaced is not None and displaced is not model else []
+
     def _retire(self, keys: list[tuple[str, int]]) -> list[LoadedModel]:
-        """Under the lock: drop idle versions now, mark busy ones to drop when their last call ends."""
+        """Under the lock: retire the objects these versions resolve to (`_retire_object`)."""
         dropped = []
         for key in keys:
-            if self._in_flight.get(key, 0) > 0:
-                self._retiring.add(key)
-            elif key in self._loaded:
-                self._retiring.discard(key)
-                dropped.append(self._loaded.pop(key))
+            model = self._loaded.get(key)
+            if model is not None:
+                dropped += self._retire_object(model)
         return dropped
+
+    def _retire_object(self, model: LoadedModel) -> list[LoadedModel]:
+        """Under the lock: drop `model` now if no call uses it (returned, for `_unloaded`), else mark it
+        to drop when its last call ends. A retiring object still resolved by its version stays
+        reachable (a pinned call may still take it) until then."""
+        if self._in_flight.get(id(model), 0) > 0:
+            self._retiring[id(model)] = model
+            return []
+        self._retiring.pop(id(model), None)
+        key = (model.name, model.version)
+        if self._loaded.get(key) is model:
+            del self._loaded[key]
+        return [model]
 
     def _unloaded(self, dropped: list[LoadedModel]) -> None:
         for model in dropped:

@@ -113,7 +113,10 @@ class Reloader:
             return changes
 
     def load(self, name: str, version: int | None) -> LoadedModel:
-        """Serve `name` at `version` (pinned) or its highest version (unpinned); ArtifactError if broken."""
+        """Serve `name` at `version` (pinned) or its highest version (unpinned); ArtifactError if broken.
+
+        Always read from disk, even a version already loaded (the operator's way to reload it): the
+        object it displaces unloads once its last call ends (Registry.publish)."""
         art.validate_model_name(name)
         with self._lock:
             versions = art.list_versions(self.registry.root, name)

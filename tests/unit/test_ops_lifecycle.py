@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,13 +43,20 @@ def setup(tmp_path: Path):
     registry = Registry(tmp_path, _loader(calls))
     registry.load_latest()
     unloaded: list[tuple[str, int]] = []
-    registry.on_unload = lambda m: unloaded.append((m.name, m.version))
+    dropped: list[LoadedModel] = []  # the very objects unloaded, in order (identity matters)
+
+    def on_unload(m: LoadedModel) -> None:
+        unloaded.append((m.name, m.version))
+        dropped.append(m)
+
+    registry.on_unload = on_unload
     health: list[tuple[str, bool]] = []
 
     async def set_health(name: str, serving: bool) -> None:
         health.append((name, serving))
 
-    return SimpleNamespace(repo=tmp_path, registry=registry, calls=calls, unloaded=unloaded, health=health,
+    return SimpleNamespace(repo=tmp_path, registry=registry, calls=calls, unloaded=unloaded, dropped=dropped,
+                           health=health,
                            reloader=Reloader(registry, set_health, interval_s=0))
 
 
@@ -141,3 +149,132 @@ def test_a_version_loaded_on_demand_is_reused_when_it_becomes_the_default(setup)
     assert setup.reloader.rescan() == [Change("a", "loaded", 1)]
     assert setup.registry.cached("a") is older and len(setup.calls) == calls
     assert ("a", 2) in setup.unloaded
+
+
+# --- a key published again with a different object: the old object unloads once, when idle ----------
+
+
+def _same(objects: list[LoadedModel], *expected: LoadedModel) -> bool:
+    return len(objects) == len(expected) and all(a is b for a, b in zip(objects, expected, strict=True))
+
+
+def test_loading_the_served_version_again_unloads_the_old_object_at_once_when_idle(setup) -> None:
+    r = setup.registry
+    old = r.cached("a")
+    new = setup.reloader.load("a", None)  # Admin LoadModel a: loaded again from disk
+    assert new is not old and r.cached("a") is new
+    assert _same(setup.dropped, old)  # idle: unloaded at once, exactly once
+    assert r.loaded_versions() == {("a", 1): 0, ("b", 1): 0}
+    setup.reloader.load("a", 1)
+    assert len(setup.dropped) == 2 and setup.dropped[1] is new
+
+
+def test_loading_the_served_version_again_while_busy_unloads_the_old_one_at_its_last_release(setup) -> None:
+    r = setup.registry
+    old = r.acquire("a", None)
+    new = setup.reloader.load("a", 1)
+    assert new is not old and setup.dropped == []  # in use: not unloaded
+    assert r.acquire("a", None) is new and r.acquire("a", 1) is new  # new calls get the new object
+    assert r.loaded_versions()[("a", 1)] == 3  # the draining object is still counted as loaded
+    r.release(new)
+    r.release(new)
+    assert setup.dropped == []  # the new object's count is its own
+    r.release(old)
+    assert _same(setup.dropped, old)
+    assert r.loaded_versions()[("a", 1)] == 0 and r.cached("a") is new
+    r.release(old)  # a stray second release unloads nothing more
+    assert _same(setup.dropped, old)
+
+
+def test_unload_then_load_while_a_call_runs_unloads_the_old_object_at_its_release(setup) -> None:
+    r = setup.registry
+    old = r.acquire("a", None)  # a stream running on it
+    setup.reloader.unload("a")
+    assert setup.dropped == []
+    new = setup.reloader.load("a", None)
+    assert new is not old and r.cached("a") is new and setup.dropped == []
+    r.release(old)
+    assert _same(setup.dropped, old)
+    held = r.acquire("a", None)
+    r.release(held)
+    assert held is new and _same(setup.dropped, old)  # the served one stays
+
+
+def test_a_model_directory_that_comes_back_unloads_the_old_object_at_its_release(setup, tmp_path) -> None:
+    r = setup.registry
+    old = r.acquire("a", None)
+    aside = tmp_path.parent / f"{tmp_path.name}-aside"
+    (setup.repo / "a").rename(aside)
+    assert setup.reloader.rescan() == [Change("a", "removed")] and setup.dropped == []
+    aside.rename(setup.repo / "a")
+    assert setup.reloader.rescan() == [Change("a", "loaded", 1)]
+    new = r.cached("a")
+    assert new is not old and setup.dropped == []
+    r.release(old)
+    assert _same(setup.dropped, old) and r.cached("a") is new
+    assert setup.reloader.rescan() == [] and _same(setup.dropped, old)
+
+
+def test_an_on_demand_load_never_replaces_a_version_published_meanwhile(setup) -> None:
+    r = setup.registry
+    _version(setup.repo, "a", 2)
+    setup.reloader.rescan()  # a v2 is the default; a v1 unloaded
+    assert setup.unloaded == [("a", 1)]
+    gate, started = threading.Event(), threading.Event()
+    load = r._loader
+    first = [True]
+
+    def slow(version_dir: Path) -> LoadedModel:
+        if version_dir.name == "1" and first[0]:  # only the on-demand load waits
+            first[0] = False
+            started.set()
+            assert gate.wait(10)
+        return load(version_dir)
+
+    r._loader = slow
+    got: list[LoadedModel] = []
+    t = threading.Thread(target=lambda: got.append(r.get("a", 1)))
+    t.start()
+    assert started.wait(10)
+    published = setup.reloader.load("a", 1)  # Admin pins v1 while the on-demand load runs
+    gate.set()
+    t.join(10)
+    assert got == [published] and got[0] is published  # the served object, not a second one
+    assert r.cached("a", 1) is published and r.cached("a") is published
+    duplicate = setup.dropped[-1]
+    assert duplicate is not published and (duplicate.name, duplicate.version) == ("a", 1)
+    assert setup.unloaded == [("a", 1), ("a", 2), ("a", 1)]  # old v1, replaced v2, the duplicate: once each
+    held = r.acquire("a", 1)
+    r.release(held)
+    assert held is published and len(setup.dropped) == 3
+
+
+def test_an_on_demand_load_of_a_model_removed_meanwhile_is_not_kept(setup) -> None:
+    r = setup.registry
+    _version(setup.repo, "a", 2)
+    gate, started = threading.Event(), threading.Event()
+    load = r._loader
+
+    def slow(version_dir: Path) -> LoadedModel:
+        started.set()
+        assert gate.wait(10)
+        return load(version_dir)
+
+    r._loader = slow
+    errors: list[Exception] = []
+
+    def get() -> None:
+        try:
+            r.get("a", 2)
+        except ModelNotFoundError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=get)
+    t.start()
+    assert started.wait(10)
+    setup.reloader.unload("a")
+    gate.set()
+    t.join(10)
+    assert len(errors) == 1 and errors[0].field == "model.name"
+    assert setup.unloaded == [("a", 1), ("a", 2)]  # the default, then the fresh v2: nothing left loaded
+    assert ("a", 2) not in r.loaded_versions()
