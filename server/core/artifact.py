@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -39,14 +40,20 @@ class ModelNameError(ArtifactError, ValueError):
 
 @dataclass(frozen=True)
 class Artifact:
-    """One validated model version: the ONNX file to load and the manifest that describes it."""
+    """One validated model version: the ONNX file's checked bytes and the manifest that describes it.
+
+    `model_bytes` are the bytes whose size and sha256 were checked, read once: every loader (the
+    onnxruntime session, the generation graph) takes them, never the path, so a file replaced
+    after the check is not served. `model_path` only names them in messages and logs.
+    """
 
     name: str
     version: int
     path: Path          # the version directory
-    model_path: Path    # the ONNX file of the chosen variant
+    model_path: Path    # the ONNX file of the chosen variant (for messages; load model_bytes)
     manifest: ModelManifest
     vocab: tuple[str, ...]
+    model_bytes: bytes = dataclasses.field(repr=False)  # the checked content of model_path
 
 
 def validate_model_name(name: str) -> str:
@@ -139,7 +146,8 @@ def load_artifact(version_dir: Path, *, variant: str = "fp32") -> Artifact:
     """Read and check `<repo>/<name>/<version>/`: manifest, vocab, io names, the model file's size and sha256.
 
     The size and hash check means a truncated or half-copied model file is refused here, before
-    any runtime sees it. Graph-level checks (the ONNX inputs really are these names) are the engine's.
+    any runtime sees it: the file is read once (only the chosen variant's), and the checked bytes are
+    what the engine loads. Graph-level checks (the ONNX inputs really are these names) are the engine's.
     """
     version_dir = Path(version_dir)
     if variant not in VARIANTS:
@@ -171,10 +179,9 @@ def load_artifact(version_dir: Path, *, variant: str = "fp32") -> Artifact:
         if not m.HasField("int8") or not m.int8.file:
             raise ArtifactError(f"{where}: no int8 variant was exported for {name} v{m.version}")
         file_name, sha, size = m.int8.file, m.int8.sha256, m.int8.size_bytes
-    model_path = _check_model_file(version_dir, file_name, sha, size, where)
-    return Artifact(
-        name=name, version=m.version, path=version_dir, model_path=model_path, manifest=m, vocab=vocab
-    )
+    model_path, model_bytes = _read_model_file(version_dir, file_name, sha, size, where)
+    return Artifact(name=name, version=m.version, path=version_dir, model_path=model_path, manifest=m,
+                    vocab=vocab, model_bytes=model_bytes)
 
 
 def _check_vocab(m: ModelManifest, where: str) -> tuple[str, ...]:
@@ -217,20 +224,30 @@ def _check_io(m: ModelManifest, where: str) -> None:
             raise ArtifactError(f"{where}: io.{field} is set but only an LSTM has a cell state")
 
 
-def _check_model_file(version_dir: Path, file_name: str, sha: str, size: int, where: str) -> Path:
+def _read_model_file(version_dir: Path, file_name: str, sha: str, size: int,
+                     where: str) -> tuple[Path, bytes]:
+    """The model file's path and its bytes, read once, of the manifest's size and sha256."""
     if not file_name or Path(file_name).name != file_name or file_name.startswith("."):
         raise ArtifactError(f"{where}: model file {file_name!r} must be a plain file name in its directory")
     path = version_dir / file_name
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (named by {where})")
-    actual_size = path.stat().st_size
+    data = b""
+    try:
+        actual_size = path.stat().st_size
+        if actual_size == size:  # a wrong size is refused before reading a file of any length
+            with path.open("rb") as f:
+                data = f.read(size + 1)  # one byte more: a file that grew since stat() is caught
+            actual_size = len(data)
+    except OSError as e:
+        raise ArtifactError(f"{path}: unreadable: {e}") from None
     if actual_size != size:
         raise ArtifactError(
             f"{path}: size is {actual_size} bytes but the manifest says {size} (truncated or replaced)"
         )
-    actual_sha = file_sha256(path)
+    actual_sha = hashlib.sha256(data).hexdigest()
     if actual_sha != sha:
         raise ArtifactError(
             f"{path}: sha256 is {actual_sha} but the manifest says {sha!r} (corrupt or replaced)"
         )
-    return path
+    return path, data

@@ -32,8 +32,11 @@ def available_cores() -> int:
     return max(1, cores)
 
 
-def _session(path: Path | bytes, intra_op_threads: int, inter_op_threads: int) -> ort.InferenceSession:
-    """intra_op_threads 0 = available_cores(): one call uses the machine, since the batcher puts
+def _session(model: Path | bytes, intra_op_threads: int, inter_op_threads: int, *,
+             where: object = None) -> ort.InferenceSession:
+    """A session of `model` (a serialized graph, or a file); `where` names it in errors.
+
+    intra_op_threads 0 = available_cores(): one call uses the machine, since the batcher puts
     every stream of a model into few calls (1 and 2 threads give bitwise-identical outputs)."""
     opts = ort.SessionOptions()
     intra_op_threads = intra_op_threads or available_cores()
@@ -44,26 +47,34 @@ def _session(path: Path | bytes, intra_op_threads: int, inter_op_threads: int) -
     # Idle worker threads must not spin: the host runs several models and the gRPC loop.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    source = path if isinstance(path, bytes) else str(path)
+    source = model if isinstance(model, bytes) else str(model)
+    if where is None:
+        where = "its generation graph" if isinstance(model, bytes) else model
     try:
         return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind exception types for unreadable graphs
-        where = "its generation graph" if isinstance(path, bytes) else path
         raise ArtifactError(f"{where}: onnxruntime cannot load it: {e}") from None
 
 
-def _generation_session(engine_path: Path, io: manifest_pb2.IoNames, intra_op_threads: int,
+def _model_session(artifact: Artifact, intra_op_threads: int, inter_op_threads: int) -> ort.InferenceSession:
+    """The one-step session, from the hash-checked bytes (never the file again, which may have been
+    replaced since the check)."""
+    return _session(artifact.model_bytes, intra_op_threads, inter_op_threads, where=artifact.model_path)
+
+
+def _generation_session(artifact: Artifact, intra_op_threads: int,
                         inter_op_threads: int) -> ort.InferenceSession:
-    """The K-step graph, built from the (hash-checked) one-step file: old artifacts need no re-export."""
+    """The K-step graph, built from the one-step model's hash-checked bytes (never the file again,
+    which may have been replaced since): old artifacts need no re-export."""
     import onnx  # here, not at the top: the offline client steps per char and never needs it
 
     from nextchar.server.core.kstep import build_generation_graph
 
-    io_map = {k: getattr(io, k) for k in ("tokens", "h0", "c0", "logits", "hn", "cn")}
+    io_map = {k: getattr(artifact.manifest.io, k) for k in ("tokens", "h0", "c0", "logits", "hn", "cn")}
     try:
-        graph = build_generation_graph(onnx.load(str(engine_path)), io_map)
+        graph = build_generation_graph(onnx.load_model_from_string(artifact.model_bytes), io_map)
     except (KeyError, ValueError) as e:
-        raise ArtifactError(f"{engine_path}: cannot build its generation graph: {e}") from None
+        raise ArtifactError(f"{artifact.model_path}: cannot build its generation graph: {e}") from None
     return _session(graph.SerializeToString(), intra_op_threads, inter_op_threads)
 
 
@@ -103,9 +114,9 @@ class Engine:
 
     @classmethod
     def load(cls, artifact: Artifact, *, intra_op_threads: int = 0, inter_op_threads: int = 1) -> Engine:
-        """Create the sessions for `artifact.model_path` and check the graph against the manifest.
-        intra_op_threads 0 = available_cores()."""
-        session = _session(artifact.model_path, intra_op_threads, inter_op_threads)
+        """Create the sessions from `artifact.model_bytes` (the bytes load_artifact checked, not the
+        file again) and check the graph against the manifest. intra_op_threads 0 = available_cores()."""
+        session = _model_session(artifact, intra_op_threads, inter_op_threads)
         return cls(artifact, session, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
 
     @classmethod
@@ -114,7 +125,11 @@ class Engine:
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"{path}: no such model file")
-        session = _session(path, intra_op_threads, inter_op_threads)
+        try:
+            model_bytes = path.read_bytes()  # read once: the session and generation graph share them
+        except OSError as e:
+            raise ArtifactError(f"{path}: unreadable: {e}") from None
+        session = _session(model_bytes, intra_op_threads, inter_op_threads, where=path)
         meta = session.get_modelmeta().custom_metadata_map
         for key in (art.META_MANIFEST, art.META_VOCAB):
             if key not in meta:
@@ -132,14 +147,13 @@ class Engine:
             raise ArtifactError(f"{path}: manifest vocab_size {manifest.architecture.vocab_size} "
                                 f"!= {len(vocab)} vocab characters")
         artifact = Artifact(name=manifest.name, version=manifest.version, path=path.parent,
-                            model_path=path, manifest=manifest, vocab=vocab)
+                            model_path=path, manifest=manifest, vocab=vocab, model_bytes=model_bytes)
         return cls(artifact, session, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
                    generation=False)
 
     def _generation_session(self) -> ort.InferenceSession:
         if self._generation is None:
-            self._generation = _generation_session(self.artifact.model_path, self.artifact.manifest.io,
-                                                   *self._threads)
+            self._generation = _generation_session(self.artifact, *self._threads)
         return self._generation
 
     def _check_graph(self) -> None:
@@ -259,7 +273,7 @@ class Engine:
         call faster (interleaved, best of `rounds`). Measured, not assumed: on 2 loaded cores GRU-256
         took 5x the CPU per step with 2 threads (onnxruntime's GRU kernel splits a step into tiny tasks)
         while LSTM gained 1.7x on an idle box."""
-        one = _generation_session(self.artifact.model_path, self.artifact.manifest.io, 1, self._threads[1])
+        one = _generation_session(self.artifact, 1, self._threads[1])
         many = self._generation_session()
         tokens, state = np.zeros((batch, 1), np.int64), self.initial_state(batch)
         feed = {self._inputs[0]: tokens, **dict(zip(self._inputs[1:], state, strict=True)),
@@ -276,7 +290,7 @@ class Engine:
             self.intra_op_threads = 1
             self._threads = (1, self._threads[1])
             self._generation = one
-            self.session = _session(self.artifact.model_path, 1, self._threads[1])
+            self.session = _model_session(self.artifact, 1, self._threads[1])
         log.info("%s: %d onnxruntime thread(s) per call (a batch-%d call of %d chars: %s)", self.name,
                  self.intra_op_threads, batch, k,
                  ", ".join(f"{t} thread(s) {s * 1e3:.1f} ms" for t, s in best.items()))

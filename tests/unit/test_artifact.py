@@ -47,8 +47,11 @@ def test_load_artifact_of_exported_models(model_repo: Path, name: str) -> None:
     assert a.model_path == model_repo / name / "1" / MODEL_FILE
     assert a.vocab == tuple(a.manifest.vocab) and len(a.vocab) == a.manifest.architecture.vocab_size
     assert "O" in a.vocab and "’" in a.vocab  # the anthem's characters, typographic apostrophe included
+    assert a.model_bytes == a.model_path.read_bytes()  # the checked bytes, for the engine to load
     int8 = load_artifact(model_repo / name / "1", variant="int8")
     assert int8.model_path.name == INT8_FILE and int8.manifest == a.manifest
+    assert int8.model_bytes == int8.model_path.read_bytes() != a.model_bytes
+    assert "model_bytes" not in repr(a)  # megabytes stay out of logs and tracebacks
 
 
 def test_scan_repository_ignores_temp_and_non_version_dirs(model_repo_copy: Path) -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import re
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from philox_ref import sample, uniforms
 
+from nextchar.server.core import artifact as artifact_module
 from nextchar.server.core.artifact import ArtifactError, load_artifact
 from nextchar.server.core.contract import concat_states, take
 from nextchar.server.core.engine import Engine, available_cores
@@ -148,8 +153,72 @@ def test_unloadable_file_is_an_artifact_error(model_repo, tmp_path):
     artifact = load_artifact(model_repo / "rnn" / "1")
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not an onnx graph")
-    with pytest.raises(ArtifactError, match="onnxruntime cannot load"):
-        Engine.load(dataclasses.replace(artifact, model_path=bad))
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(bad))}: onnxruntime cannot load"):
+        Engine.load(dataclasses.replace(artifact, model_path=bad, model_bytes=bad.read_bytes()))
+    with pytest.raises(ArtifactError, match=f"^{re.escape(str(bad))}: onnxruntime cannot load"):
+        Engine.from_file(bad)
+
+
+def _negated_weights(model: bytes) -> bytes:
+    """The same graph (same inputs, outputs and size class) with every float weight negated."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    graph = onnx.load_model_from_string(model)
+    for init in graph.graph.initializer:
+        weights = numpy_helper.to_array(init)
+        if weights.dtype == np.float32 and weights.size > 1:
+            init.CopyFrom(numpy_helper.from_array(-weights, init.name))
+    return graph.SerializeToString()
+
+
+def test_a_model_file_replaced_after_its_check_is_never_served(model_repo_copy, engines, monkeypatch):
+    """The file is swapped (a rename over it) right after its sha256 is taken: the engine must serve the
+    checked bytes, in its one-step session and in the generation graph, not reopen the path."""
+    d = model_repo_copy / "lstm" / "1"
+    path = d / "model.onnx"
+    checked = path.read_bytes()
+    swapped = _negated_weights(checked)
+    real_sha256, replaced = hashlib.sha256, []
+
+    class Sha256:  # hashes as hashlib does; swaps the file once the digest is taken
+        def __init__(self, data: bytes = b"") -> None:
+            self._h = real_sha256(data)
+
+        def update(self, data: bytes) -> None:
+            self._h.update(data)
+
+        def hexdigest(self) -> str:
+            digest = self._h.hexdigest()
+            if not replaced:
+                (d / ".incoming").write_bytes(swapped)
+                os.replace(d / ".incoming", path)
+                replaced.append(path)
+            return digest
+
+    monkeypatch.setattr(artifact_module, "hashlib", SimpleNamespace(sha256=Sha256))
+    artifact = load_artifact(d)
+    monkeypatch.undo()
+    assert replaced and path.read_bytes() == swapped != checked
+
+    ref = engines["lstm"]  # loaded from the untouched repository
+    tokens = ids(ref, "O say can you see")
+
+    def logits(e: Engine) -> np.ndarray:
+        return e.step(tokens, e.initial_state(1))[0]
+
+    def greedy(e: Engine) -> np.ndarray:
+        return e.generate(tokens, e.initial_state(1), np.full((1, 24), 0.5), np.ones(1),
+                          np.ones(1, np.int64), np.ones(1))[0]
+
+    served = Engine.load(artifact)
+    served.warmup()
+    np.testing.assert_allclose(logits(served), logits(ref), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(greedy(served), greedy(ref))
+    # The swap is one that would show: the replaced file serves other logits and other text.
+    impostor = Engine.load(dataclasses.replace(artifact, model_bytes=swapped))
+    assert not np.allclose(logits(impostor), logits(ref), atol=1e-2)
+    assert not np.array_equal(greedy(impostor), greedy(ref))
 
 
 def test_from_file_reads_manifest_and_vocab_from_metadata(model_repo, engines, tmp_path):
