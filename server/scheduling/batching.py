@@ -329,8 +329,10 @@ class BatchCore:
         until = [s.deadline - now for s in chunk if s.deadline is not None]
         if self._held is not None:
             until.append(self._held)
+        # Arrivals waiting shrink K so their prefill comes soon; not while no slot is free for them.
+        admissible = len(self.active) < self.config.max_active_streams and self._held is None
         k = chars_per_call(
-            self.k, arrivals_waiting=(bool(self.waiting) or self.has_arrivals) and self._held is None,
+            self.k, arrivals_waiting=(bool(self.waiting) or self.has_arrivals) and admissible,
             remaining=max(s.remaining for s in chunk), seconds_per_char=self.seconds_per_char,
             until_deadline_s=min(until) if until else None, config=self.config)
         self.k = k
@@ -396,6 +398,9 @@ class BatchCore:
     def _call(self, s: _Stream, fn: Callable, arg: object) -> None:
         try:
             fn(arg)
-        except Exception:  # a consumer's callback must not stop the other streams
+        except Exception as e:  # a consumer's callback must not stop the other streams
             log.exception("stream callback failed; dropping the stream")
-            s.done = True
+            if fn is s.on_end:
+                s.done = True
+            else:  # its on_end still comes, once, with the error
+                self._end(s, e)

@@ -150,6 +150,7 @@ class Runner:
         # once (onnxruntime releases the GIL), so a model's streams use that many cores.
         self.instances = instances
         self._batchers: dict[int, list[Batcher]] = {}  # id(engine) -> its batchers
+        self._lanes_lock = threading.Lock()  # _batchers: changed by forget from any thread
 
     def ensure_open(self) -> None:
         if self.draining:
@@ -190,14 +191,16 @@ class Runner:
                 observe(track)
             deadline = None if deadline_s is None else arrived + deadline_s
             job = _Job(track, Channel(loop), deadline, self._clock)
+            lane: Batcher | None = None
             if self.batches(engine):
+                lane = self._batcher(engine)
                 # Decoder errors (bad prompt) raise here, before anything was streamed.
-                self._batcher(engine).submit(request, on_text=job.channel.put, on_end=job.finish,
-                                             cancelled=job.counted_stop, deadline=deadline, start=start)
+                lane.submit(request, on_text=job.channel.put, on_end=job.finish,
+                            cancelled=job.counted_stop, deadline=deadline, start=start)
                 job.started = self._clock()
             else:
                 loop.run_in_executor(self._executor, job.run, engine, request, self._unbatched, start)
-            first = True
+            first, left = True, False
             try:
                 while True:
                     if not live:
@@ -214,9 +217,12 @@ class Runner:
                 if not job.past_deadline():  # else gRPC itself ended the call at its deadline
                     self.cancelled_streams += 1
                 track.stop_requested_at = self._clock()
+                left = True
                 raise
             finally:
                 job.stop.set()
+                if left and lane is not None:  # a queued stream leaves the queue now, not at a timed wake
+                    lane.wake()
             if isinstance(end, BaseException):
                 raise end
             if end.reason is FinishReason.CANCELLED and job.past_deadline():
@@ -238,8 +244,10 @@ class Runner:
 
     @property
     def batchers(self) -> list[Batcher]:
-        """The batchers started so far (`instances` per model version used), e.g. for their `core.stats`."""
-        return [b for lanes in self._batchers.values() for b in lanes]
+        """The batchers started so far (`instances` per model version used), e.g. for their `core.stats`
+        (read by the metrics thread too)."""
+        with self._lanes_lock:
+            return [b for lanes in self._batchers.values() for b in lanes]
 
     def _batcher(self, engine: ModelEngine) -> Batcher:
         """The least loaded of `engine`'s batchers, after the model's stream limits are checked over
@@ -247,14 +255,20 @@ class Runner:
         max_active_streams; its own queue limit never binds first."""
         c = self._batching
         assert c is not None, "only batched engines have batchers"
-        lanes = self._batchers.get(id(engine))
-        if lanes is None:
-            n = self.instances
-            share = c if n == 1 else dataclasses.replace(  # one batcher keeps the limits as configured
-                c, max_active_streams=-(-c.max_active_streams // n),
-                max_queue=c.max_active_streams + c.max_queue)
-            lanes = [Batcher(engine, share, clock=self._clock, name=f"{engine.name}-{i}") for i in range(n)]
-            self._batchers[id(engine)] = lanes
+        n = self.instances
+        share = c if n == 1 else dataclasses.replace(  # one batcher keeps the limits as configured
+            c, max_active_streams=-(-c.max_active_streams // n),
+            max_queue=c.max_active_streams + c.max_queue)
+        with self._lanes_lock:
+            lanes = self._batchers.get(id(engine))
+            if lanes is None:
+                lanes = [Batcher(engine, share, clock=self._clock, name=f"{engine.name}-{i}")
+                         for i in range(n)]
+                self._batchers[id(engine)] = lanes
+            for i, lane in enumerate(lanes):
+                if lane.core.closed is not None:  # its worker died (a bug; logged): a fresh one instead
+                    log.warning("batcher %s-%d had stopped; starting a new one", engine.name, i)
+                    lanes[i] = Batcher(engine, share, clock=self._clock, name=f"{engine.name}-{i}")
         if len(lanes) == 1:
             return lanes[0]  # its core checks the limits itself
         counts = [b.core.counts() for b in lanes]
@@ -262,10 +276,12 @@ class Runner:
         return lanes[min(range(len(lanes)), key=lambda i: sum(counts[i]))]
 
     def forget(self, engine: ModelEngine) -> None:
-        """`engine`'s model version was unloaded after its last call ended: stop its batchers, if any."""
-        for batcher in self._batchers.pop(id(engine), []):
-            # No join: this runs on the event loop (the last call's release); the worker ends after
-            # its current tick, and no call is left on it.
+        """`engine`'s model version was unloaded after its last call ended: stop its batchers, if any.
+        Called on the event loop (a last call's release) or a worker thread (an Admin unload)."""
+        with self._lanes_lock:
+            lanes = self._batchers.pop(id(engine), [])
+        for batcher in lanes:
+            # No join: the worker ends after its current tick, and no call is left on it.
             batcher.close(timeout=0)
 
     async def drain(self, timeout: float) -> bool:
@@ -273,7 +289,8 @@ class Runner:
         self.draining = True
         if self.in_flight == 0:
             return True
-        self._idle = asyncio.Event()
+        if self._idle is None:  # a second drain waits on the same event
+            self._idle = asyncio.Event()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True

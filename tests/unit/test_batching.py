@@ -327,6 +327,40 @@ def test_free_slots_go_in_arrival_order_to_plain_and_resumed_streams():
     assert all(isinstance(s.end, Finished) for s in (first, queued, resumed))
 
 
+def test_k_grows_while_queued_arrivals_cannot_be_admitted():
+    """K drops to 1 while arrivals wait, so their prefill comes soon; but at the stream limit they cannot
+    go in before a stream ends, and every call used to stay at K = 1 (the most costly per char exactly
+    when the batcher is saturated)."""
+    clock, engine = Clock(), FakeEngine()
+    core = make_core(engine, clock=clock, max_active_streams=2, max_chars_per_call=16)
+    running = [submit(core, "ab", 200), submit(core, "ab", 200)]
+    core.tick(clock())
+    queued = submit(core, "ab", 5)
+    ks = []
+    for _ in range(6):
+        core.tick(clock())
+        ks.append(core.k)
+    assert ks[-1] == 16, ks
+    drain(core, clock)
+    assert all(isinstance(s.end, Finished) for s in (*running, queued))
+
+
+def test_a_failing_on_text_ends_the_stream_with_its_error():
+    """on_end is called exactly once whatever happens: a consumer whose on_text raises gets that
+    error as its end (it used to get no end at all, and would have waited forever)."""
+    core = make_core(FakeEngine())
+    ends: list = []
+
+    def broken(text: str) -> None:
+        raise RuntimeError("consumer gone")
+
+    core.submit(GenerationRequest("ab", 5, GREEDY), on_text=broken, on_end=ends.append)
+    other = submit(core, "ab", 5)
+    drain(core)
+    assert len(ends) == 1 and isinstance(ends[0], RuntimeError)
+    assert isinstance(other.end, Finished)
+
+
 def test_batched_text_equals_unbatched_on_the_fake_model():
     # The fake model is plain numpy; its rows do not depend on batch mates beyond float rounding,
     # and each row draws its own uniforms (seed, char index).

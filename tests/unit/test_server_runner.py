@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -187,3 +188,93 @@ def test_a_unary_call_gets_the_text_in_one_piece() -> None:
 
     text, outcome = asyncio.run(main())
     assert text == _expected(FakeEngine(), request) and isinstance(outcome, Outcome)
+
+
+def _batched_runner(**config) -> Runner:
+    from nextchar.server.scheduling.policy import BatchingConfig
+
+    return Runner(8, flush_s=0.001, flush_chars=8, batching=BatchingConfig(**config), instances=2)
+
+
+def test_a_batcher_lane_that_died_is_replaced_not_chosen() -> None:
+    """A lane whose worker died (a bug in a tick: it fails its streams and stops) reports no load, so
+    the least-loaded choice sent every new stream to it: UNAVAILABLE for the model version until a
+    reload. A dead lane is now replaced by a fresh one."""
+    engine, request = FakeEngine(), _request(20)
+
+    async def main() -> None:
+        runner = _batched_runner(max_wait_s=0.0)
+        try:
+            assert len([item async for item in runner.generate(engine, request)]) > 1  # lanes start
+            dead = runner.batchers[1]
+
+            def broken(now):
+                raise RuntimeError("a bug in a tick")
+            dead.core.tick = broken
+            dead.wake()
+            for _ in range(1000):
+                if dead.core.closed is not None:
+                    break
+                await asyncio.sleep(0.005)
+            assert dead.core.closed is not None
+            runner.batchers[0].core.counts = lambda: (5, 0)  # the healthy lane is busy
+            for seed in range(4):  # each new stream is served (it went to the dead lane: UNAVAILABLE)
+                items = [item async for item in runner.generate(engine, _request(20, seed))]
+                assert isinstance(items[-1], Outcome)
+            assert dead not in runner.batchers
+        finally:
+            runner.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_stream_leaves_its_batchers_queue_at_once() -> None:
+    """A queued stream whose caller leaves frees its place in the queue at once (the batcher is woken);
+    it used to hold it until the worker's next timed wake-up (up to max_wait_s, here 10 s)."""
+    engine = FakeEngine()
+
+    async def main() -> None:
+        from nextchar.server.scheduling.policy import BatchingConfig
+
+        runner = Runner(8, flush_s=0.001, flush_chars=8, instances=1,
+                        batching=BatchingConfig(max_wait_s=10.0, max_batch_size=4))
+        try:
+            stream = runner.generate(engine, _request(20))
+            task = asyncio.ensure_future(stream.__anext__())  # submitted: waits 10 s for company
+            await asyncio.sleep(0.05)
+            (batcher,) = runner.batchers
+            assert batcher.core.counts() == (0, 1)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await stream.aclose()
+            for _ in range(200):
+                if batcher.core.counts() == (0, 0):
+                    break
+                await asyncio.sleep(0.005)
+            assert batcher.core.counts() == (0, 0)
+        finally:
+            runner.close()
+
+    asyncio.run(main())
+
+
+def test_drain_called_twice_waits_for_the_same_calls() -> None:
+    engine = _GatedEngine(free_steps=3)
+
+    async def main() -> None:
+        runner = Runner(2, flush_s=0.001, flush_chars=1)
+        try:
+            stream = runner.generate(engine, _request(50))
+            assert await stream.__anext__()
+            first = asyncio.ensure_future(runner.drain(5.0))
+            second = asyncio.ensure_future(runner.drain(5.0))
+            await asyncio.sleep(0.02)
+            engine.gate.set()
+            async for _ in stream:
+                pass
+            assert await first is True and await second is True
+        finally:
+            runner.close()
+
+    asyncio.run(main())
