@@ -121,7 +121,7 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     servicer.sessions = SessionService(
         registry, sessions, steps, runner, servicer.limits,
         SessionLimits(config.session_max_chars, config.session_saved_states), servicer._model,
-        servicer.clients)
+        servicer.clients, servicer.budget)
     health = health_aio.HealthServicer()
     ops = Operations(config, metrics, registry, runner, health, overall=("", SERVICE_NAME))
     grpc_server = grpc.aio.server(interceptors=ops.interceptors, options=[

@@ -19,6 +19,7 @@ from nextchar.server.edge import session_wire as sw
 from nextchar.server.edge import wire
 from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
 from nextchar.server.ops.sessions import SessionIdleError, SessionsClosedError, SessionTable
+from nextchar.server.scheduling.budget import MemoryBudget, call_bytes
 from nextchar.server.scheduling.clients import ClientSlots, client_key
 from nextchar.server.scheduling.runner import Outcome, Runner
 from nextchar.server.scheduling.session_steps import StepCoalescer
@@ -45,10 +46,11 @@ class SessionService:
     def __init__(self, registry: Registry, table: SessionTable, steps: StepCoalescer, runner: Runner,
                  limits: wire.Limits, session_limits: SessionLimits,
                  resolve: Callable[[pb.ModelRef, grpc.aio.ServicerContext], Awaitable[LoadedModel]],
-                 clients: ClientSlots | None = None) -> None:
+                 clients: ClientSlots | None = None, budget: MemoryBudget | None = None) -> None:
         self.registry, self.table, self.steps, self.runner = registry, table, steps, runner
         self.limits, self.session_limits, self._resolve = limits, session_limits, resolve
         self.clients = clients or ClientSlots(0)
+        self.budget = budget or MemoryBudget(1 << 62)  # None: no memory limit (tests of other things)
         self._edits: dict[str, Any] = {}  # the edits counter's child per kind
 
     async def serve(self, requests: Any,
@@ -199,14 +201,16 @@ class SessionService:
         assert s.state is not None and s.logits is not None  # a session completes only once it holds text
         pieces: list[str] = []
         finished: Finished | None = None
-        run = self.runner.generate(live.model.engine, request_, start=(s.state, s.logits))
-        async with contextlib.aclosing(run) as items:
-            async for item in items:
-                if isinstance(item, Outcome):
-                    finished = item.finished
-                    break
-                pieces.append(item)
-                yield sw.completion_text(rid, s.length, item)
+        # Its memory, like any generation's (the prompt is not read again: the chars it generates).
+        with self.budget.reserve(call_bytes(c.max_new_chars, len(s.vocab))):
+            run = self.runner.generate(live.model.engine, request_, start=(s.state, s.logits))
+            async with contextlib.aclosing(run) as items:
+                async for item in items:
+                    if isinstance(item, Outcome):
+                        finished = item.finished
+                        break
+                    pieces.append(item)
+                    yield sw.completion_text(rid, s.length, item)
         assert finished is not None  # the runner ends every generation with one Outcome, or raises
         s.last_completion = "".join(pieces)
         computed = max(0, finished.usage.generated_chars - 1)  # each char but the last was read back

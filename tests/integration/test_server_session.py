@@ -108,6 +108,19 @@ def test_a_bad_request_is_answered_and_the_session_goes_on(client: NextCharClien
         assert session.append("y").text_chars == 5
 
 
+def test_a_completion_counts_against_the_memory_budget(make_server) -> None:
+    """A completion reserves its estimate from --memory-budget-mb like any generation (it skipped the
+    budget): past it, the session gets a RESOURCE_EXHAUSTED answer and goes on."""
+    server = make_server(memory_budget_mb=16)
+    budget = server.server.servicer.budget
+    budget.reserved = budget.limit_bytes - (1 << 20)  # as if other calls held all but 1 MiB
+    with NextCharClient(server.address, timeout=30) as client, client.session("lstm", n=3, text="O sa") as s:
+        assert "".join(s.complete(20))  # a short one fits (~60 KB)
+        with pytest.raises(ResourceExhausted, match="memory budget"):
+            list(s.complete(5000))
+        assert s.append("y").text_chars == 5
+
+
 def test_the_first_message_must_be_open(server) -> None:
     with grpc.insecure_channel(server.address) as channel:
         stub = inference_pb2_grpc.NextCharStub(channel)
