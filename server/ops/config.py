@@ -92,8 +92,10 @@ class ServerConfig:
             raise ConfigError(f"--admin-address (env NEXTCHAR_ADMIN_ADDRESS): {self.admin_address!r} is not "
                               "loopback or a unix socket, so Admin there needs --auth-token or "
                               "--auth-token-file")
+        admin_port = self.admin_address.rpartition(":")[2]
         if not self.admin_address.startswith("unix:") and self.port != 0 \
-                and self.admin_address.rpartition(":")[2] == str(self.port):
+                and admin_port.isascii() and admin_port.isdigit() and len(admin_port) < 12 \
+                and int(admin_port) == self.port:
             raise ConfigError(f"--admin-address (env NEXTCHAR_ADMIN_ADDRESS): must not use --port "
                               f"{self.port}; Admin is never served on the public port")
         if self.metrics_port and self.metrics_port == self.port:

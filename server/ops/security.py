@@ -29,6 +29,9 @@ def read_token(path: Path) -> str:
     token = text.strip().splitlines()[0].strip() if text.strip() else ""
     if not token:
         raise TokenError(f"--auth-token-file {str(path)!r}: is empty")
+    if not all(33 <= ord(c) <= 126 for c in token):  # as --auth-token: gRPC metadata is ASCII
+        raise TokenError(f"--auth-token-file {str(path)!r}: the token must be non-empty printable ASCII "
+                         "without spaces")
     return token
 
 

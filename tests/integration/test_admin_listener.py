@@ -47,8 +47,9 @@ def test_a_non_loopback_admin_listener_needs_a_token(model_repo: Path) -> None:
     with pytest.raises(ConfigError, match=r"--admin-address .*needs --auth-token"):
         server_config(model_repo, admin_address="0.0.0.0:7000")
     assert server_config(model_repo, admin_address="0.0.0.0:7000", auth_token="t").admin_address
-    with pytest.raises(ConfigError, match=r"--admin-address .*never served on the public port"):
-        server_config(model_repo, port=7001, admin_address="127.0.0.1:7001")
+    for admin in ("127.0.0.1:7001", "127.0.0.1:07001", "[::1]:007001"):  # the port as a number, not text
+        with pytest.raises(ConfigError, match=r"--admin-address .*never served on the public port"):
+            server_config(model_repo, port=7001, admin_address=admin)
 
 
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])

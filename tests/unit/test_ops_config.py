@@ -86,6 +86,11 @@ def test_token_file(tmp_path: Path) -> None:
     f.write_text("\n  \n")
     with pytest.raises(TokenError, match="is empty"):
         read_token(f)
+    # gRPC metadata is ASCII: a token no client can send locked everyone out, silently (as --auth-token)
+    for bad in ("päss", "two words"):
+        f.write_text(bad + "\n")
+        with pytest.raises(TokenError, match="must be non-empty printable ASCII without spaces"):
+            read_token(f)
 
 
 def test_loopback_peers() -> None:
