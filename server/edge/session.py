@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -78,15 +78,20 @@ class SessionService:
                 try:
                     opts = sw.options(first.open.options, held)
                     session = TypingSession(held.artifact.vocab, held.engine.vocab_index, self.session_limits)
-                    async for message in self._lifetime(_Live(held, session, opts), first, reader, context):
-                        yield message
+                    # Closed here, not left to the collector, when gRPC closes this stream mid-write.
+                    async with contextlib.aclosing(self._lifetime(_Live(held, session, opts), first, reader,
+                                                                  context)) as answers:
+                        async for message in answers:
+                            reader.writing()  # until gRPC takes it: a client that never reads ends idle
+                            yield message
+                            reader.written()
                 finally:
                     self.registry.release(held)
         finally:
             reader.close()
 
     async def _lifetime(self, live: _Live, first: pb.SessionRequest, reader: Any,
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
+                        context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.SessionResponse, None]:
         """The session from its open to its end, held in the session table; the end's reason counted."""
         session, opts, reason = live.session, live.opts, "error"
         with self.table.hold(session):
@@ -111,7 +116,7 @@ class SessionService:
                 reason = "drain"
                 raise
             except (asyncio.CancelledError, GeneratorExit):
-                reason = "cancelled"
+                reason = reader.ended or "cancelled"  # the idle TTL may end a session stuck writing
                 raise
             finally:
                 self.table.ended_by(reason)

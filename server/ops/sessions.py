@@ -135,15 +135,38 @@ class SessionReader:
         self._since: float | None = None  # when the current wait began (None: not waiting)
         self._timer: asyncio.TimerHandle | None = None
 
-    async def next(self) -> Any:
-        """The next message; None when the client closed its side."""
-        if self._table.closing:
-            raise SessionsClosedError("the server is shutting down; the session ended, reopen it elsewhere")
+    @property
+    def ended(self) -> str | None:
+        """Why the server ended the session (idle, drain), if it did."""
+        return self._ended
+
+    def _wait_began(self) -> None:
+        """The session now waits on its client: the idle TTL counts (and a drain ends it at once)."""
         loop = asyncio.get_running_loop()
         self._since = loop.time()
         if self._timer is None:
             self._timer = loop.call_at(self._since + self._table.idle_ttl_s, self._expire)
         self._table.waiting.add(self)
+
+    def _wait_ended(self) -> None:
+        self._since = None
+        self._table.waiting.discard(self)
+
+    def writing(self) -> None:
+        """An answer is on its way: until the client takes it (`written`) the session waits on the
+        client too. A client that sends but never reads blocks that write once flow control is full;
+        the idle TTL (or a drain) then ends the session, which would otherwise hold its slot, state and
+        model version for good."""
+        self._wait_began()
+
+    def written(self) -> None:
+        self._wait_ended()
+
+    async def next(self) -> Any:
+        """The next message; None when the client closed its side."""
+        if self._table.closing:
+            raise SessionsClosedError("the server is shutting down; the session ended, reopen it elsewhere")
+        self._wait_began()
         try:
             return await anext(self._requests, None)
         except asyncio.CancelledError:
@@ -156,8 +179,7 @@ class SessionReader:
             raise SessionIdleError(f"the session sent nothing for {self._table.idle_ttl_s:g}s (the server's "
                                    "idle TTL); its state was freed, open a new session") from None
         finally:
-            self._since = None
-            self._table.waiting.discard(self)
+            self._wait_ended()
 
     def _expire(self) -> None:
         """The timer: end the wait if it has lasted the TTL, else re-arm for when it will have."""

@@ -197,3 +197,76 @@ def test_a_refused_inline_call_fails_its_steps_only_and_row_views_are_copied() -
     logits, state = asyncio.run(run())
     np.testing.assert_allclose(logits, _full(FakeEngine(), "d"), atol=1e-6)
     assert state[0].base is None and state[0].shape == (1, 1, 8)
+
+
+def test_a_session_whose_client_stops_reading_is_evicted_at_the_idle_ttl() -> None:
+    """The idle TTL counts while the session waits on its client either way: for the next message, or
+    for an answer to be taken (a client that sends but never reads blocks the server's write once flow
+    control is full). It used to count only while reading, so such a session held its slot, its state
+    and its model version for good."""
+    import prometheus_client
+
+    from nextchar.server.core.session import SessionOptions  # noqa: F401  (the service's own types)
+    from nextchar.server.edge.session import SessionService
+    from nextchar.server.ops.sessions import SessionTable
+    from nextchar.v1 import inference_pb2 as pb
+
+    engine = FakeEngine()
+
+    class Model:
+        name, version = "m", 1
+
+    model = Model()
+    model.engine = engine
+    model.artifact = type("A", (), {"vocab": engine.vocab})()
+
+    class Registry:
+        def acquire(self, name, version):
+            return model
+
+        def release(self, m):
+            pass
+
+    class Steps:
+        async def step(self, engine_, tokens, state, caller=None):
+            logits, new = engine_.step(tokens[None], state if state is not None else engine_.initial_state(1))
+            return logits[0, -1], new
+
+    class Context:
+        def peer(self):
+            return "ipv4:127.0.0.1:1"
+
+        def invocation_metadata(self):
+            return ()
+
+        def cancelled(self):
+            return False
+
+    async def resolve(ref, context):
+        return model
+
+    async def main() -> None:
+        table = SessionTable(10, idle_ttl_s=0.05, registry=prometheus_client.CollectorRegistry())
+        service = SessionService(Registry(), table, Steps(), None, None, SessionLimits(), resolve)
+
+        async def requests():
+            yield pb.SessionRequest(id=1, open=pb.SessionOpen(text="ab", options=pb.SessionOptions(n=2)))
+            while True:  # the client keeps sending
+                yield pb.SessionRequest(id=2, predict=pb.SessionPredict())
+
+        async def blocked_writer() -> None:
+            answers = service.serve(requests(), Context())
+            try:
+                await anext(answers)  # opened
+                await asyncio.Event().wait()  # the write of the next answer never completes
+            finally:
+                await answers.aclose()
+
+        task = asyncio.ensure_future(blocked_writer())
+        await asyncio.sleep(0.01)
+        assert len(table.active) == 1
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2.0)
+        assert not table.active and table.ended.get("idle") == 1
+
+    asyncio.run(main())
