@@ -20,7 +20,7 @@ from nextchar.server.edge.servicer import NextCharServicer
 from nextchar.server.edge.session import SessionService
 from nextchar.server.ops.config import ServerConfig
 from nextchar.server.ops.metrics import Metrics
-from nextchar.server.ops.operations import Operations
+from nextchar.server.ops.operations import NO_REUSEPORT, Operations
 from nextchar.server.ops.registry import Registry, engine_loader
 from nextchar.server.ops.sessions import SessionTable
 from nextchar.server.scheduling.budget import MemoryBudget
@@ -68,18 +68,20 @@ class NextCharServer:
         await self.grpc_server.start()
 
     async def shutdown(self, grace: float | None = None) -> bool:
-        """Health NOT_SERVING at once, new calls UNAVAILABLE, running calls get `grace` s to finish.
+        """Health NOT_SERVING at once, new calls and Admin changes UNAVAILABLE, running calls get what is
+        left of `grace` s to finish; returns within about `grace` s, whatever a reload is doing.
 
         Returns True when every running call finished within the grace period.
         """
         grace = self.config.grace_seconds if grace is None else grace
-        started = time.monotonic()
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
-        await self.ops.stop_changes()
+        self.runner.draining = True      # new calls UNAVAILABLE from now on (drain() below waits)
+        await self.ops.stop_changes()    # Admin refused; a watcher load in progress abandoned, not awaited
         if self.servicer.sessions is not None:
             self.servicer.sessions.table.close()  # sessions end at once (UNAVAILABLE), their state freed
-        drained = await self.runner.drain(grace)
-        left = max(0.0, grace - (time.monotonic() - started))
+        drained = await self.runner.drain(max(0.0, deadline - time.monotonic()))
+        left = max(0.0, deadline - time.monotonic())
         await self.grpc_server.stop(min(_FLUSH_SECONDS, left) if drained else 0)
         await self.admin_server.stop(0)
         self.runner.close()
@@ -125,6 +127,7 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     health = health_aio.HealthServicer()
     ops = Operations(config, metrics, registry, runner, health, overall=("", SERVICE_NAME))
     grpc_server = grpc.aio.server(interceptors=ops.interceptors, options=[
+        NO_REUSEPORT,  # a port in use (Admin's listener included) fails at bind, never shared
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ])

@@ -17,6 +17,11 @@ from nextchar.server.ops.security import AuthInterceptor, read_token, server_cre
 from nextchar.server.scheduling.runner import Runner
 from nextchar.v1 import admin_pb2_grpc
 
+# grpc binds with SO_REUSEPORT unless told not to: two listeners on one port (Admin's and the public
+# one, or another process's) would then both bind, and connections to the public port could reach Admin.
+# Without it a port in use fails at bind (OSError from `_bind`).
+NO_REUSEPORT = ("grpc.so_reuseport", 0)
+
 
 class Operations:
     """Built with the server (build_server), started with it, stopped first on shutdown."""
@@ -24,7 +29,7 @@ class Operations:
     def __init__(self, config: ServerConfig, metrics: Metrics, registry: Registry, runner: Runner,
                  health: health_aio.HealthServicer, overall: tuple[str, ...] = ("",)) -> None:
         self.config, self.metrics, self.registry, self.health = config, metrics, registry, health
-        self.overall = overall  # health names for the whole server: SERVING once any model is served
+        self.overall = overall  # health names for the whole server: SERVING while any model is served
         token = config.auth_token
         if config.auth_token_file is not None:
             token = read_token(config.auth_token_file)
@@ -43,7 +48,7 @@ class Operations:
         """Admin on its own listener (--admin-address), with the same interceptors and transport
         security as the public port; never on the public port, so a proxy in front of that port
         cannot reach it. Returns the server and the address it bound (port 0 resolved)."""
-        server = grpc.aio.server(interceptors=self.interceptors)
+        server = grpc.aio.server(interceptors=self.interceptors, options=[NO_REUSEPORT])
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.registry, self.reloader), server)
         address = self.config.admin_address
         port = self._bind(server, address)
@@ -72,7 +77,8 @@ class Operations:
         self.reloader.start()
 
     async def stop_changes(self) -> None:
-        """Shutdown, first step: no more reloads while calls drain."""
+        """Shutdown: no more reloads or Admin changes while calls drain (refused as UNAVAILABLE). Returns
+        at once: a rescan loading a model is abandoned, not awaited, and its model is never served."""
         await self.reloader.stop()
 
     def close(self) -> None:
@@ -82,8 +88,11 @@ class Operations:
             self.endpoint = None
 
     async def _set_health(self, name: str, serving: bool) -> None:
+        """A model's health, and the whole server's: SERVING while any model is served (a server that
+        started on an empty repository serves from its first model on), NOT_SERVING once the last one is
+        removed or unloaded (every call would be NOT_FOUND)."""
         statuses = health_pb2.HealthCheckResponse
         await self.health.set(name, statuses.SERVING if serving else statuses.NOT_SERVING)
-        if serving:  # a server that started on an empty repository serves from its first model on
-            for overall in self.overall:
-                await self.health.set(overall, statuses.SERVING)
+        overall = statuses.SERVING if self.registry.names() else statuses.NOT_SERVING
+        for whole in self.overall:
+            await self.health.set(whole, overall)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nextchar.server.core import artifact as art
 from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
+from nextchar.server.scheduling.runner import ShuttingDownError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ def _signature(version_dir: Path) -> Signature:
 class Reloader:
     """Keeps the registry in step with the repository. A new version is validated and warmed up
     (Registry.load) before it becomes the default (Registry.publish); a refused one is recorded with
-    its reason and the current default keeps serving. Blocking methods run in worker threads."""
+    its reason and the current default keeps serving. Blocking methods run in worker threads.
+
+    Shutdown closes it (close/stop): every later change is ShuttingDownError (UNAVAILABLE), and a load
+    in progress is abandoned, not waited for; its model is never published."""
 
     def __init__(self, registry: Registry, set_health: SetHealth, interval_s: float) -> None:
         self.registry, self._set_health, self.interval_s = registry, set_health, interval_s
@@ -50,6 +54,10 @@ class Reloader:
         self._refused: dict[tuple[str, int], Signature] = {}
         self._unloaded: set[str] = set()                  # UnloadModel'd: the watcher leaves them alone
         self._pinned: dict[str, int] = {}                 # LoadModel with a version: served until unpinned
+        # Guards `_closed` and every change to the registry, so none lands after close() returned.
+        # Held only around in-memory changes, never across a load: close() never waits on one.
+        self._gate = threading.Lock()
+        self._closed = False
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -60,11 +68,24 @@ class Reloader:
         if self.interval_s > 0:
             self._task = asyncio.get_running_loop().create_task(self._watch(), name="nextchar-reload")
 
-    async def stop(self) -> None:
+    def close(self) -> None:
+        """Shutdown: refuse every later change and stop the watcher, without waiting for a load in
+        progress (its thread runs on, but what it loads is dropped, not published)."""
+        with self._gate:
+            self._closed = True
         self._stop.set()
         if self._task is not None:
+            self._task.cancel()  # abandons an awaited rescan: a load can take longer than the grace period
+
+    async def stop(self) -> None:
+        self.close()
+        if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await self._task  # cancelled: ends at its current await, not after the load
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShuttingDownError("the server is shutting down: model changes are refused")
 
     async def _watch(self) -> None:
         while not self._stop.is_set():
@@ -77,6 +98,7 @@ class Reloader:
                 log.exception("repository rescan failed")
 
     async def rescan_async(self) -> list[Change]:
+        self._check_open()
         try:
             changes = await asyncio.to_thread(self.rescan)
         except art.ArtifactError as e:  # the repository itself went away: keep serving what is loaded
@@ -86,6 +108,8 @@ class Reloader:
         return changes
 
     async def apply_health(self, changes: list[Change]) -> None:
+        if self._closed:  # shutting down: health stays NOT_SERVING
+            return
         for c in changes:
             if c.action != "failed":
                 await self._set_health(c.name, c.action == "loaded")
@@ -94,6 +118,7 @@ class Reloader:
 
     def rescan(self) -> list[Change]:
         """Load new defaults, drop models gone from disk; the changes made (or refused), by name."""
+        self._check_open()
         with self._lock:
             found = art.scan_repository(self.registry.root)
             changes: list[Change] = []
@@ -102,7 +127,9 @@ class Reloader:
                     continue
                 versions = found.get(name, [])
                 if not versions:
-                    self.registry.remove(name)
+                    with self._gate:
+                        self._check_open()
+                        self.registry.remove(name)
                     self._pinned.pop(name, None)
                     log.info("model %s is gone from the repository: removed", name)
                     changes.append(Change(name, "removed"))
@@ -118,6 +145,7 @@ class Reloader:
         Always read from disk, even a version already loaded (the operator's way to reload it): the
         object it displaces unloads once its last call ends (Registry.publish)."""
         art.validate_model_name(name)
+        self._check_open()
         with self._lock:
             versions = art.list_versions(self.registry.root, name)
             if not versions:
@@ -128,7 +156,7 @@ class Reloader:
                                                     f"(available: {listed})")
             target = version if version is not None else versions[-1]
             model = self._load(name, target)  # raises before anything changes
-            self.registry.publish(model, versions)
+            self._publish(model, versions)
             self._unloaded.discard(name)
             if version is None:
                 self._pinned.pop(name, None)
@@ -140,7 +168,9 @@ class Reloader:
     def unload(self, name: str) -> None:
         """Stop serving `name` until LoadModel names it again."""
         art.validate_model_name(name)
-        with self._lock:
+        self._check_open()
+        with self._lock, self._gate:
+            self._check_open()
             if name not in self.registry.names():
                 raise ModelNotFoundError("name", f"no model named {name!r} is being served")
             self._unloaded.add(name)
@@ -166,11 +196,19 @@ class Reloader:
                 self._refused[(name, version)] = signature
                 changes.append(Change(name, "failed", version, str(e)))
                 continue
-            self.registry.publish(model, versions)
+            self._publish(model, versions)
             log.info("serving %s v%d (was %s)", name, version, f"v{current.version}" if current else "new")
             changes.append(Change(name, "loaded", version))
             break
         return changes
+
+    def _publish(self, model: LoadedModel, versions: list[int]) -> None:
+        """Serve `model`, unless shutdown began while it loaded (then ShuttingDownError; it is dropped)."""
+        with self._gate:
+            if self._closed:
+                log.info("dropped %s v%d: loaded after shutdown began", model.name, model.version)
+            self._check_open()
+            self.registry.publish(model, versions)
 
     def _load(self, name: str, version: int) -> LoadedModel:
         try:

@@ -64,3 +64,36 @@ def test_reflection_v1_and_v1alpha_list_the_public_services(server, version: str
     assert {"nextchar.v1.NextChar", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection"} <= names
     assert "nextchar.v1.Admin" not in names
+
+
+# --- a port shared by two listeners fails at bind (grpc sets SO_REUSEPORT unless told not to) -------
+
+
+def test_an_admin_address_on_the_public_port_fails_to_start(model_repo: Path) -> None:
+    """Were both listeners to set SO_REUSEPORT, both would bind and loopback calls to the public port
+    could reach Admin. The config check refuses the plain case; one that gets past it still fails."""
+    from server_harness import ServerThread, free_port, server_config
+
+    port = free_port()
+    config = server_config(model_repo, port=port)
+    object.__setattr__(config, "admin_address", f"127.0.0.1:{port}")  # past the config check
+    with pytest.raises(OSError, match=rf"cannot bind 127\.0\.0\.1:{port}"):
+        ServerThread(config)
+
+
+@pytest.mark.parametrize("listener", ["public", "admin"])
+def test_neither_listener_shares_its_port_with_a_reuseport_socket(model_repo: Path, listener: str) -> None:
+    """A socket bound with SO_REUSEPORT (as grpc's own listeners are by default) keeps its port: each
+    of our listeners binds without SO_REUSEPORT, so it fails with a clear error instead of sharing."""
+    import socket
+
+    from server_harness import ServerThread, server_config
+
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        address = {"port": port} if listener == "public" else {"admin_address": f"127.0.0.1:{port}"}
+        with pytest.raises(OSError, match=rf"cannot bind 127\.0\.0\.1:{port}"):
+            ServerThread(server_config(model_repo, **address))

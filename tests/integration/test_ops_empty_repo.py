@@ -79,3 +79,38 @@ def test_without_the_watcher_an_empty_repository_still_fails_fast(tmp_path: Path
         capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode != 0
     assert "--model-repo (env NEXTCHAR_MODEL_REPO): must be an existing directory" in result.stderr
+
+
+def test_overall_health_follows_the_last_model_removed_and_served_again(model_repo: Path, tmp_path: Path,
+                                                                        make_server) -> None:
+    """When no model is left (the watcher saw it removed, or Admin unloaded it), the whole server and the
+    NextChar service say NOT_SERVING (every call would be NOT_FOUND); SERVING again with a model."""
+    from nextchar.v1 import admin_pb2, admin_pb2_grpc
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo / "lstm", repo / "lstm")
+    server = make_server(repo, reload_interval=RELOAD_S)
+    with grpc.insecure_channel(server.address) as channel, \
+            grpc.insecure_channel(server.server.admin_address) as admin_channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        admin = admin_pb2_grpc.AdminStub(admin_channel)
+
+        def status(service: str = "") -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+        def overall() -> tuple[int, int]:
+            return status(), status(SERVICE_NAME)
+
+        assert overall() == (STATUS.SERVING, STATUS.SERVING)
+        admin.UnloadModel(admin_pb2.UnloadModelRequest(name="lstm"), timeout=30)
+        assert overall() == (STATUS.NOT_SERVING, STATUS.NOT_SERVING) and status("lstm") == STATUS.NOT_SERVING
+        admin.LoadModel(admin_pb2.LoadModelRequest(name="lstm"), timeout=60)
+        assert overall() == (STATUS.SERVING, STATUS.SERVING)
+
+        aside = tmp_path / "lstm-aside"
+        (repo / "lstm").rename(aside)  # the watcher's rescan removes the last model
+        wait_until(lambda: status("lstm") == STATUS.NOT_SERVING, START_TIMEOUT_S, "lstm to be removed")
+        assert overall() == (STATUS.NOT_SERVING, STATUS.NOT_SERVING)
+        aside.rename(repo / "lstm")
+        wait_until(lambda: status("lstm") == STATUS.SERVING, START_TIMEOUT_S, "lstm to be served again")
+        assert overall() == (STATUS.SERVING, STATUS.SERVING)

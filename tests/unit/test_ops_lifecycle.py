@@ -278,3 +278,39 @@ def test_an_on_demand_load_of_a_model_removed_meanwhile_is_not_kept(setup) -> No
     assert len(errors) == 1 and errors[0].field == "model.name"
     assert setup.unloaded == [("a", 1), ("a", 2)]  # the default, then the fresh v2: nothing left loaded
     assert ("a", 2) not in r.loaded_versions()
+
+
+def test_a_closed_reloader_refuses_changes_and_never_publishes_a_load_in_progress(setup) -> None:
+    from nextchar.server.scheduling.runner import ShuttingDownError
+
+    r = setup.registry
+    _version(setup.repo, "a", 2)
+    gate, started = threading.Event(), threading.Event()
+    load = r._loader
+
+    def slow(version_dir: Path) -> LoadedModel:
+        started.set()
+        assert gate.wait(10)
+        return load(version_dir)
+
+    r._loader = slow
+    errors: list[BaseException] = []
+
+    def rescan() -> None:
+        try:
+            setup.reloader.rescan()
+        except ShuttingDownError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=rescan)
+    t.start()
+    assert started.wait(10)
+    setup.reloader.close()  # shutdown begins during the load: returns at once
+    for change in (setup.reloader.rescan, lambda: setup.reloader.load("b", None),
+                   lambda: setup.reloader.unload("b")):
+        with pytest.raises(ShuttingDownError, match="shutting down"):
+            change()
+    gate.set()
+    t.join(10)
+    assert len(errors) == 1 and r.cached("a").version == 1 and r.names() == ["a", "b"]
+    assert r.versions("a") == [1]
