@@ -253,7 +253,8 @@ class NextCharClient:
 # --- async ----------------------------------------------------------------------------------------
 
 class AsyncGenerationStream:
-    """`async for text in stream`; after the last piece `summary` is set. `cancel()` stops the server."""
+    """`async for text in stream`; after the last piece `summary` is set. `cancel()` stops the server, as
+    leaving `async with stream:` does."""
 
     def __init__(self, call: Any) -> None:
         self._call = call
@@ -271,6 +272,12 @@ class AsyncGenerationStream:
 
     def cancel(self) -> None:
         self._call.cancel()
+
+    async def __aenter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._call.cancel()  # a no-op once the stream completed; else the server stops generating
 
 
 class AsyncNextCharClient:

@@ -106,9 +106,21 @@ def _oov_args(p: argparse.ArgumentParser) -> None:
 def _run(name: str, func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Errors as one line on stderr: exit 2 for bad input, 1 for anything else the server said."""
     from nextchar.client.errors import InvalidArgument, NextCharError
+    from nextchar.server.core.artifact import ArtifactError
 
     try:
         return func(args)
+    except ArtifactError as e:  # --model-file: missing, unreadable, not ONNX, not a nextchar export
+        message = " ".join(str(e).split("\n"))
+        model_file = getattr(args, "model_file", None)
+        if model_file and model_file not in message:
+            message = f"{model_file}: {message}"
+        print(f"nextchar {name}: {message}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`| head -c1`): stop quietly, as `yes | head` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit must not fail again
+        return 141  # 128 + SIGPIPE
     except InvalidArgument as e:
         print(f"nextchar {name}: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import queue
 from collections.abc import AsyncIterator, Iterator
@@ -10,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from nextchar.client.errors import from_rpc_error, from_status
+from nextchar.client.errors import NextCharError, from_rpc_error, from_status
 from nextchar.v1 import inference_pb2 as pb
 
 
@@ -61,15 +62,27 @@ class _Protocol:
         self.version = 0
         self.max_chars = 0
         self.text_chars = 0
+        # The id of a completion whose answers may still be on the stream (its caller left the loop
+        # early), until its summary or error is read, or an answer to a later request is.
+        self._completing: int | None = None
 
     def _request(self, **action: Any) -> pb.SessionRequest:
         return pb.SessionRequest(id=next(self._ids), **action)
 
+    @staticmethod
+    def _stale(request: pb.SessionRequest, answer: pb.SessionResponse | None) -> bool:
+        """An answer to an earlier request (the rest of a completion left unread): ids only grow."""
+        return answer is not None and answer.id < request.id
+
     def _check(self, request: pb.SessionRequest, answer: pb.SessionResponse | None) -> pb.SessionResponse:
         if answer is None:
+            self._completing = None
             raise from_status(14, "the server ended the session")  # UNAVAILABLE
         if answer.id != request.id:
             raise RuntimeError(f"answer to request {answer.id} while waiting for {request.id}")
+        if self._completing is not None and (
+                answer.id > self._completing or answer.WhichOneof("event") != "completion_text"):
+            self._completing = None  # every answer to that completion has been read
         self.text_chars = answer.text_chars
         if answer.HasField("error"):
             e = answer.error
@@ -111,11 +124,21 @@ class TypingSession(_Protocol):
         return request
 
     def _next(self, request: pb.SessionRequest) -> pb.SessionResponse:
-        try:
-            answer = next(self._call, None)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return self._check(request, answer)
+        while True:
+            try:
+                answer = next(self._call, None)
+            except grpc.RpcError as e:
+                self._ended()
+                raise from_rpc_error(e) from None
+            if answer is None:
+                self._ended()
+            if not self._stale(request, answer):
+                return self._check(request, answer)
+
+    def _ended(self) -> None:
+        """The call is over: end grpc's request thread, which would otherwise wait on the outbox forever."""
+        self._completing = None
+        self._outbox.put(None)
 
     def _edit(self, **action: Any) -> SessionUpdate:
         request = self._send(**action)
@@ -149,15 +172,26 @@ class TypingSession(_Protocol):
         from nextchar.client.client import _summary
 
         request = self._send(complete=complete_message(max_new_chars, **options))
-        while True:
-            answer = self._next(request)
-            if answer.HasField("completion_summary"):
-                self.summary = _summary(answer.completion_summary)
-                return
-            yield answer.completion_text
+        self._completing = request.id
+        try:
+            while True:
+                answer = self._next(request)
+                if answer.HasField("completion_summary"):
+                    self.summary = _summary(answer.completion_summary)
+                    return
+                yield answer.completion_text
+        finally:
+            # Left early (break, an exception in the caller's loop): read the rest of this completion
+            # now, so the next call's answer comes next. Not when a later call already read past it.
+            try:
+                while self._completing == request.id:
+                    self._next(request)
+            except NextCharError:
+                pass  # the call failed: the next call reports it
 
     def close(self) -> None:
         """End the stream (half-close, then wait for the server's end): its state is freed at once."""
+        self._completing = None
         self._outbox.put(None)
         try:
             for _ in self._call:  # nothing is unanswered; this waits for the server to end the call
@@ -187,20 +221,54 @@ class AsyncTypingSession(_Protocol):
             self.opened = self._update(await self._next(first))
         return self
 
+    async def _finished(self) -> NextCharError:
+        """The typed error for a call that already ended: Cancelled when it was cancelled here (an
+        awaiting task was cancelled, e.g. by asyncio.wait_for; grpc.aio then cancels the whole call)."""
+        code, details = await self._call.code(), await self._call.details()
+        if self._call.cancelled():
+            return from_status(1, f"the session's call was cancelled ({details}): a call on it was "
+                                  "cancelled or timed out; open a new session")  # CANCELLED
+        if code == grpc.StatusCode.OK:
+            return from_status(14, "the server ended the session")  # UNAVAILABLE
+        return from_status(code.value[0], details or "")
+
+    @staticmethod
+    def _cancelling() -> bool:
+        """Whether the running task itself is being cancelled (then CancelledError must propagate)."""
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+
     async def _send(self, **action: Any) -> pb.SessionRequest:
+        if self._call.done():
+            raise await self._finished()
         request = self._request(**action)
         try:
             await self._call.write(request)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        except asyncio.CancelledError:
+            if self._cancelling():
+                raise
+            raise await self._finished() from None  # another task's cancel ended the call
+        except asyncio.InvalidStateError:
+            raise await self._finished() from None
         return request
 
     async def _next(self, request: pb.SessionRequest) -> pb.SessionResponse:
-        try:
-            answer = await self._call.read()
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return self._check(request, None if answer is grpc.aio.EOF else answer)
+        while True:
+            if self._call.done() and self._call.cancelled():  # else read() raises CancelledError
+                raise await self._finished()
+            try:
+                answer = await self._call.read()
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+            except asyncio.CancelledError:
+                if self._cancelling():
+                    raise
+                raise await self._finished() from None
+            message = None if answer is grpc.aio.EOF else answer
+            if not self._stale(request, message):  # skip the rest of a completion left unread
+                return self._check(request, message)
 
     async def _edit(self, **action: Any) -> SessionUpdate:
         request = await self._send(**action)
@@ -226,6 +294,8 @@ class AsyncTypingSession(_Protocol):
         return (await self._edit(predict=pb.SessionPredict(n=n))).predictions
 
     async def complete(self, max_new_chars: int, **options: Any) -> AsyncIterator[str]:
+        """As TypingSession.complete. Left early, its remaining answers are skipped by the next call
+        (not drained here: an abandoned async generator is finalized later, in another task)."""
         from nextchar.client.client import _summary
 
         request = await self._send(complete=complete_message(max_new_chars, **options))
@@ -237,6 +307,8 @@ class AsyncTypingSession(_Protocol):
             yield answer.completion_text
 
     async def close(self) -> None:
+        if self._call.done():  # cancelled (e.g. a timed-out call) or ended by the server: nothing to free
+            return
         try:
             await self._call.done_writing()
             while await self._call.read() is not grpc.aio.EOF:

@@ -243,3 +243,108 @@ def test_a_completion_shares_the_batchers_calls_with_a_generation(make_server) -
         stream.cancel()
         assert text == c.generate("lstm", "O say", 300, temperature=0.8, seed=7).text
     assert shared.get(2, 0) > 0, shared
+
+
+@pytest.mark.parametrize("leave", ["break", "raise"])
+def test_a_completion_left_early_keeps_the_session_usable(client: NextCharClient, leave: str) -> None:
+    """Leaving `for piece in s.complete(...)` early (break, or an exception in the loop body) drains the
+    completion's remaining answers: later calls get their own answers and the text length stays right."""
+    with client.session("lstm", n=3, text="O sa") as session:
+        try:
+            for _piece in session.complete(50, seed=5):
+                if leave == "raise":
+                    raise KeyError("the caller's own error")
+                break
+        except KeyError:
+            pass
+        update = session.append("y")
+        assert update.text_chars == 5 and session.text_chars == 5
+        _same(update.predictions, client.predict_next("lstm", "O say", 3))
+        text = "".join(session.complete(20, seed=5))
+        assert text == client.generate("lstm", "O say", 20, seed=5).text
+
+
+def test_answers_of_a_completion_left_unread_are_skipped(client: NextCharClient) -> None:
+    """A completion generator kept but not read on: the next call skips its answers (ids only grow), and
+    closing the abandoned generator later does not wait for answers that will never come."""
+    with client.session("lstm", n=3, text="O sa") as session:
+        pieces = session.complete(50, seed=5)
+        assert next(pieces)
+        assert session.append("y").text_chars == 5
+        assert session.predict(2)
+        pieces.close()  # must not block: its answers were consumed by the append
+        assert session.delete(1).text_chars == 4
+
+
+def test_async_completion_left_early_keeps_the_session_usable(server, client: NextCharClient) -> None:
+    async def run() -> tuple:
+        async with (AsyncNextCharClient(server.address, timeout=30) as ac,
+                    await ac.session("lstm", n=3, text="O sa") as session):
+            async for _piece in session.complete(50, seed=5):
+                break
+            with pytest.raises(KeyError):
+                async for _piece in session.complete(50, seed=6):
+                    raise KeyError("the caller's own error")
+            update = await session.append("y")
+            text = "".join([t async for t in session.complete(20, seed=5)])
+            return update, session.text_chars, text
+
+    update, chars, text = asyncio.run(run())
+    assert update.text_chars == 5 and chars == 5
+    _same(update.predictions, client.predict_next("lstm", "O say", 3))
+    assert text == client.generate("lstm", "O say", 20, seed=5).text
+
+
+def test_async_call_timed_out_gives_typed_errors_not_cancelled(make_server) -> None:
+    """A wait_for timeout cancels the Session call (grpc.aio): the caller sees TimeoutError, close() and
+    `async with` end quietly, and later calls raise the client's Cancelled, not InvalidStateError."""
+    from nextchar.client.errors import Cancelled
+
+    server = make_server(max_new_chars=20_000)
+
+    async def run() -> None:
+        async with AsyncNextCharClient(server.address, timeout=30) as ac:
+            with pytest.raises(TimeoutError):
+                async with await ac.session("lstm", n=0, text="O sa") as session:
+                    pieces = session.complete(20_000, seed=1)
+                    await asyncio.wait_for(pieces.__anext__(), 10)  # started
+                    await asyncio.wait_for(session.append("x"), 0.01)  # waits behind 20,000 chars
+            with pytest.raises(Cancelled):
+                await session.append("y")
+            with pytest.raises(Cancelled):
+                await session.predict(1)
+            await session.close()
+            assert not asyncio.current_task().cancelling()
+
+    asyncio.run(run())
+
+
+def test_sessions_that_failed_while_reading_leak_no_request_threads(make_server) -> None:
+    """A session whose call fails while the caller waits for answers (its deadline here; a drain or the
+    idle TTL alike), dropped without close(): grpc's request-reading thread must not stay blocked on the
+    session's outbox."""
+    import gc
+    import sys
+
+    def readers() -> int:  # threads inside grpc's request-reading loop
+        def reading(frame) -> bool:
+            while frame is not None:
+                if frame.f_code.co_name == "consume_request_iterator":
+                    return True
+                frame = frame.f_back
+            return False
+
+        return sum(reading(f) for f in sys._current_frames().values())
+
+    server = make_server(max_new_chars=20_000)
+    before = readers()
+    with NextCharClient(server.address, timeout=30) as c:
+        for _ in range(3):
+            s = c.session("lstm", n=0, text="O", timeout=0.3)
+            with pytest.raises(DeadlineExceeded):
+                while True:  # the deadline falls while the session reads a completion
+                    for _piece in s.complete(20_000):
+                        pass
+            del s
+        gc.collect()
+        wait_until(lambda: readers() <= before, 10, f"request threads to end ({readers()} > {before})")
