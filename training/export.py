@@ -106,6 +106,12 @@ def export_model(
     model.eval()
     try:
         _write_version(model, vocab, tmp, name, version, training, int8, eval_text)
+        # mkdtemp makes the directory 0700 and the rename keeps it: a server running as another user
+        # (a container's uid, a service account) could not read the version. The umask decides, as for
+        # the files in it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         return _publish(tmp, model_dir / str(version))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -202,6 +202,10 @@ def _loop(config: TrainConfig, model: CharModel, average: AveragedModel | None, 
     model.train()
     loss_sum, loss_n, seg_start, seg_steps = 0.0, 0, clock(), 0
     eval_seconds, stop = 0.0, ""
+    if config.max_steps and p.step >= config.max_steps:  # a resumed run that had already finished
+        stop = f"reached --max-steps {config.max_steps}"
+    elif budget and p.train_seconds >= budget:
+        stop = f"reached --max-minutes {config.max_minutes:g}"
     while not stop:
         epoch, k = streams.position(p.step)
         if k == 0:

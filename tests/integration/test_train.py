@@ -100,6 +100,19 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(corpus: Path, t
     assert (ma["step"], ma["val_loss"], ma["train_loss"]) == (mb["step"], mb["val_loss"], mb["train_loss"])
 
 
+def test_resuming_a_finished_run_trains_nothing(corpus: Path, tmp_path: Path) -> None:
+    """--resume on a run that already reached --max-steps stops at once (it trained one step more and
+    rewrote last.pt, its metrics and the step count a later export records)."""
+    config = tiny(corpus, max_steps=20)
+    train(config, tmp_path / "a", progress=False, log=quiet)
+    before = (tmp_path / "a" / "last.pt").read_bytes()
+    lines: list[str] = []
+    train(config, tmp_path / "a", resume=True, progress=False, log=lines.append)
+    assert (tmp_path / "a" / "last.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path / "a" / "last.pt").step == 20
+    assert any("reached --max-steps 20" in line for line in lines), lines
+
+
 def val_split(corpus: Path):
     from nextchar.training.data import split
     from nextchar.training.tokens import open_corpus

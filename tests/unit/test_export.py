@@ -232,6 +232,18 @@ def test_versions_are_numbered_and_immutable(tmp_path: Path) -> None:
     assert not [p for p in os.listdir(tmp_path / "m") if p.startswith(".")]
 
 
+def test_a_published_version_is_readable_by_other_users_as_the_umask_allows(tmp_path: Path) -> None:
+    """A server running as another user (a container's uid, a service account) reads the version: its
+    directory follows the umask like the files in it (mkdtemp makes 0700, and the rename kept it)."""
+    old = os.umask(0o022)
+    try:
+        version = export_model(_model("gru"), VOCAB, tmp_path, "m")
+    finally:
+        os.umask(old)
+    assert version.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in version.iterdir())
+
+
 def test_crash_before_publish_leaves_no_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[Path] = []
 
