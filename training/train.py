@@ -107,8 +107,10 @@ def _record(model: CharModel, average: AveragedModel | None, opt: torch.optim.Op
 
 def _check_resumable(ckpt: Checkpoint, config: TrainConfig, corpus: TokenCorpus, path: Path) -> None:
     saved = TrainConfig.from_dict(ckpt.train_config).to_dict()
-    # A longer budget cannot alter what was already computed (unless --max-steps is cosine's horizon).
-    budget = {"max_minutes"} if config.schedule == "cosine" else {"max_minutes", "max_steps"}
+    # A longer budget cannot alter what was already computed, unless it is the schedule's horizon
+    # (--max-steps for cosine, --max-minutes for cosine-time: the lr would jump back up).
+    horizon = {"cosine": "max_steps", "cosine-time": "max_minutes"}.get(config.schedule)
+    budget = {"max_minutes", "max_steps"} - {horizon}
     diff = [k for k, v in config.to_dict().items() if k not in budget and saved[k] != v]
     if diff:
         shown = ", ".join(f"{k}={saved[k]!r} (now {config.to_dict()[k]!r})" for k in diff)

@@ -184,6 +184,12 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(corpus: Path, tmp_path
     assert not (tmp_path / "empty").exists()
     with pytest.raises(ConfigError, match=r"hidden_size=24 \(now 32\)"):
         train(tiny(corpus, hidden_size=32), tmp_path / "r", resume=True, progress=False, log=quiet)
+    # cosine-time's horizon is --max-minutes: a new one would make the lr jump back up on resume
+    timed = tiny(corpus, max_steps=0, max_minutes=1e-4, schedule="cosine-time")
+    train(timed, tmp_path / "t", progress=False, log=quiet)
+    with pytest.raises(ConfigError, match=r"max_minutes=0.0001 \(now 1\)"):
+        train(tiny(corpus, max_steps=0, max_minutes=1, schedule="cosine-time"), tmp_path / "t", resume=True,
+              progress=False, log=quiet)
 
 
 def test_time_budget_and_patience_stop_a_run(corpus: Path, tmp_path: Path) -> None:
