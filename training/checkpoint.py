@@ -43,7 +43,7 @@ class Checkpoint:
     best_val: float = math.inf
     optimizer: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)  # kind, lr_scale, evals_since_best
-    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)  # generator states; "ranks": every process's
     hidden: list[torch.Tensor] = field(default_factory=list)
     # With --ema, `model_state` is the weight average (what was evaluated and what export reads) and
     # this is the weights as trained, which a resume continues from; empty otherwise.

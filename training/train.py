@@ -90,9 +90,13 @@ def _record(model: CharModel, average: AveragedModel | None, opt: torch.optim.Op
             corpus: TokenCorpus, p: Progress, state: State | None, epoch: int, rt: Runtime) -> Checkpoint:
     """The checkpoint of this moment; every process calls it (it gathers the streams' hidden rows)."""
     hidden = [rt.gather_rows(s).float().cpu() for s in state] if state is not None else []
-    rng = {"torch": torch.get_rng_state()}  # dropout; data order needs none: it is f(seed, step)
+    # Dropout's generators, every process's (data order needs none: it is f(seed, step)); "torch" /
+    # "cuda" are rank 0's, as files from before per-process states were kept hold.
+    mine = {"torch": torch.get_rng_state()}
     if rt.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(rt.device)
+        mine["cuda"] = torch.cuda.get_rng_state(rt.device)
+    ranks = rt.gather_objects(mine)
+    rng: dict[str, Any] = {**ranks[0], "ranks": ranks} if rt.distributed else mine
     served = average.module if average is not None else model
     return Checkpoint(
         model_config=model.config, vocab=corpus.vocab, model_state=_cpu(served.state_dict()),
@@ -163,11 +167,15 @@ def train(config: TrainConfig, out: Path, resume: bool = False, progress: bool =
             average.module.load_state_dict(ckpt.model_state)
             average.n_averaged.fill_(ckpt.step)  # so the next step averages rather than copies
         opt.load_state_dict(ckpt.optimizer)
-        if rt.is_main:
-            torch.set_rng_state(ckpt.rng["torch"])
-            if rt.device.type == "cuda" and "cuda" in ckpt.rng:
-                torch.cuda.set_rng_state(ckpt.rng["cuda"], rt.device)
-        else:
+        rng: dict[str, Any] = dict(ckpt.rng)
+        ranks = rng.get("ranks")
+        saved: dict[str, Any] | None = ranks[rt.rank] if ranks is not None and len(ranks) == rt.world \
+            else rng if rt.is_main else None
+        if saved is not None:  # this process's dropout stream continues where it was
+            torch.set_rng_state(saved["torch"])
+            if rt.device.type == "cuda" and "cuda" in saved:
+                torch.cuda.set_rng_state(saved["cuda"], rt.device)
+        else:  # a checkpoint of another process count (or from before): a fresh stream per process
             torch.manual_seed(mix_seed(config.seed, rt.rank, ckpt.step))
         sched = ckpt.scheduler
         p = Progress(ckpt.step, ckpt.best_val, sched["evals_since_best"], sched["lr_scale"],
