@@ -14,7 +14,7 @@ import { parseArgs } from 'node:util';
 import ort from 'onnxruntime-node';
 
 import {
-  InvalidArgumentError, MAX_NEW_CHARS, ModelFormatError, generate, loadModel,
+  InvalidArgumentError, MAX_NEW_CHARS, MAX_STOP_SEQUENCES, ModelFormatError, generate, loadModel,
 } from './lib/nextchar.mjs';
 
 const USAGE = `usage: node generate.mjs --model PATH --prompt TEXT [--max-chars N] [--temperature T]
@@ -26,7 +26,7 @@ const USAGE = `usage: node generate.mjs --model PATH --prompt TEXT [--max-chars 
   --top-k K          keep the K most likely characters (default 0 = off)
   --top-p P          nucleus sampling mass in (0, 1] (default 1 = off)
   --seed S           replay a generation: an integer in [0, 2^64-1] (default: a fresh seed)
-  --stop SEQ         stop before this sequence (repeatable, up to 16)
+  --stop SEQ         stop before this sequence (repeatable, up to ${MAX_STOP_SEQUENCES})
   --echo             print the prompt before the generated text
   --json             print one JSON line (text, seed, finish reason, ...)`;
 

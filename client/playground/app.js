@@ -64,22 +64,46 @@ async function predict() {
   }
 }
 
+const MAX_SEED = (1n << 64n) - 1n;
+
+// The request's optional fields from the form: an empty field is absent (the server's default: temperature
+// 1, top-p 1, a fresh seed), never 0. A seed must be decimal digits only (no "1e3", "1.5", "0x10").
+function optionalFloat(id, field, name) {
+  if ($(id).validity.badInput) {  // a number field holding text that is not a number reads as ""
+    throw new ConnectError(`${name}: must be a number (empty = the server's default)`, Code.InvalidArgument);
+  }
+  const text = $(id).value.trim();
+  return text === "" ? {} : { [field]: Number(text) };
+}
+
+function optionalSeed() {
+  const text = $("seed").value.trim();
+  if (text === "") return {};
+  if (!/^[0-9]+$/.test(text) || BigInt(text) > MAX_SEED) {
+    throw new ConnectError(`seed: must be an integer in [0, 2^64-1] (empty = a fresh one), got ${JSON.stringify(text)}`,
+      Code.InvalidArgument);
+  }
+  return { seed: BigInt(text) };
+}
+
 async function complete() {
   completion?.abort();
   completion = new AbortController();
-  const seed = $("seed").value;
-  const request = {
-    model: { name: $("model").value }, prompt: $("text").value, maxNewChars: Number($("max").value),
-    temperature: Number($("temperature").value), topK: Number($("topk").value), topP: Number($("topp").value),
-    ...(seed === "" ? {} : { seed: BigInt(seed) }),
-  };
+  const { signal } = completion;
   $("completion").textContent = "";
   $("summary").textContent = "";
+  delete $("summary").dataset.done;
   $("error").textContent = "";
   $("accept").disabled = true;
   completed = "";
   try {
-    for await (const message of client.generateStream(request, { signal: completion.signal })) {
+    const request = {
+      model: { name: $("model").value }, prompt: $("text").value, maxNewChars: Number($("max").value),
+      topK: Number($("topk").value), ...optionalFloat("temperature", "temperature", "temperature"),
+      ...optionalFloat("topp", "topP", "top_p"),
+      ...optionalSeed(),
+    };
+    for await (const message of client.generateStream(request, { signal })) {
       if (message.event.case === "text") {
         completed += message.event.value;
         $("completion").textContent = completed;

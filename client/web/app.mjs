@@ -18,6 +18,8 @@ ort.env.wasm.wasmPaths = new URL('../js/node_modules/onnxruntime-web/dist/', imp
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 let model = null;
+let running = false; // a generation is under way: Generate stays disabled, whatever loads meanwhile
+const YIELD_EVERY_MS = 50;
 
 function setStatus(state, message) {
   $('status').dataset.state = state;
@@ -43,8 +45,10 @@ async function load(bytes, source) {
   const { info } = model;
   $('model-info').textContent = `${source}: ${info.name || '(unnamed)'} v${info.version || '?'}, ` +
     `${info.cell.toUpperCase()}, ${info.numLayers} × ${info.hiddenSize}, ${info.vocab.length} characters`;
-  $('generate').disabled = false;
-  setStatus('ready', 'Model loaded.');
+  // The running generation goes on with the model it started with; this one is for the next.
+  $('generate').disabled = running;
+  if (running) setStatus('generating', 'Generating … (the model just loaded is for the next generation)');
+  else setStatus('ready', 'Model loaded.');
 }
 
 async function loadUrl(url) {
@@ -57,23 +61,36 @@ async function loadUrl(url) {
 const unescapeStop = (line) => line.replace(/\\(n|\\)/g, (_, c) => (c === 'n' ? '\n' : '\\'));
 const escapeStop = (seq) => seq.replace(/\\/g, '\\\\').replace(/\n/g, '\\n');
 
+// A number field; empty = absent (undefined: the default, as the server's absent field), never 0.
+function optionalNumber(id, name) {
+  if ($(id).validity.badInput) throw new InvalidArgumentError(name, 'must be a number (empty = the default)');
+  const text = $(id).value.trim();
+  return text === '' ? undefined : Number(text);
+}
+
 function options() {
   const seed = $('seed').value.trim();
-  if (seed && !/^\d+$/.test(seed)) throw new InvalidArgumentError('seed', `must be an integer in [0, 2^64-1], got ${seed}`);
+  if (seed && !/^[0-9]+$/.test(seed)) {
+    throw new InvalidArgumentError('seed', `must be an integer in [0, 2^64-1] (empty = a fresh one), got ${JSON.stringify(seed)}`);
+  }
   return {
     maxChars: Number($('max').value),
-    temperature: Number($('temperature').value),
-    topK: Number($('top-k').value),
-    topP: Number($('top-p').value),
-    seed: seed ? BigInt(seed) : null,
+    temperature: optionalNumber('temperature', 'temperature'), // empty: 1, as the server's default
+    topK: optionalNumber('top-k', 'top_k'),
+    topP: optionalNumber('top-p', 'top_p'),
+    seed: seed || null, // decimal digits: generate checks the range
     stop: $('stop').value.split('\n').filter((line) => line !== '').map(unescapeStop),
   };
 }
 
 async function run() {
+  if (running || !model) return;
+  const current = model; // a model loaded meanwhile is for the next generation
   const prompt = $('prompt').value;
   const opts = options();
+  running = true;
   $('generate').disabled = true;
+  let lastYield = performance.now();
   const out = $('output');
   out.replaceChildren();
   const promptSpan = document.createElement('span');
@@ -85,17 +102,24 @@ async function run() {
   setStatus('generating', 'Generating …');
   try {
     const started = performance.now();
-    const result = await generate(ort, model, prompt, opts, (text) => generated.append(text));
+    const result = await generate(ort, current, prompt, opts, (text) => {
+      generated.append(text);
+      // onnxruntime-web's runs never yield to the event loop: a task now and then lets the page paint
+      // the text so far and take clicks (a model loaded meanwhile is for the next generation).
+      if (performance.now() - lastYield < YIELD_EVERY_MS) return undefined;
+      return new Promise((resolve) => setTimeout(() => { lastYield = performance.now(); resolve(); }, 0));
+    });
     const seconds = (performance.now() - started) / 1000;
     setStatus('done', `Generated ${result.generatedChars} characters in ${seconds.toFixed(2)} s ` +
       `(${result.finishReason.replace('_', ' ')}; seed ${result.seed}).`);
-    const { name, version, cell } = model.info;
+    const { name, version, cell } = current.info;
     await report({
       state: 'done', model: { name, version, cell }, prompt, text: result.text, seed: String(result.seed),
       finish_reason: result.finishReason, stop_sequence: result.stopSequence,
     });
   } finally {
-    $('generate').disabled = false;
+    running = false;
+    $('generate').disabled = !model; // still disabled while a model loads
   }
 }
 

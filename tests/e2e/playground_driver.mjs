@@ -1,5 +1,5 @@
 // Drives the playground in headless chromium over the DevTools protocol, as a person would: real key
-// presses into the text box, a click on Complete, a bad temperature. Prints what the page showed as
+// presses into the text box, a click on Complete, a bad temperature and seeds, an empty temperature. Prints what the page showed as
 // JSON on stdout; tests/e2e/test_playground.py compares it with the server's own answers.
 // Usage: node --experimental-websocket playground_driver.mjs CHROMIUM URL PROFILE_DIR TEXT
 import { spawn } from "node:child_process";
@@ -92,6 +92,27 @@ async function main() {
   // A bad request: the server's INVALID_ARGUMENT shows on the page.
   await page.evaluate("document.getElementById('temperature').value = '-1'; document.getElementById('complete').click()");
   out.error = await until("the error", () => page.evaluate("document.getElementById('error').textContent"));
+  // A seed that is not decimal digits: the page's own INVALID_ARGUMENT, before any request (and no
+  // unhandled rejection: the message must show).
+  out.seedErrors = [];
+  for (const seed of ["1e3", "1.5", "0x10", "18446744073709551616"]) {
+    await page.evaluate(`(() => {
+      const set = (id, v) => { document.getElementById(id).value = v; };
+      set('temperature', '0.8'); set('seed', ${JSON.stringify(seed)});
+      document.getElementById('error').textContent = '';
+      document.getElementById('complete').click();
+    })()`);
+    out.seedErrors.push(await until(`the error for seed ${seed}`,
+      () => page.evaluate("document.getElementById('error').textContent")));
+  }
+  // An empty temperature is absent (the server's default, 1), not 0 (greedy).
+  await page.evaluate(`(() => {
+    document.getElementById('temperature').value = '';
+    document.getElementById('seed').value = '7';
+    document.getElementById('complete').click();
+  })()`);
+  await until("the default-temperature completion", () => page.evaluate("document.getElementById('summary').dataset.done === '1'"));
+  out.defaultTemperature = await page.evaluate("document.getElementById('completion').textContent");
   page.close();
   return out;
 }

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -202,3 +203,48 @@ def test_js_library_unit_tests(node: str) -> None:
     assert "# fail 0" in done.stdout
     passed = re.search(r"^# pass (\d+)$", done.stdout, re.MULTILINE)
     assert passed is not None and int(passed.group(1)) > 0, done.stdout[-2000:]
+
+
+def test_page_empty_temperature_is_the_default_not_greedy(
+    model_repo: Path, chromium: str, page_server: PageServer, tmp_path: Path,
+) -> None:
+    """An empty temperature field means absent (1, the server's default), as does an empty top-p (1)."""
+    from nextchar.client.offline import OfflineModel
+
+    model = OfflineModel.from_file(model_repo / "lstm" / "1" / "model.onnx")
+    want = model.generate(PROMPT, MAX_CHARS, seed=7).text  # temperature absent: 1
+    assert want != greedy_python(model_repo / "lstm" / "1" / "model.onnx", PROMPT, MAX_CHARS)
+    query = {"model": "/models/lstm/1/model.onnx", "prompt": PROMPT, "max": MAX_CHARS, "temperature": "",
+             "top_p": "", "seed": 7, "auto": 1}
+    page = open_page(chromium, page_server, "/web/index.html", query, tmp_path)
+    assert (page["text"], page["seed"]) == (want, "7")
+
+
+def test_page_loading_a_model_while_generating_keeps_generate_disabled(
+    model_repo: Path, chromium: str, page_server: PageServer, tmp_path: Path,
+) -> None:
+    """A model loaded during a generation is for the next one: Generate stays disabled until the running
+    generation ends (no two at once), and the running one goes on with its own model."""
+    chars = 10_000  # still running when the second (tiny) model has loaded (~1,200 chars in, here)
+    first = urlencode({"model": "/models/lstm/1/model.onnx", "prompt": PROMPT, "max": chars,
+                       "temperature": 0})
+    seen = open_page(chromium, page_server, "/tests/e2e/web/load_while_generating.html",
+                     {"page": f"/web/index.html?{first}", "second": "/models/gru/1/model.onnx"}, tmp_path,
+                     timeout=180)
+    assert seen["afterLoad"]["stillRunning"], f"the generation ended before the load: raise chars ({seen})"
+    assert seen["afterLoad"]["generateDisabled"], "Generate was enabled while a generation was running"
+    assert not seen["generateDisabledAtEnd"]
+    assert seen["text"] == greedy_python(model_repo / "lstm" / "1" / "model.onnx", PROMPT, chars)
+
+
+def test_js_limits_are_the_servers() -> None:
+    """lib/nextchar.mjs refuses what the server refuses, and reads a prompt in the server's chunks
+    (no node needed: the constants are read from the source)."""
+    from nextchar.server.core.limits import MAX_NEW_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+    from nextchar.server.core.prefill import PREFILL_CHUNK
+
+    source = (CLIENT_DIR / "js" / "lib" / "nextchar.mjs").read_text()
+    found = {m[1]: int(m[2].replace("_", ""))
+             for m in re.finditer(r"^export const (\w+) = ([\d_]+);", source, re.MULTILINE)}
+    assert found == {"MAX_NEW_CHARS": MAX_NEW_CHARS, "MAX_STOP_SEQUENCES": MAX_STOP_SEQUENCES,
+                     "MAX_STOP_CHARS": MAX_STOP_CHARS, "PREFILL_CHUNK": PREFILL_CHUNK}

@@ -74,10 +74,17 @@ def test_typing_updates_bars_a_completion_streams_and_errors_show(
             assert [c for c, _ in k["bars"]] == [p.char for p in best]
             assert [p for _, p in k["bars"]] == pytest.approx([p.probability for p in best], abs=1e-9)
         reference = client.generate("lstm", TEXT, 300, temperature=0.8, top_k=10, top_p=0.95, seed=7)
+        # The page's empty temperature field: absent, so the server's default (1), not greedy.
+        default = client.generate("lstm", TEXT, 300, top_k=10, top_p=0.95, seed=7)
+        greedy = client.generate("lstm", TEXT, 300, temperature=0.0)
     assert seen["completion"] == reference.text
     assert len(set(seen["lengths"])) >= 2, f"the completion arrived in one piece: {seen['lengths']}"
     assert "seed 7" in seen["summary"]
     assert seen["error"].startswith("INVALID_ARGUMENT: temperature"), seen["error"]
+    seed_error = "INVALID_ARGUMENT: seed: must be an integer in [0, 2^64-1]"  # for 1e3, 1.5, 0x10, 2^64
+    assert all(e.startswith(seed_error) for e in seen["seedErrors"]), seen["seedErrors"]
+    assert default.text != greedy.text
+    assert seen["defaultTemperature"] == default.text
 
 
 def _free_port() -> int:

@@ -22,6 +22,7 @@ from server_harness import ServerThread, server_config
 
 from nextchar.client.client import AsyncNextCharClient, NextCharClient
 from nextchar.client.offline import OfflineModel
+from nextchar.server.core.prefill import PREFILL_CHUNK, prefill
 from nextchar.server.core.sampling import (
     SamplingParams,
     philox_uniform,
@@ -202,6 +203,65 @@ def test_int8_unbatched_server_equals_offline_node_and_browser(
     page_out = browser_cases(chromium, page_server, {"generations": [
         _js_case(case, f"/models/{cell}/1/{FILES['int8']}") for cell in CELLS for case in cases]},
         tmp_path, timeout=180)
+    assert _js_texts(page_out) == want
+
+
+LOGITS_ATOL = 1e-5  # a few float32 ulps of these logits (|x| < 20); chunking changes them ~1e-2
+
+
+def _long_prompt(chars: int) -> str:
+    """The anthem (the test models' corpus), repeated as needed: every character is in their vocabularies."""
+    from nextchar.training.corpora import load_corpus
+
+    text = load_corpus("anthem").text
+    return (text * (chars // len(text) + 1))[:chars]
+
+
+def test_int8_long_prompt_in_the_servers_chunks_everywhere(
+    int8_server: ServerThread, model_repo: Path, node: str, chromium: str, page_server, tmp_path: Path,
+) -> None:
+    """A prompt longer than PREFILL_CHUNK goes through the model in the server's calls of at most
+    PREFILL_CHUNK positions (server/core/prefill.py) in Node and the page too. int8 quantizes each call
+    over all of its positions, so one call over the whole prompt gives other logits (~1e-2 here, checked),
+    and so, for some seeds, other text. The logits after the prompt are compared up to LOGITS_ATOL (the
+    runtimes differ by a few ulps on long calls: onnxruntime-web's wasm kernels), then seeded texts."""
+    lengths = (PREFILL_CHUNK, PREFILL_CHUNK + 1, 300, 2 * PREFILL_CHUNK + 88)  # 1, 2, 2 and 3 calls
+    files = {cell: model_repo / cell / "1" / FILES["int8"] for cell in CELLS}
+    want_logits, one_call = [], []
+    for cell in CELLS:
+        engine = OfflineModel.from_file(files[cell]).engine
+        index = {ch: i for i, ch in enumerate(engine.vocab)}
+        for n in lengths:
+            tokens = np.array([[index[ch] for ch in _long_prompt(n)]], np.int64)
+            want_logits.append(prefill(engine, tokens, engine.initial_state(1))[0][0].tolist())
+            one_call.append(prefill(engine, tokens, engine.initial_state(1), chunk=n)[0][0].tolist())
+    chunking = float(np.abs(np.array(want_logits) - np.array(one_call)).max())
+    assert chunking > 100 * LOGITS_ATOL, f"int8 logits should depend on the chunks (differ by {chunking})"
+    prefills = [{"model": str(files[cell]), "prompt": _long_prompt(n)} for cell in CELLS for n in lengths]
+    node_out = node_cases(node, {"prefills": prefills})
+    np.testing.assert_allclose(node_out["prefills"], want_logits, rtol=0, atol=LOGITS_ATOL)
+
+    # With the prompt in one call, the LSTM's text for seeds 7, 20 (300 chars) and 15 (600) differs.
+    cases = tuple({"prompt": _long_prompt(n), "maxChars": 80, "temperature": t, "topK": k, "topP": 1.0,
+                   "seed": seed, "stop": []}
+                  for n, t, k, seed in ((300, 1.0, 0, 7), (300, 1.0, 0, 20), (300, 0.8, 10, 2),
+                                        (300, 0.0, 0, 0), (600, 1.0, 0, 15)))
+    want = []
+    for cell in CELLS:
+        with NextCharClient(int8_server.address, timeout=120) as c:
+            alone = [(g.text, g.summary.finish_reason) for g in
+                     (c.generate(cell, case["prompt"], case["maxChars"], **_kwargs(case)) for case in cases)]
+        assert _offline_texts(files[cell], cases) == alone, cell
+        want += alone
+    node_out = node_cases(node, {"generations": [_js_case(case, str(files[cell])) for cell in CELLS
+                                                 for case in cases]})
+    assert _js_texts(node_out) == want
+    url = {cell: f"/models/{cell}/1/{FILES['int8']}" for cell in CELLS}
+    page_out = browser_cases(chromium, page_server, {
+        "generations": [_js_case(case, url[cell]) for cell in CELLS for case in cases],
+        "prefills": [{"model": url[cell], "prompt": _long_prompt(n)} for cell in CELLS for n in lengths],
+    }, tmp_path, timeout=180)
+    np.testing.assert_allclose(page_out["prefills"], want_logits, rtol=0, atol=LOGITS_ATOL)
     assert _js_texts(page_out) == want
 
 

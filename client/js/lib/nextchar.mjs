@@ -13,13 +13,15 @@ export class ModelFormatError extends Error {
   }
 }
 
-import { InvalidArgumentError, sample, samplingParams, seedKey, uniform } from './sampler.mjs';
+import { InvalidArgumentError, sample, samplingParams, seedKey, seedValue, uniform } from './sampler.mjs';
 
 export { InvalidArgumentError, argmax } from './sampler.mjs';
 
 export const MAX_NEW_CHARS = 100_000;
-export const MAX_STOP_SEQUENCES = 16;
+export const MAX_STOP_SEQUENCES = 4;   // as the server (server/core/limits.py)
 export const MAX_STOP_CHARS = 64;
+/** Positions per model call for a prompt: the server's PREFILL_CHUNK (server/core/prefill.py). */
+export const PREFILL_CHUNK = 256;
 const MANIFEST_KEY = 'nextchar.manifest';
 const VOCAB_KEY = 'nextchar.vocab';
 const CELLS = { CELL_TYPE_RNN: 'rnn', CELL_TYPE_LSTM: 'lstm', CELL_TYPE_GRU: 'gru' };
@@ -234,8 +236,11 @@ export function drawSeed() {
 }
 
 function checkStops(stop) {
-  if (!Array.isArray(stop) || stop.length > MAX_STOP_SEQUENCES) {
-    throw new InvalidArgumentError('stop', `must be a list of at most ${MAX_STOP_SEQUENCES} strings`);
+  if (!Array.isArray(stop)) {
+    throw new InvalidArgumentError('stop', `must be a list of strings, got ${typeof stop}`);
+  }
+  if (stop.length > MAX_STOP_SEQUENCES) {
+    throw new InvalidArgumentError('stop', `must have at most ${MAX_STOP_SEQUENCES} sequences, got ${stop.length}`);
   }
   stop.forEach((seq, i) => {
     const n = typeof seq === 'string' ? Array.from(seq).length : 0;
@@ -261,19 +266,66 @@ function heldSuffix(text, stop) {
 }
 
 /**
- * Generation as the server does it: the whole prompt in ONE run, then one run per new char, state
- * carried; char i is sampled with the uniform of draw i of the seed (docs/sampling.md). A stop
- * sequence ends generation and is not part of the text; text that may start one is held back.
+ * Tokens through the model as the server reads a prompt (server/core/prefill.py): calls of at most
+ * PREFILL_CHUNK positions, [0, 256), [256, 512), ..., the state carried from one to the next, and only
+ * the last position's logits kept. For fp32 the chunks change nothing; an int8 model quantizes each call
+ * over all of its positions, so only the server's chunks give the server's logits (and text).
+ * @param {object} ort the onnxruntime module the session came from (for ort.Tensor)
+ * @param {{session: object, info: object}} model from loadModel
+ * @param {BigInt64Array} tokens int64[T], T >= 1
+ * @param {{h: object, c: object|null}|null} state from an earlier call; null = zeros
+ * @returns {Promise<{logits: Float32Array, state: {h: object, c: object|null}}>} logits float32[V] of
+ *   the last position, and the state after it
+ */
+export async function prefill(ort, { session, info }, tokens, state = null) {
+  if (!(tokens instanceof BigInt64Array) || tokens.length === 0) {
+    throw new InvalidArgumentError('tokens', 'must be a non-empty BigInt64Array');
+  }
+  const { io } = info;
+  const V = info.vocab.length;
+  let h;
+  let c;
+  if (state) {
+    ({ h, c } = state);
+  } else {
+    const dims = [info.numLayers, 1, info.hiddenSize];
+    const zeros = () => new ort.Tensor('float32', new Float32Array(info.numLayers * info.hiddenSize), dims);
+    h = zeros();
+    c = io.c0 ? zeros() : null;
+  }
+  let last = null;
+  for (let start = 0; start < tokens.length; start += PREFILL_CHUNK) {
+    const chunk = tokens.slice(start, start + PREFILL_CHUNK);
+    const feeds = { [io.tokens]: new ort.Tensor('int64', chunk, [1, chunk.length]), [io.h0]: h };
+    if (io.c0) feeds[io.c0] = c;
+    const result = await session.run(feeds);
+    const logits = result[io.logits];
+    const T = logits.dims[1];
+    last = logits.data.slice((T - 1) * V, T * V); // a copy: the chunk's other rows are not kept
+    h = result[io.hn];
+    if (io.c0) c = result[io.cn];
+  }
+  return { logits: last, state: { h, c: io.c0 ? c : null } };
+}
+
+/**
+ * Generation as the server does it: the prompt in calls of at most PREFILL_CHUNK positions (prefill),
+ * then one run per new char, state carried; char i is sampled with the uniform of draw i of the seed
+ * (docs/sampling.md). A stop sequence ends generation and is not part of the text; text that may start
+ * one is held back.
  * @param {object} ort the onnxruntime module the session came from (for ort.Tensor)
  * @param {{session: object, info: object}} model from loadModel
  * @param {string} prompt at least one character, all in the model's vocabulary
  * @param {{maxChars?: number, temperature?: number, topK?: number, topP?: number,
- *          seed?: bigint|string|null, stop?: string[]}} options temperature 0 = greedy; seed null = a fresh one
- * @param {(text: string) => void} [onText] called with each piece of text as it is released
+ *          seed?: bigint|number|string|null, stop?: string[]}} options temperature 0 = greedy; seed: a
+ *          uint64 as a BigInt, a safe integer Number or a string of decimal digits; null = a fresh one
+ * @param {(text: string) => (void|Promise<void>)} [onText] called with each piece of text as it is released;
+ *   when it returns a promise, generation waits for it (a page yields to the event loop there: onnxruntime-web's
+ *   single-threaded runs never do, so without that the page could neither paint nor take a click until the end)
  * @returns {Promise<{text: string, seed: bigint, finishReason: 'length'|'stop_sequence',
  *                    stopSequence: string|null, generatedChars: number}>}
  */
-export async function generate(ort, { session, info }, prompt, options = {}, onText = undefined) {
+export async function generate(ort, model, prompt, options = {}, onText = undefined) {
   const { maxChars = 100, stop = [], seed = null, ...sampling } = options;
   if (typeof prompt !== 'string' || prompt.length === 0) {
     throw new InvalidArgumentError('prompt', 'must be at least one character (the model has no start-of-text token)');
@@ -283,35 +335,27 @@ export async function generate(ort, { session, info }, prompt, options = {}, onT
   }
   const params = samplingParams(sampling);
   checkStops(stop);
-  const used = seed ?? drawSeed();
+  const used = seedValue(seed ?? drawSeed());
   const key = seedKey(used);
-  const { io, vocab } = info;
+  const { vocab } = model.info;
   const V = vocab.length;
-  const stateDims = [info.numLayers, 1, info.hiddenSize];
-  const zeros = () => new ort.Tensor('float32', new Float32Array(info.numLayers * info.hiddenSize), stateDims);
-  let h = zeros();
-  let c = io.c0 ? zeros() : null;
-  let tokens = encode(info, prompt);
+  let tokens = encode(model.info, prompt);
+  let state = null;
   let text = '';     // released
   let pending = '';  // generated, not yet released: a possible start of a stop sequence
   for (let i = 0; i < maxChars; i++) {
-    const feeds = { [io.tokens]: new ort.Tensor('int64', tokens, [1, tokens.length]), [io.h0]: h };
-    if (c) feeds[io.c0] = c;
-    const result = await session.run(feeds);
-    const logits = result[io.logits];
-    const T = logits.dims[1];
+    let logits;
+    ({ logits, state } = await prefill(ort, model, tokens, state));
     const u = params.temperature === 0 ? 0 : uniform(key, i); // greedy ignores its draw
-    const next = sample(logits.data, (T - 1) * V, V, params, u);
-    h = result[io.hn];
-    if (c) c = result[io.cn];
+    const next = sample(logits, 0, V, params, u);
     pending += vocab[next];
     // Checked after every char, so a match ends at the last one; among stops completing together
     // the longest (earliest start) wins, as in the server.
     const hit = stop.filter((seq) => pending.endsWith(seq)).sort((a, b) => b.length - a.length)[0];
     if (hit !== undefined) {
       const out = pending.slice(0, pending.length - hit.length);
-      if (out && onText) onText(out);
-      return { text: text + out, seed: BigInt(used), finishReason: 'stop_sequence', stopSequence: hit,
+      if (out && onText) await onText(out);
+      return { text: text + out, seed: used, finishReason: 'stop_sequence', stopSequence: hit,
         generatedChars: i + 1 };
     }
     const held = heldSuffix(pending, stop);
@@ -319,11 +363,11 @@ export async function generate(ort, { session, info }, prompt, options = {}, onT
     pending = pending.slice(pending.length - held);
     if (out) {
       text += out;
-      if (onText) onText(out);
+      if (onText) await onText(out);
     }
     tokens = BigInt64Array.of(BigInt(next));
   }
-  if (pending && onText) onText(pending);
-  return { text: text + pending, seed: BigInt(used), finishReason: 'length', stopSequence: null,
+  if (pending && onText) await onText(pending);
+  return { text: text + pending, seed: used, finishReason: 'length', stopSequence: null,
     generatedChars: maxChars };
 }

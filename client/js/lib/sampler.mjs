@@ -57,18 +57,43 @@ export function philox4x32([c0, c1, c2, c3], [k0, k1]) {
   return [c0, c1, c2, c3];
 }
 
-/** A uint64 seed (BigInt, or a decimal string) as its key words [low, high]; InvalidArgumentError if out of range. */
-export function seedKey(seed) {
-  let s;
+const MAX_SHOWN_CHARS = 40; // of a bad value quoted back in an error message, as the server
+
+function shown(value) {
+  if (typeof value === 'string') {
+    return value.length > MAX_SHOWN_CHARS
+      ? `${JSON.stringify(value.slice(0, MAX_SHOWN_CHARS))}... (${value.length} characters)` : JSON.stringify(value);
+  }
+  if (typeof value === 'bigint' || typeof value === 'number') return String(value);
+  let text;
   try {
-    s = BigInt(seed);
+    text = String(value);
   } catch {
-    s = -1n;
+    text = '?';
   }
-  if (typeof seed === 'number' && !Number.isSafeInteger(seed)) s = -1n; // would not round-trip exactly
+  return `${text.slice(0, MAX_SHOWN_CHARS)} (${value === null ? 'null' : typeof value})`;
+}
+
+/**
+ * A uint64 seed as a BigInt. Accepted: a BigInt in [0, 2^64-1], a Number that is a safe integer >= 0,
+ * or a string of decimal digits only (as a uint64 travels in JSON); anything else (an empty or blank
+ * string, '0x10', '1e3', '1.5', true, 1.5, 2^53 as a Number, ...) is an InvalidArgumentError, as the
+ * server refuses anything that is not an integer in range.
+ */
+export function seedValue(seed) {
+  let s = -1n;
+  if (typeof seed === 'bigint') s = seed;
+  else if (typeof seed === 'number' && Number.isSafeInteger(seed)) s = BigInt(seed);
+  else if (typeof seed === 'string' && /^[0-9]+$/.test(seed)) s = BigInt(seed);
   if (s < 0n || s > MAX_SEED) {
-    throw new InvalidArgumentError('seed', `must be an integer in [0, 2^64-1], got ${String(seed)}`);
+    throw new InvalidArgumentError('seed', `must be an integer in [0, 2^64-1], got ${shown(seed)}`);
   }
+  return s;
+}
+
+/** A uint64 seed (see seedValue) as its key words [low, high]; InvalidArgumentError if it is not one. */
+export function seedKey(seed) {
+  const s = seedValue(seed);
   return [Number(s & 0xffffffffn), Number(s >> 32n)];
 }
 

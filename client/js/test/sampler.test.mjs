@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import {
-  EXP_MIN, InvalidArgumentError, philox4x32, portableExp, sample, samplingParams, seedKey, uniform,
+  EXP_MIN, InvalidArgumentError, philox4x32, portableExp, sample, samplingParams, seedKey, seedValue, uniform,
 } from '../lib/sampler.mjs';
 
 // Random123's kat_vectors for philox4x32_10, checked against PyPI randomgen 2.5.1.
@@ -36,6 +36,23 @@ test('uniforms give the known answers; seeds are uint64 (BigInt or decimal strin
   assert.throws(() => seedKey(-1n), InvalidArgumentError);
   assert.throws(() => seedKey(1n << 64n), /seed: must be an integer in \[0, 2\^64-1\]/);
   assert.throws(() => seedKey('x'), InvalidArgumentError);
+});
+
+test('seeds: only integers in [0, 2^64-1] (BigInt, safe-integer Number, decimal digits), as Python', () => {
+  for (const [seed, want] of [[42n, 42n], [42, 42n], ['42', 42n], [0, 0n], ['007', 7n],
+    [Number.MAX_SAFE_INTEGER, 2n ** 53n - 1n], ['18446744073709551615', 2n ** 64n - 1n]]) {
+    assert.equal(seedValue(seed), want, String(seed));
+  }
+  assert.deepEqual(seedKey('18446744073709551615'), [0xffffffff, 0xffffffff]);
+  // BigInt() would take every one of these (or round them): '' and ' ' as 0, '0x10' as 16, true as 1.
+  for (const bad of ['', ' ', ' 1', '1 ', '0x10', '0b1', '1e3', '1.5', '-1', '+1', '18446744073709551616',
+    true, false, 1.5, -1, 2 ** 53, NaN, Infinity, null, undefined, [], [1], {}, -1n]) {
+    assert.throws(() => seedValue(bad), (e) => e instanceof InvalidArgumentError &&
+      /^seed: must be an integer in \[0, 2\^64-1\], got /.test(e.message), String(bad));
+  }
+  assert.throws(() => seedKey(''), /got ""$/);
+  assert.throws(() => seedKey(true), /got true \(boolean\)$/);
+  assert.throws(() => seedKey('9'.repeat(100)), /got "9{40}"\.\.\. \(100 characters\)$/);
 });
 
 test('portableExp: exact known values, 0 below EXP_MIN, 1 at 0', () => {
