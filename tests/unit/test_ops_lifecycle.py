@@ -249,18 +249,24 @@ def test_an_on_demand_load_never_replaces_a_version_published_meanwhile(setup) -
     assert held is published and len(setup.dropped) == 3
 
 
-def test_an_on_demand_load_of_a_model_removed_meanwhile_is_not_kept(setup) -> None:
-    r = setup.registry
-    _version(setup.repo, "a", 2)
+def _gated_loads(registry) -> tuple[threading.Event, threading.Event]:
+    """Make `registry`'s loads wait for the returned gate; `started` is set when one is waiting."""
     gate, started = threading.Event(), threading.Event()
-    load = r._loader
+    load = registry._loader
 
     def slow(version_dir: Path) -> LoadedModel:
         started.set()
         assert gate.wait(10)
         return load(version_dir)
 
-    r._loader = slow
+    registry._loader = slow
+    return gate, started
+
+
+def test_an_on_demand_load_of_a_model_removed_meanwhile_is_not_kept(setup) -> None:
+    r = setup.registry
+    _version(setup.repo, "a", 2)
+    gate, started = _gated_loads(r)
     errors: list[Exception] = []
 
     def get() -> None:
@@ -285,15 +291,7 @@ def test_a_closed_reloader_refuses_changes_and_never_publishes_a_load_in_progres
 
     r = setup.registry
     _version(setup.repo, "a", 2)
-    gate, started = threading.Event(), threading.Event()
-    load = r._loader
-
-    def slow(version_dir: Path) -> LoadedModel:
-        started.set()
-        assert gate.wait(10)
-        return load(version_dir)
-
-    r._loader = slow
+    gate, started = _gated_loads(r)
     errors: list[BaseException] = []
 
     def rescan() -> None:
