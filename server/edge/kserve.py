@@ -182,7 +182,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             state_bytes = sum(s.nbytes for s in state) if state else 0
             nbytes = 3 * 4 * tokens.size * len(model.artifact.vocab) + 4 * max(state_bytes, 1)
             # Token ids mean something in this version's vocabulary only: it stays pinned.
-            with self.v1.admit_bytes(model, nbytes, context, pinned=True):
+            with self.v1.admit_bytes(model, nbytes, context, pinned=True) as model:  # the object held
                 logits, new_state = await self.runner.call(model.engine.step, tokens, state)
             response = kw.step_response(request, model, logits, new_state, wanted)
             if streaming:

@@ -141,12 +141,11 @@ class SessionReader:
         return self._ended
 
     def _wait_began(self) -> None:
-        """The session now waits on its client: the idle TTL counts (and a drain ends it at once)."""
+        """The session now waits on its client: the idle TTL counts."""
         loop = asyncio.get_running_loop()
         self._since = loop.time()
         if self._timer is None:
             self._timer = loop.call_at(self._since + self._table.idle_ttl_s, self._expire)
-        self._table.waiting.add(self)
 
     def _wait_ended(self) -> None:
         self._since = None
@@ -155,8 +154,9 @@ class SessionReader:
     def writing(self) -> None:
         """An answer is on its way: until the client takes it (`written`) the session waits on the
         client too. A client that sends but never reads blocks that write once flow control is full;
-        the idle TTL (or a drain) then ends the session, which would otherwise hold its slot, state and
-        model version for good."""
+        the idle TTL then ends the session (its call CANCELLED: the client does not read a status
+        anyway), which would otherwise hold its slot, state and model version for good. A drain does
+        not end a write: only waits for a message (`next`), which answer with a status."""
         self._wait_began()
 
     def written(self) -> None:
@@ -167,6 +167,7 @@ class SessionReader:
         if self._table.closing:
             raise SessionsClosedError("the server is shutting down; the session ended, reopen it elsewhere")
         self._wait_began()
+        self._table.waiting.add(self)  # a drain ends this wait at once (table.close)
         try:
             return await anext(self._requests, None)
         except asyncio.CancelledError:
@@ -194,7 +195,9 @@ class SessionReader:
             self._timer = loop.call_at(due, self._expire)
 
     def close(self) -> None:
-        """The stream ended: drop the timer (it holds this reader, and the reader the stream)."""
+        """The stream ended: drop the timer (it holds this reader, and the reader the stream), and the
+        reader from the table's waits (a stream closed mid-write never reached `written`)."""
+        self._wait_ended()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

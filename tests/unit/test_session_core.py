@@ -268,5 +268,6 @@ def test_a_session_whose_client_stops_reading_is_evicted_at_the_idle_ttl() -> No
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 2.0)
         assert not table.active and table.ended.get("idle") == 1
+        assert not table.waiting  # the ended stream's reader is not kept (it leaked, with its task)
 
     asyncio.run(main())
