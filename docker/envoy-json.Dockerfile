@@ -22,5 +22,6 @@ COPY deploy/envoy-json.yaml /etc/envoy/envoy-json.yaml
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["envoy", "-c", "/etc/envoy/envoy-json.yaml"]
-# One Envoy per container, replaced rather than hot-restarted: skip the hot-restart shared memory.
-CMD ["--log-level", "warn", "--disable-hot-restart"]
+# One Envoy per container, replaced rather than hot-restarted: skip the hot-restart shared memory. Two
+# workers: by default Envoy starts one per hardware thread of the host, whatever the container's CPU limit.
+CMD ["--log-level", "warn", "--disable-hot-restart", "--concurrency", "2"]

@@ -17,5 +17,6 @@ COPY envoy.yaml /etc/envoy/envoy.yaml
 USER 10001:10001
 EXPOSE 50050
 ENTRYPOINT ["envoy", "-c", "/etc/envoy/envoy.yaml"]
-# One Envoy per container, replaced rather than hot-restarted: skip the hot-restart shared memory.
-CMD ["--log-level", "warn", "--disable-hot-restart"]
+# One Envoy per container, replaced rather than hot-restarted: skip the hot-restart shared memory. Two
+# workers: by default Envoy starts one per hardware thread of the host, whatever the container's CPU limit.
+CMD ["--log-level", "warn", "--disable-hot-restart", "--concurrency", "2"]
