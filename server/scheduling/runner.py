@@ -149,6 +149,11 @@ class Runner:
         # Batchers per model version, each with its own worker thread: their engine calls run at
         # once (onnxruntime releases the GIL), so a model's streams use that many cores.
         self.instances = instances
+        # Each lane decodes at most its share of max_active_streams; its own queue limit never binds
+        # first (the Runner checks the model's limits over all lanes). One lane keeps them as configured.
+        self._lane_config = batching if batching is None or instances == 1 else dataclasses.replace(
+            batching, max_active_streams=-(-batching.max_active_streams // instances),
+            max_queue=batching.max_active_streams + batching.max_queue)
         self._batchers: dict[int, list[Batcher]] = {}  # id(engine) -> its batchers
         self._lanes_lock = threading.Lock()  # _batchers: changed by forget from any thread
 
@@ -250,25 +255,21 @@ class Runner:
             return [b for lanes in self._batchers.values() for b in lanes]
 
     def _batcher(self, engine: ModelEngine) -> Batcher:
-        """The least loaded of `engine`'s batchers, after the model's stream limits are checked over
-        all of them (CapacityError names the configured limits). Each decodes at most its share of
-        max_active_streams; its own queue limit never binds first."""
+        """The least loaded of `engine`'s batchers (started here, the first time), after the model's
+        stream limits are checked over all of them (CapacityError names the configured limits)."""
         c = self._batching
-        assert c is not None, "only batched engines have batchers"
-        n = self.instances
-        share = c if n == 1 else dataclasses.replace(  # one batcher keeps the limits as configured
-            c, max_active_streams=-(-c.max_active_streams // n),
-            max_queue=c.max_active_streams + c.max_queue)
+        assert c is not None and self._lane_config is not None, "only batched engines have batchers"
         with self._lanes_lock:
-            lanes = self._batchers.get(id(engine))
-            if lanes is None:
-                lanes = [Batcher(engine, share, clock=self._clock, name=f"{engine.name}-{i}")
-                         for i in range(n)]
-                self._batchers[id(engine)] = lanes
-            for i, lane in enumerate(lanes):
-                if lane.core.closed is not None:  # its worker died (a bug; logged): a fresh one instead
+            lanes = self._batchers.setdefault(id(engine), [])
+            for i in range(self.instances):
+                if i < len(lanes) and lanes[i].core.closed is None:
+                    continue
+                lane = Batcher(engine, self._lane_config, clock=self._clock, name=f"{engine.name}-{i}")
+                if i == len(lanes):
+                    lanes.append(lane)
+                else:  # its worker died (a bug; logged): a fresh one instead
                     log.warning("batcher %s-%d had stopped; starting a new one", engine.name, i)
-                    lanes[i] = Batcher(engine, share, clock=self._clock, name=f"{engine.name}-{i}")
+                    lanes[i] = lane
         if len(lanes) == 1:
             return lanes[0]  # its core checks the limits itself
         counts = [b.core.counts() for b in lanes]
