@@ -58,13 +58,7 @@ def export(repo: Path) -> None:
 
 def cpu_seconds(pid: int) -> float:
     """CPU time of every thread of process `pid` so far (schedstat: nanosecond resolution)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):  # a thread that just ended
-            continue
-    return total / 1e9
+    return sum(common.thread_cpu(pid).values())
 
 
 def start_server(repo: Path, batching: bool | None, extra: str = "") -> tuple[subprocess.Popen, str]:
