@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
 from nextchar.server.edge import wire
 from nextchar.server.edge.errors import mapped
 from nextchar.server.ops.registry import Registry
-from nextchar.server.ops.reload import Change, Reloader
+from nextchar.server.ops.reload import Change, Reloader, detached
 from nextchar.v1 import admin_pb2 as pb
 from nextchar.v1 import admin_pb2_grpc
 
@@ -17,7 +15,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    """Each change runs in a worker thread (a load validates and warms up an ONNX file)."""
+    """Each change runs on a thread of its own (a load validates and warms up an ONNX file)."""
 
     def __init__(self, registry: Registry, reloader: Reloader) -> None:
         self.registry, self.reloader = registry, reloader
@@ -25,7 +23,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @mapped
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext):
         version = request.version if request.HasField("version") and request.version > 0 else None
-        model = await asyncio.to_thread(self.reloader.load, request.name, version)
+        model = await detached(self.reloader.load, request.name, version)
         await self.reloader.apply_health([Change(model.name, "loaded", model.version)])
         name = model.name
         info = wire.model_info(model, self.registry.versions(name), self.registry.load_errors(name))
@@ -33,7 +31,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     @mapped
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext):
-        await asyncio.to_thread(self.reloader.unload, request.name)
+        await detached(self.reloader.unload, request.name)
         await self.reloader.apply_health([Change(request.name, "removed")])
         return pb.UnloadModelResponse()
 

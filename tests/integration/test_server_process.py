@@ -75,6 +75,59 @@ def test_sigint_stops_an_idle_server_with_exit_0(model_repo: Path) -> None:
     assert proc.returncode == 0
 
 
+# As _SERVE, with every model load of a version "2" stuck for a minute (it announces itself on stderr).
+_SERVE_STUCK_LOAD = """
+import sys, time
+import nextchar.server.ops.registry as registry
+real = registry.engine_loader
+def stuck(*args, **kwargs):
+    load = real(*args, **kwargs)
+    def loader(version_dir):
+        if version_dir.name == "2":
+            print("LOADING 2", file=sys.stderr, flush=True)
+            time.sleep(60)
+        return load(version_dir)
+    return loader
+registry.engine_loader = stuck
+from nextchar.client.cli import main
+sys.exit(main(["serve"] + sys.argv[1:]))
+"""
+
+
+def test_sigterm_exits_within_the_grace_period_while_a_model_load_is_stuck(model_repo_copy: Path) -> None:
+    """A watcher load still running at shutdown is abandoned: the process exits after the grace
+    period, not after the load (it ran on asyncio's default executor, which asyncio.run joins)."""
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVE_STUCK_LOAD, "--model-repo", str(model_repo_copy), "--host", "127.0.0.1",
+         "--port", str(port), "--reload-interval", "0.1", "--grace-seconds", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        staging = model_repo_copy / "lstm" / ".2"
+        shutil.copytree(model_repo_copy / "lstm" / "1", staging)
+        manifest = staging / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"version": "1"', '"version": "2"'))
+        staging.rename(model_repo_copy / "lstm" / "2")
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the watcher is inside the stuck load
+            if line.startswith("LOADING 2"):
+                break
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert elapsed < 10, f"the process took {elapsed:.1f}s to exit with a grace of 1s (the load takes 60s)"
+
+
 @pytest.mark.parametrize(("args", "env", "wanted"), [
     (["--model-repo", "/nonexistent"], {}, "--model-repo (env NEXTCHAR_MODEL_REPO): must be an existing"),
     ([], {}, "--model-repo (env NEXTCHAR_MODEL_REPO) is required"),
