@@ -3,7 +3,8 @@
 Usage: .venv/bin/python -m bench.bench_sessions [--sessions 64] [--rate 20] [--seconds 30] [--start-chars 500]
                                                [--server-flags "--session-wait-ms 2"]
                                                [--baseline-seconds 10] [--baseline-start-chars 1000 2000]
-                                               [--idle 1000] [--idle-ttl 10] [--repo DIR] [--out FILE]
+                                               [--idle 1000] [--idle-ttl 10] [--rounds 3] [--repo DIR]
+                                               [--out FILE]
 
 Model: an untrained LSTM-256 x2 (anthem vocabulary); untrained weights cost the same per step.
 Traffic: `sessions` clients on one asyncio channel, each starting from `start-chars` of text and typing
@@ -13,6 +14,9 @@ seconds. Session mode: one Session stream each, an append per key, answered with
 Baseline: the same keys, each a PredictNext on the whole text so far, with texts starting at each
 --baseline-start-chars (1,000 and 2,000) for --baseline-seconds (10): it saturates the server long
 before the sessions' rate, so its texts barely grow and a shorter run measures the same thing.
+Both run on one server, alternating in `rounds` rounds (each a third of `seconds` of typing, texts going on
+where the last round's stopped, then a third of each baseline), so a change in the machine's speed hits
+both sides of the ratio alike; the ratio is printed over all rounds and per round.
 Server CPU = utime + stime of the `nextchar serve` process over the typing phase (/proc), per keystroke
 answered; onnxruntime wall time = the server's nextchar_engine_step_duration_seconds sum per keystroke.
 Idle: `idle` sessions of the same model, each typed 20 characters (so each keeps its 16 saved
@@ -34,6 +38,8 @@ from bench.common import free_port, machine, percentile, prompt_text, scratch_re
 
 MODEL = "lstm256"
 BUCKETS = 4  # latency reported per quarter of the text-length range
+METRICS = ('nextchar_batch_size_count{model="lstm256"}', 'nextchar_batch_size_sum{model="lstm256"}',
+           'nextchar_engine_step_duration_seconds_sum{model="lstm256"}')
 
 
 def cpu_s(pid: int) -> float:
@@ -163,33 +169,59 @@ def main() -> None:
     p.add_argument("--repo", type=Path, default=None, help="a repo with lstm256/1 (default: export one)")
     p.add_argument("--server-flags", default="", help="extra server flags, e.g. '--session-wait-ms 2'")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="session and PredictNext runs alternate in this many rounds (same server), so a "
+                        "change in the machine's speed hits both sides of the ratio alike")
     a = p.parse_args()
     out = [f"# bench.bench_sessions\n\ncommand: {' '.join(sys.argv)}\n\nmachine: {machine()}\n"]
+    modes = ["session"] + [f"predict_next@{n}" for n in a.baseline_start_chars]
     with scratch_repo(a.repo, ("lstm",)) as repo:
-        per, engine = {}, {}
-        runs = [("session", a.seconds, a.start_chars)]
-        runs += [(f"predict_next@{n}", a.baseline_seconds, n) for n in a.baseline_start_chars]
-        for mode, seconds, start in runs:
-            mport = free_port()
-            proc, address = start_server(repo, "--max-concurrent", "256", "--metrics-port", str(mport),
-                                         *shlex.split(a.server_flags))
-            try:
-                samples, cpu = asyncio.run(typing(address, mode, a.sessions, a.rate, seconds, start,
-                                                  proc.pid))
-                rows = scrape(mport, 'nextchar_batch_size_sum{model="lstm256"}')
-                calls = scrape(mport, 'nextchar_batch_size_count{model="lstm256"}')
-                engine_s = scrape(mport, 'nextchar_engine_step_duration_seconds_sum{model="lstm256"}')
-            finally:
-                stop_server(proc)
-            text, per[mode] = report(f"{mode} ({a.sessions} sessions x {a.rate:g} keys/s, {seconds:g} s)",
-                                     samples, cpu, start, start + int(a.rate * seconds))
-            engine[mode] = engine_s / max(1, len(samples))
+        mport = free_port()
+        proc, address = start_server(repo, "--max-concurrent", "256", "--metrics-port", str(mport),
+                                     *shlex.split(a.server_flags))
+        # per mode: [(samples, cpu s, engine calls, rows, onnxruntime s)] per round
+        Round = tuple[list[tuple[int, float]], float, float, float, float]
+        got: dict[str, list[Round]] = {m: [] for m in modes}
+        try:
+            for r in range(a.rounds):
+                session_s = a.seconds / a.rounds
+                runs = [("session", session_s, a.start_chars + int(a.rate * session_s) * r)]
+                runs += [(f"predict_next@{n}", a.baseline_seconds / a.rounds, n)
+                         for n in a.baseline_start_chars]
+                for mode, seconds, start in runs:
+                    before = [scrape(mport, m) for m in METRICS]
+                    samples, cpu = asyncio.run(typing(address, mode, a.sessions, a.rate, seconds, start,
+                                                      proc.pid))
+                    after = [scrape(mport, m) for m in METRICS]
+                    calls, rows, engine_s = (x - b for x, b in zip(after, before, strict=True))
+                    got[mode].append((samples, cpu, calls, rows, engine_s))
+                    per_key = cpu / max(1, len(samples)) * 1e3
+                    print(f"round {r + 1} {mode}: {len(samples)} keys, {per_key:.3f} ms of server CPU "
+                          "per key", flush=True)
+        finally:
+            stop_server(proc)
+        per = {}
+        for mode in modes:
+            samples = [s for round_ in got[mode] for s in round_[0]]
+            cpu, calls, rows, engine_s = (sum(round_[i] for round_ in got[mode]) for i in range(1, 5))
+            seconds = a.seconds if mode == "session" else a.baseline_seconds
+            start = a.start_chars if mode == "session" else int(mode.split("@")[1])
+            name = f"{mode} ({a.sessions} sessions x {a.rate:g} keys/s, {seconds:g} s in {a.rounds} rounds)"
+            text, per[mode] = report(name, samples, cpu, start, start + int(a.rate * seconds))
+            ort_ms = engine_s / max(1, len(samples)) * 1e3
             text += (f"\n  engine calls {calls:.0f}, rows per call {rows / max(calls, 1):.2f}, onnxruntime "
-                     f"wall time {engine[mode] * 1e3:.3f} ms per keystroke (concurrent calls share cores)")
+                     f"wall time {ort_ms:.3f} ms per keystroke (concurrent calls share cores)")
             out.append(text)
             print(text, flush=True)
-        out.append("server CPU per keystroke, PredictNext / Session: " + ", ".join(
-            f"{per[f'predict_next@{n}'] / per['session']:.0f}x on texts past {n} chars"
+
+        def ratio(n: int, r: int) -> float:
+            key = f"predict_next@{n}"
+            pn, ses = got[key][r], got["session"][r]
+            return (pn[1] / max(1, len(pn[0]))) / (ses[1] / max(1, len(ses[0])))
+
+        out.append("server CPU per keystroke, PredictNext / Session: " + "; ".join(
+            f"{per[f'predict_next@{n}'] / per['session']:.0f}x on texts past {n} chars (per round: "
+            + ", ".join(f"{ratio(n, r):.0f}x" for r in range(a.rounds)) + ")"
             for n in a.baseline_start_chars))
         print(out[-1], flush=True)
         if a.idle:
