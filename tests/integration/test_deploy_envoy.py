@@ -7,6 +7,7 @@ Only the discovery differs from the cluster: the headless Service's DNS name bec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -39,9 +40,17 @@ def generate_calls(server: ServerThread) -> float:
                if s.name == "nextchar_requests_total" and s.labels.get("method", "").endswith("Generate"))
 
 
-@pytest.fixture(scope="module")
-def envoy(make_server) -> Iterator[tuple[str, int, list[ServerThread]]]:
-    servers = [make_server(), make_server()]
+def k8s_envoy_container() -> dict:
+    (deployment,) = [d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "envoy.yaml").read_text())
+                     if d and d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@contextlib.contextmanager
+def run_envoy(servers: list[ServerThread]) -> Iterator[tuple[str, int]]:
+    """deploy/k8s/envoy.yaml's Envoy, with its Deployment's flags, in front of `servers`: (address,
+    admin port) once it found them all healthy."""
     config = k8s_envoy_config()
     port, admin_port = free_port(), free_port()
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
@@ -55,8 +64,11 @@ def envoy(make_server) -> Iterator[tuple[str, int, list[ServerThread]]]:
         for s in servers]}]
     path = Path(servers[0].config.model_repo).parent / f"envoy-{port}.json"
     path.write_text(json.dumps(config))
-    proc = subprocess.Popen([str(ENVOY), "-c", str(path), "--log-level", "error", "--disable-hot-restart",
-                             "--base-id", str(port)],
+    args = k8s_envoy_container()["args"]
+    assert args[:2] == ["-c", "/etc/nextchar-envoy/envoy.yaml"]
+    args = args[2:]
+    args[args.index("--log-level") + 1] = "error"  # quiet: nobody reads its stderr until it fails
+    proc = subprocess.Popen([str(ENVOY), "-c", str(path), *args, "--base-id", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         address = f"127.0.0.1:{port}"
@@ -68,20 +80,30 @@ def envoy(make_server) -> Iterator[tuple[str, int, list[ServerThread]]]:
                 rows = r.read().decode().splitlines()
             return sum(line.endswith("::health_flags::healthy") for line in rows) == len(servers)
 
-        wait_until(healthy_hosts, START_TIMEOUT_S, "Envoy to find both servers healthy")
-        yield address, admin_port, servers
+        wait_until(healthy_hosts, START_TIMEOUT_S, "Envoy to find its servers healthy")
+        yield address, admin_port
     finally:
         proc.terminate()
         proc.wait(30)
         path.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="module")
+def envoy(make_server) -> Iterator[tuple[str, int, list[ServerThread]]]:
+    servers = [make_server(), make_server()]
+    with run_envoy(servers) as (address, admin_port):
+        yield address, admin_port, servers
+
+
+def envoy_stats(admin_port: int, name: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?filter={name}", timeout=5) as r:
+        stats = dict(line.split(": ") for line in r.read().decode().splitlines())
+    return int(stats[name])
+
+
 def client_connections(admin_port: int) -> int:
     """Connections Envoy's gRPC listener has accepted so far."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?filter=downstream_cx_total",
-                                timeout=5) as r:
-        stats = dict(line.split(": ") for line in r.read().decode().splitlines())
-    return int(stats["http.grpc.downstream_cx_total"])
+    return envoy_stats(admin_port, "http.grpc.downstream_cx_total")
 
 
 def test_the_calls_of_one_connection_reach_both_servers(envoy) -> None:
@@ -105,3 +127,34 @@ def test_admin_is_not_routed(envoy) -> None:
     with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as e:
         admin_pb2_grpc.AdminStub(channel).ReloadRepository(admin_pb2.ReloadRepositoryRequest(), timeout=10)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_pre_stop_drain_lets_running_calls_finish_and_moves_clients_off(make_server) -> None:
+    """The Deployment's preStop hook, run for real against its Envoy while a stream is running: the
+    stream finishes whole, the client's connection is told to go away (GOAWAY, with the answer to its
+    next call) and later calls go out on a new connection, which the draining Envoy still accepts."""
+    server = make_server()
+    hook = k8s_envoy_container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:2] == ["python3", "-c"] and hook[3] == "15"
+    with run_envoy([server]) as (address, admin_port), grpc.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.NextCharStub(channel)
+        n = 3000
+        stream = stub.GenerateStream(pb.GenerateRequest(model=pb.ModelRef(name="rnn"), prompt="O say",
+                                                        max_new_chars=n, temperature=1.0, seed=5), timeout=60)
+        text = next(stream).text  # running
+        connections = client_connections(admin_port)
+        code = hook[2].replace("127.0.0.1:9901", f"127.0.0.1:{admin_port}")
+        assert code != hook[2]
+        drained = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True,
+                                 timeout=30)
+        assert drained.returncode == 0, drained.stderr
+        text += "".join(m.text for m in stream)
+        assert len(text) == n  # the running call finished, on the connection it had
+        request = pb.GenerateRequest(model=pb.ModelRef(name="lstm"), prompt="o say", max_new_chars=5)
+        # A call that starts on the old connection is served, and its answer carries the GOAWAY...
+        assert len(stub.Generate(request, timeout=30).text) == 5
+        wait_until(lambda: envoy_stats(admin_port, "http.grpc.downstream_cx_drain_close") == 1, 10,
+                   "Envoy to close the client's connection for the drain")
+        # ...so the next goes out on a new connection, which the draining Envoy still accepts.
+        assert len(stub.Generate(request, timeout=30).text) == 5
+        assert client_connections(admin_port) == connections + 1  # the client reconnected
