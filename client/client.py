@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nextchar.client.credentials import Credentials, open_channel
-from nextchar.client.errors import from_rpc_error
+from nextchar.client.errors import NotFound, from_rpc_error
 from nextchar.client.session import AsyncTypingSession, TypingSession, options_message
 from nextchar.v1 import inference_pb2 as pb
 from nextchar.v1 import inference_pb2_grpc, manifest_pb2
@@ -236,8 +236,12 @@ class NextCharClient:
                                                        oov_replacement), timeout, self._metadata)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """"SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN" for `service` ("" = the server)."""
-        reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        """"SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" (no such model or service) or "UNKNOWN" for
+        `service` ("" = the server)."""
+        try:
+            reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        except NotFound:  # how Check says it: the protocol's SERVICE_UNKNOWN
+            return "SERVICE_UNKNOWN"
         return _HEALTH[reply.status]
 
     def close(self) -> None:
@@ -340,7 +344,11 @@ class AsyncNextCharClient:
         return await AsyncTypingSession(self._stub, timeout, self._metadata)._open(opening)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        reply = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            reply = await self._call(self._health.Check, request, timeout)
+        except NotFound:
+            return "SERVICE_UNKNOWN"
         return _HEALTH[reply.status]
 
     async def close(self) -> None:

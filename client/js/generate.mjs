@@ -21,7 +21,7 @@ const USAGE = `usage: node generate.mjs --model PATH --prompt TEXT [--max-chars 
                         [--top-k K] [--top-p P] [--seed S] [--stop SEQ]... [--echo] [--json]
   --model PATH       an exported nextchar model.onnx (or model.int8.onnx)
   --prompt TEXT      at least one character, all in the model's vocabulary
-  --max-chars N      characters to generate, 1..${MAX_NEW_CHARS} (default 100)
+  --max-chars N      characters to generate, 1..${MAX_NEW_CHARS} (default 200, as the Python CLI)
   --temperature T    0 = greedy, up to 100 (default 1.0)
   --top-k K          keep the K most likely characters (default 0 = off)
   --top-p P          nucleus sampling mass in (0, 1] (default 1 = off)
@@ -65,7 +65,7 @@ function parse(argv) {
   if (values.help) return null;
   if (!values.model) throw new UsageError('--model is required');
   if (values.prompt === undefined) throw new UsageError('--prompt is required');
-  const maxChars = number(values, 'max-chars', 100, true);
+  const maxChars = number(values, 'max-chars', 200, true);
   if (!(maxChars >= 1 && maxChars <= MAX_NEW_CHARS)) {
     throw new UsageError(`--max-chars must be an integer in [1, ${MAX_NEW_CHARS}], got ${JSON.stringify(values['max-chars'])}`);
   }

@@ -228,7 +228,8 @@ _SPECS: dict[str, _Spec] = {
                              "own share of the streams; 0 = the CPUs available to the process"),
     "grace_seconds": _Spec("--grace-seconds", float, _float_range(0.0, 3600.0),
                            "time running calls get to finish on SIGTERM"),
-    "flush_ms": _Spec("--flush-ms", float, _float_range(0.1, 1000.0), "longest a stream holds back text"),
+    "flush_ms": _Spec("--flush-ms", float, _float_range(0.1, 1000.0),
+                      "longest a stream holds back text (stretched by calls in flight / 4 past 4 calls)"),
     "flush_chars": _Spec("--flush-chars", int, _int_range(1, 65536),
                          "a stream sends its buffered text once this many characters are waiting (a "
                          "threshold, not a cap: a message carries everything buffered, so under load it "

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
 
 from server_harness import ROOT, free_port, nextchar_cmd, run_cli
 
-from nextchar.client.client import NextCharClient
+from nextchar.client.client import AsyncNextCharClient, NextCharClient
 
 PROMPT = "O say can you see"
 
@@ -106,7 +107,13 @@ def test_health_exit_status(server) -> None:
     per_model = run_cli("health", "--server", server.address, "--service", "gru")
     assert (per_model.returncode, per_model.stdout.strip()) == (0, "SERVING")
     unknown = run_cli("health", "--server", server.address, "--service", "nope")
-    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    assert (unknown.returncode, unknown.stdout.strip()) == (1, "SERVICE_UNKNOWN")
+
+    async def unknown_async() -> str:
+        async with AsyncNextCharClient(server.address, timeout=10) as c:
+            return await c.health("nope")
+
+    assert asyncio.run(unknown_async()) == "SERVICE_UNKNOWN"  # Check's NOT_FOUND, as the protocol names it
     down = run_cli("health", "--server", f"127.0.0.1:{free_port()}", "--timeout", "1")
     assert down.returncode == 1 and ("UNAVAILABLE" in down.stderr or "DEADLINE_EXCEEDED" in down.stderr)
 

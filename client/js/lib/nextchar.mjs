@@ -339,6 +339,9 @@ export async function generate(ort, model, prompt, options = {}, onText = undefi
   const key = seedKey(used);
   const { vocab } = model.info;
   const V = vocab.length;
+  if (params.topK > V) { // as the server (server/core/generation.py)
+    throw new InvalidArgumentError('top_k', `must be in [0, ${V}] (0 = off; the vocabulary size), got ${params.topK}`);
+  }
   let tokens = encode(model.info, prompt);
   let state = null;
   let text = '';     // released

@@ -132,7 +132,7 @@ test('generate: the prompt in chunks, then one call per char from the carried st
   assert.equal(r.text, `${info.vocab[2]}${info.vocab[0]}${info.vocab[1]}`);
 });
 
-test('generate refuses what the server refuses: more than 4 stop sequences, a seed that is not a uint64', async () => {
+test('generate refuses what the server refuses: more than 4 stop sequences, a seed that is not a uint64, top_k above the vocabulary', async () => {
   const { model, calls } = fakeModel();
   assert.equal(MAX_STOP_SEQUENCES, 4); // server/core/limits.py
   await generate(fakeOrt, model, 'a', { maxChars: 1, stop: ['a', 'b', 'ab', 'ba'] });
@@ -142,7 +142,11 @@ test('generate refuses what the server refuses: more than 4 stop sequences, a se
     await assert.rejects(generate(fakeOrt, model, 'a', { maxChars: 1, seed }),
       /^InvalidArgumentError: seed: must be an integer in \[0, 2\^64-1\]/, JSON.stringify(seed));
   }
-  assert.equal(calls.length, 1, 'refused before any model call');
+  await generate(fakeOrt, model, 'a', { maxChars: 1, topK: 3 });
+  await assert.rejects(generate(fakeOrt, model, 'a', { maxChars: 1, topK: 4 }),
+    (e) => e instanceof InvalidArgumentError
+      && e.message === 'top_k: must be in [0, 3] (0 = off; the vocabulary size), got 4');
+  assert.equal(calls.length, 2, 'refused before any model call');
   for (const [seed, want] of [[7, 7n], ['7', 7n], [7n, 7n]]) {
     assert.equal((await generate(fakeOrt, model, 'a', { maxChars: 1, seed })).seed, want);
   }
