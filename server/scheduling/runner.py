@@ -176,9 +176,24 @@ class Runner:
                 self._idle.set()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking `fn(*args)` in a worker thread, holding a slot."""
+        """Run blocking `fn(*args)` in a worker thread, holding a slot until the thread is done with it.
+
+        A cancelled caller (deadline, disconnect) whose `fn` already runs keeps its slot, and so the limits
+        its own caller releases while unwinding (per-client slot, memory budget, model version), until
+        `fn` returns: a thread cannot be stopped, and letting go at once let a caller start any number of
+        computations past --max-concurrent and made a drain report done while they ran. An `fn` not
+        started yet never runs."""
         with self._admit():
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            work = self._executor.submit(fn, *args)
+            try:
+                return await asyncio.wrap_future(work)
+            except asyncio.CancelledError:
+                if not work.cancel():  # running (or just done): wait for it, whatever else cancels us
+                    done = asyncio.wrap_future(work)
+                    while not work.done():
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await asyncio.wait((done,))
+                raise
 
     async def generate(self, engine: ModelEngine, request: GenerationRequest, deadline_s: float | None = None,
                        *, live: bool = True,

@@ -47,3 +47,40 @@ def stub_again(address: str) -> pb.GenerateResponse:
         request = pb.GenerateRequest(model=pb.ModelRef(name="lstm"), prompt="O say", max_new_chars=5)
         return inference_pb2_grpc.NextCharStub(channel).Generate(
             request, timeout=30, metadata=(("x-forwarded-for", "10.0.0.1"),))
+
+
+def test_a_call_past_its_deadline_keeps_its_share_while_the_model_still_works_for_it(make_server) -> None:
+    """PredictNext runs on a worker thread that cannot be stopped: a caller whose deadline passed keeps
+    its per-client slot (and its --max-concurrent slot) until that work ends, so deadlines are no way
+    around --max-per-client."""
+    import threading
+    import time
+
+    server = make_server(max_concurrent=8, max_per_client=1)
+    model = server.server.servicer.registry.cached("lstm")
+    step, release = model.engine.step, threading.Event()
+
+    def slow_step(*args, **kwargs):  # the model at work for a while (bounded)
+        release.wait(10)
+        return step(*args, **kwargs)
+
+    model.engine.step = slow_step
+    request = pb.PredictNextRequest(model=pb.ModelRef(name="lstm"), context="O say", n=3)
+    who = (("x-forwarded-for", "10.0.0.3"),)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = inference_pb2_grpc.NextCharStub(channel)
+            with pytest.raises(grpc.RpcError) as late:
+                stub.PredictNext(request, timeout=0.2, metadata=who)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.1)
+            assert server.runner.in_flight == 1  # the model still works for it
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.PredictNext(request, timeout=5, metadata=who)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            release.set()
+            wait_until(lambda: server.runner.in_flight == 0, 10, "the late call's work to end")
+            assert len(stub.PredictNext(request, timeout=10, metadata=who).predictions) == 3
+    finally:
+        release.set()
+        model.engine.step = step

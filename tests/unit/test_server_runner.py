@@ -278,3 +278,58 @@ def test_drain_called_twice_waits_for_the_same_calls() -> None:
             runner.close()
 
     asyncio.run(main())
+
+
+def test_a_cancelled_call_keeps_its_slot_until_its_thread_ends() -> None:
+    """A worker thread cannot be stopped: a call cancelled (deadline, disconnect) while its function runs
+    holds its slot, and so the caller's own limits released as it unwinds, until the function returns;
+    else a caller could run any number of computations past --max-concurrent and keep drain waiting for
+    nothing. One not started yet never runs."""
+    runner = Runner(max_concurrent=2, flush_s=0.005, flush_chars=64)
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def work(name: str) -> str:
+        ran.append(name)
+        started.set()
+        release.wait(10)
+        return name
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.call(work, "a"))
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done() and runner.in_flight == 1  # its thread still runs
+        assert not await runner.drain(0.05)  # so a drain is not over
+        runner.draining = False
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert runner.in_flight == 0
+
+    asyncio.run(main())
+    assert ran == ["a"]
+
+    # Queued behind a busy pool, cancelled before it started: it never runs, and frees its slot at once.
+    runner = Runner(max_concurrent=2, flush_s=0.005, flush_chars=64)
+    runner._executor._max_workers = 1  # one worker, held by the first call
+    started.clear()
+    release.clear()
+    ran.clear()
+
+    async def queued() -> None:
+        first = asyncio.create_task(runner.call(work, "first"))
+        await asyncio.to_thread(started.wait, 10)
+        second = asyncio.create_task(runner.call(work, "second"))
+        await asyncio.sleep(0.05)
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert runner.in_flight == 1
+        release.set()
+        assert await first == "first"
+
+    asyncio.run(queued())
+    assert ran == ["first"]
+    runner.close()
