@@ -19,6 +19,7 @@ from nextchar.server.edge import kserve, wire
 from nextchar.server.edge.servicer import NextCharServicer
 from nextchar.server.edge.session import SessionService
 from nextchar.server.ops.config import ServerConfig
+from nextchar.server.ops.health import HealthServicer
 from nextchar.server.ops.metrics import Metrics
 from nextchar.server.ops.operations import NO_REUSEPORT, Operations
 from nextchar.server.ops.registry import Registry, engine_loader
@@ -124,7 +125,7 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
         registry, sessions, steps, runner, servicer.limits,
         SessionLimits(config.session_max_chars, config.session_saved_states), servicer._model,
         servicer.clients, servicer.budget)
-    health = health_aio.HealthServicer()
+    health = HealthServicer()  # names and open Watch calls bounded: health needs no token
     ops = Operations(config, metrics, registry, runner, health, overall=("", SERVICE_NAME))
     grpc_server = grpc.aio.server(interceptors=ops.interceptors, options=[
         NO_REUSEPORT,  # a port in use (Admin's listener included) fails at bind, never shared
