@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
@@ -35,8 +36,9 @@ SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 
 # ModelStreamInfer: requests of one stream answered at once; past this, reading waits until the client
-# has read every response of an earlier request, so a client that sends without reading holds bounded
-# memory (this many requests' responses). Echoed names and ids are cut.
+# has read every response of an earlier request. A response not yet sent keeps its request's admission
+# (memory budget), so this bounds the requests and error responses a client that does not read makes
+# the server hold. Echoed names and ids are cut.
 MAX_STREAM_REQUESTS = 64
 MAX_ECHO_CHARS = 256
 
@@ -120,7 +122,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                context: grpc.aio.ServicerContext):
         """Requests are answered concurrently, each in order; a failed request gets one response with
         error_message and the stream goes on. Cancelling the call stops every generation on it."""
-        queue: asyncio.Queue[kpb.ModelStreamInferResponse | bool] = asyncio.Queue()
+        # A response is queued with a future the writer sets once gRPC has sent it, and its request goes
+        # on only then: it keeps its admission (memory budget, per-client slot, model version) until
+        # the client has taken its responses, so what a client that does not read makes the server hold
+        # stays inside --memory-budget-mb. Error responses are small, bounded, and queued without one.
+        queue: asyncio.Queue[tuple[kpb.ModelStreamInferResponse, asyncio.Future[None] | None] | bool]
+        queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()  # running ones only: a finished answer leaves at once
         # Reading waits while this many requests have responses not yet taken by the client: a slot is
         # freed when the request's end marker (True) is taken off the queue, not when it is put.
@@ -128,14 +135,20 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         started = 1  # the reader, then one per request; each puts one end marker (reader: False)
 
         async def answer(request: kpb.ModelInferRequest) -> None:
+            # aclosing: a cancel that lands while a response waits to be sent ends the generation, and
+            # its admission, at once rather than whenever the suspended generator is collected.
             try:
-                async for response in self._infer(request, context, streaming=True):
-                    queue.put_nowait(kpb.ModelStreamInferResponse(infer_response=response))
+                async with contextlib.aclosing(self._infer(request, context, streaming=True)) as responses:
+                    async for response in responses:
+                        sent = asyncio.get_running_loop().create_future()
+                        queue.put_nowait((kpb.ModelStreamInferResponse(infer_response=response), sent))
+                        del response  # the queued message is a copy
+                        await sent
             except Exception as e:  # the request's id and model go with its error, to tell requests apart
-                queue.put_nowait(kpb.ModelStreamInferResponse(
+                queue.put_nowait((kpb.ModelStreamInferResponse(
                     error_message=bounded(_message(_renamed(e))),
                     infer_response=kpb.ModelInferResponse(model_name=request.model_name[:MAX_ECHO_CHARS],
-                                                          id=request.id[:MAX_ECHO_CHARS])))
+                                                          id=request.id[:MAX_ECHO_CHARS])), None))
             finally:
                 queue.put_nowait(True)
 
@@ -163,8 +176,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     finished += 1
                     if item:  # a request's last response was taken (yielded to gRPC) before this
                         slots.release()
-                else:
-                    yield item
+                    continue
+                response, sent = item
+                del item
+                yield response  # returns once gRPC has sent it: the client's flow control holds it
+                del response  # not kept while the next one is awaited
+                if sent is not None:
+                    sent.set_result(None)
         finally:
             for task in list(tasks):
                 task.cancel()
@@ -182,12 +200,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             state_bytes = sum(s.nbytes for s in state) if state else 0
             nbytes = 3 * 4 * tokens.size * len(model.artifact.vocab) + 4 * max(state_bytes, 1)
             # Token ids mean something in this version's vocabulary only: it stays pinned.
+            # Yielded while admitted: ModelStreamInfer keeps the admission until the response is sent,
+            # and this frame holds no other copy of the logits meanwhile.
             with self.v1.admit_bytes(model, nbytes, context, pinned=True) as model:  # the object held
-                logits, new_state = await self.runner.call(model.engine.step, tokens, state)
-            response = kw.step_response(request, model, logits, new_state, wanted)
-            if streaming:
-                response.parameters[kw.FINAL].bool_param = True
-            yield response
+                yield await self._step(request, model, tokens, state, wanted, final)
             return
         gen, stream = kw.generation_request(request, model, self.limits)
         live = streaming and stream
@@ -202,9 +218,16 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                         yield kw.text_response(request, model, item, final=False)
                 return
             items = [item async for item in run]
-        outcome = items.pop()  # the runner always ends with exactly one Outcome
-        assert isinstance(outcome, Outcome)
-        yield kw.text_response(request, model, "".join(str(i) for i in items), outcome, final=final)
+            outcome = items.pop()  # the runner always ends with exactly one Outcome
+            assert isinstance(outcome, Outcome)
+            yield kw.text_response(request, model, "".join(str(i) for i in items), outcome, final=final)
+
+    async def _step(self, request: kpb.ModelInferRequest, model: LoadedModel, tokens: np.ndarray,
+                    state: tuple[np.ndarray, ...], wanted: list[str], final: bool | None,
+                    ) -> kpb.ModelInferResponse:
+        """The raw step's response: `wanted` of logits float32[B, T, V] and the new states."""
+        logits, new_state = await self.runner.call(model.engine.step, tokens, state)
+        return kw.step_response(request, model, logits, new_state, wanted, final)
 
 
 def _message(exc: BaseException) -> str:

@@ -247,10 +247,15 @@ def step_args(request: kpb.ModelInferRequest, model: LoadedModel, limits: wire.L
 
 
 def step_response(request: kpb.ModelInferRequest, model: LoadedModel, logits: np.ndarray,
-                  state: tuple[np.ndarray, ...], wanted: list[str]) -> kpb.ModelInferResponse:
+                  state: tuple[np.ndarray, ...], wanted: list[str], final: bool | None = None,
+                  ) -> kpb.ModelInferResponse:
+    """The `wanted` outputs, FP32; `final` as in text_response (in a stream, always True)."""
     io = model.artifact.manifest.io
     arrays = dict(zip([io.logits, *_state_names(model)[1]], (logits, *state), strict=True))
     encoded = [encode_output(name, arrays[name], "FP32") for name in wanted]
-    return kpb.ModelInferResponse(model_name=request.model_name, model_version=str(model.version),
-                                  id=request.id, outputs=[t for t, _ in encoded],
-                                  raw_output_contents=[raw for _, raw in encoded])
+    response = kpb.ModelInferResponse(model_name=request.model_name, model_version=str(model.version),
+                                      id=request.id, outputs=[t for t, _ in encoded],
+                                      raw_output_contents=[raw for _, raw in encoded])
+    if final is not None:
+        response.parameters[FINAL].bool_param = final
+    return response
