@@ -103,7 +103,7 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     parallel = config.batching != "off" and instances > 1
     threads = config.intra_op_threads or (1 if parallel else 0)
     loader = metrics.metered(engine_loader(config.variant, threads))
-    registry = Registry(config.model_repo, loader)
+    registry = Registry(config.model_repo, loader, config.max_loaded_versions)
     registry.load_latest(allow_empty=config.reload_interval > 0)
     batching = BatchingConfig(
         max_batch_size=config.max_batch_size, max_wait_s=config.max_wait_ms / 1e3,

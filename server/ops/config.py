@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nextchar.server.core.limits import MAX_BATCH_SIZE, MAX_CHARS_PER_CALL, MAX_NEW_CHARS
+from nextchar.server.ops.registry import MAX_LOADED_VERSIONS
 
 VARIANTS = ("fp32", "int8")
 # Admin's own listener: loopback by default, so a proxy or load balancer in front of --port never sees it.
@@ -55,6 +56,7 @@ class ServerConfig:
     session_max_chars: int = 10_000    # text one session may hold: its memory bound
     session_saved_states: int = 16     # recent states a session keeps so deletes cost no re-read
     session_wait_ms: float = 0.0       # a session step at an idle model waits this long for others' steps
+    max_loaded_versions: int = MAX_LOADED_VERSIONS  # non-default versions kept loaded, all models together
     log_level: str = "INFO"
     # Operations (server.reload, server.metrics, server.reqlog, server.security):
     reload_interval: float = 0.0       # seconds between repository scans for new/removed versions; 0 = off
@@ -268,6 +270,11 @@ _SPECS: dict[str, _Spec] = {
                              "while other sessions are typing on a model, a step waits this long for "
                              "theirs to share its engine call: less CPU per keystroke, that much more "
                              "latency (default 0: steps go at once; those arriving meanwhile go together)"),
+    "max_loaded_versions": _Spec("--max-loaded-versions", int, _int_range(0, 4096),
+                                 "versions other than the defaults that stay loaded after requests named "
+                                 "them (ModelRef.version), all models together; beyond it the least "
+                                 "recently used one unloads once its calls end (0 = each unloads after "
+                                 "its calls)"),
     "log_level": _Spec("--log-level", str.upper, _one_of(LOG_LEVELS), "logging level"),
     "reload_interval": _Spec("--reload-interval", float, _float_range(0.0, 86400.0),
                              "seconds between scans of the repository for new or removed versions (0 = off); "

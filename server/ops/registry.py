@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,17 @@ log = logging.getLogger(__name__)
 
 # Artifact -> engine. The default is server.engine.Engine.load; tests may pass their own.
 EngineLoader = Callable[[art.Artifact], Any]
+# Versions other than the defaults that stay loaded after requests named them (--max-loaded-versions),
+# all models together: each costs its model's memory and its batcher threads, and any caller can name
+# every version on disk. Four lets a few pinned clients (an A/B test, a rollback) skip the reload.
+MAX_LOADED_VERSIONS = 4
+# How long a version a lookup returned is safe from eviction before its call counts itself in flight
+# (`acquire`, right after on the event loop): evicted in that gap, the call would fail NOT_FOUND for a
+# version that exists. A lookup never followed by a call (GetModel) stops protecting it after this.
+_HANDOUT_S = 2.0
+# (file name, size, mtime_ns) of a version directory's entries: a version that failed to load on
+# demand is read again only once something in it changed.
+Signature = tuple[tuple[str, int, int], ...]
 
 
 class ModelNotFoundError(LookupError):
@@ -55,14 +68,27 @@ def engine_loader(variant: str = "fp32", intra_op_threads: int = 0) -> Callable[
     return load
 
 
+def signature(version_dir: Path) -> Signature:
+    """What a version directory holds, cheaply (no file is read): () if it cannot be listed."""
+    try:
+        entries = sorted(version_dir.iterdir())
+        return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in entries)
+    except OSError:
+        return ()
+
+
 class Registry:
     """Every model of a repository. `load_latest()` loads each model's latest version (fail fast);
-    other versions load the first time a request names them. Thread-safe: requests run in threads.
+    other versions load the first time a request names them, and at most `max_loaded_versions` of
+    those stay loaded (least recently used first out). Thread-safe: requests run in threads.
     """
 
-    def __init__(self, root: Path, loader: Callable[[Path], LoadedModel]) -> None:
+    def __init__(self, root: Path, loader: Callable[[Path], LoadedModel],
+                 max_loaded_versions: int = MAX_LOADED_VERSIONS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.root = Path(root)
         self._loader = loader
+        self._max_on_demand, self._clock = max_loaded_versions, clock
         self._lock = threading.Lock()
         self._versions: dict[str, list[int]] = {}
         self._latest: dict[str, int] = {}
@@ -77,6 +103,12 @@ class Registry:
         self._in_flight: dict[int, int] = {}              # id(model) -> calls in flight
         self._retiring: dict[int, LoadedModel] = {}       # id(model) -> model, unloads when idle
         self.on_unload: Callable[[LoadedModel], None] = lambda model: None
+        # Versions loaded on demand (not a default: Admin LoadModel's version is its model's default, so
+        # it is never evicted here), least recently used first; and when a lookup last handed one out.
+        self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._handed: dict[tuple[str, int], float] = {}
+        # Versions that failed to load on demand: the files as they were, and the caller's message.
+        self._failed: dict[tuple[str, int], tuple[Signature, str]] = {}
 
     def load_latest(self, allow_empty: bool = False) -> list[LoadedModel]:
         """Scan the repository and load the latest version of every model; ArtifactError if one is broken.
@@ -120,7 +152,8 @@ class Registry:
         """The model if it is loaded (never blocks); None when `version` must be loaded first (`get`)."""
         with self._lock:
             self._check_name(name)
-            return self._loaded.get((name, self._latest[name] if version is None else version))
+            key = (name, self._latest[name] if version is None else version)
+            return self._handout(key, self._loaded.get(key))
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
         """The model `name` at `version` (None = the latest loaded at start); loads it on first use.
@@ -130,7 +163,7 @@ class Registry:
         with self._lock:
             self._check_name(name)
             key = (name, self._latest[name] if version is None else version)
-            hit = self._loaded.get(key)
+            hit = self._handout(key, self._loaded.get(key))
             if hit is not None:
                 return hit
             gate = self._loading.setdefault(key, threading.Lock())
@@ -138,7 +171,7 @@ class Registry:
         # never wait for it. The per-version gate makes racing first requests load it only once.
         with gate:
             with self._lock:
-                hit = self._loaded.get(key)
+                hit = self._handout(key, self._loaded.get(key))
             if hit is not None:
                 return hit
             try:
@@ -150,15 +183,19 @@ class Registry:
                     listed = ", ".join(map(str, versions))
                     raise ModelNotFoundError(
                         "model.version", f"model {name!r} has no version {key[1]} (available: {listed})")
-                model = self._loader(self.root / name / str(key[1]))
-                log.info("loaded %s v%d on demand", name, key[1])
+                model = self._load_on_demand(name, key[1])
                 # Never replace what is there: the reloader may have published this version meanwhile
                 # (that object is served and kept), or removed the model (nothing of it is kept).
                 with self._lock:
                     gone = name not in self._latest
                     kept = model if gone else self._loaded.setdefault(key, model)
+                    dropped: list[LoadedModel] = []
+                    if not gone:
+                        self._handout(key, kept)  # before the eviction: this caller's version stays
+                        dropped = self._evict_beyond_cap()
                 if gone or kept is not model:
-                    self._unloaded([model])
+                    dropped.append(model)
+                self._unloaded(dropped)
                 if gone:
                     raise ModelNotFoundError("model.name", f"model {name!r} was unloaded while its "
                                                            f"version {key[1]} loaded")
@@ -171,6 +208,77 @@ class Registry:
         if name not in self._latest:
             known = ", ".join(sorted(self._latest)) or "none"
             raise ModelNotFoundError("model.name", f"no model named {name!r} (available: {known})")
+
+    def _load_on_demand(self, name: str, version: int) -> LoadedModel:
+        """The loader's model, or ArtifactError with a message for the caller: it names files by model
+        and version, never by the server's path (the log has that). A failure is remembered until the
+        version's files change, so requests naming a broken version do not read and hash it each time."""
+        version_dir = self.root / name / str(version)
+        files = signature(version_dir)
+        with self._lock:
+            failed = self._failed.get((name, version))
+        if failed is not None and failed[0] == files:
+            raise art.ArtifactError(failed[1])
+        try:
+            model = self._loader(version_dir)
+        except art.ArtifactError as e:
+            log.warning("refused %s v%d on demand: %s", name, version, e)
+            message = self._public(name, version, e)
+            with self._lock:
+                self._failed[(name, version)] = (files, message)
+            raise art.ArtifactError(message) from None
+        log.info("loaded %s v%d on demand", name, version)
+        with self._lock:
+            self._failed.pop((name, version), None)
+        return model
+
+    def _public(self, name: str, version: int, reason: object) -> str:
+        """`reason` as callers may read it: the version's files named from the repository (`m/2/...`),
+        never by the server's own path."""
+        text = str(reason).replace(str(self.root / name / str(version)), f"{name}/{version}")
+        hides = self.root.is_absolute() and self.root.parent != self.root  # a bare "/" is every path
+        return text.replace(str(self.root), "<model repository>") if hides else text
+
+    # --- the cap on versions loaded on demand --------------------------------------------------------
+
+    def _on_demand(self, key: tuple[str, int]) -> bool:
+        """Under the lock: is `key` a version loaded on demand, counted by the cap (not retiring)?"""
+        model = self._loaded.get(key)
+        return model is not None and self._latest.get(key[0], key[1]) != key[1] \
+            and id(model) not in self._retiring
+
+    def _handout(self, key: tuple[str, int], model: LoadedModel | None) -> LoadedModel | None:
+        """Under the lock: a lookup returns `model`; a version loaded on demand becomes the most recently
+        used, protected from eviction until its call acquires it, and no longer retiring: one evicted
+        while a call still ran is wanted again, so it stays rather than unload under this caller."""
+        if model is not None and self._latest.get(key[0], key[1]) != key[1]:  # a served name, not its default
+            if self._retiring.get(id(model)) is model:
+                del self._retiring[id(model)]
+            self._recent[key] = None
+            self._recent.move_to_end(key)
+            self._handed[key] = self._clock()
+        return model
+
+    def _evict_beyond_cap(self) -> list[LoadedModel]:
+        """Under the lock: retire the least recently used versions loaded on demand while more than the
+        cap are; an evicted version with calls in flight unloads once they end (`_retire_object`), so
+        no running call is cut. Versions just handed out are skipped, so the cap may be passed briefly."""
+        for key in [k for k in self._recent if not self._on_demand(k)]:
+            del self._recent[key]
+            self._handed.pop(key, None)
+        excess = len(self._recent) - self._max_on_demand
+        now, dropped = self._clock(), []
+        for key in list(self._recent):
+            if excess <= 0:
+                break
+            handed = self._handed.get(key)
+            if handed is not None and now - handed < _HANDOUT_S:
+                continue
+            excess -= 1
+            del self._recent[key]
+            self._handed.pop(key, None)
+            dropped += self._retire_object(self._loaded[key])
+        return dropped
 
     # --- lifecycle: hot reload, unload, and the in-flight count that decides when a version unloads ---
 
@@ -190,6 +298,7 @@ class Registry:
             self._latest[model.name] = model.version
             dropped = self._install(model)
             self._errors.get(model.name, {}).pop(model.version, None)
+            self._failed.pop((model.name, model.version), None)
             dropped += self._retire([(model.name, old)] if old not in (None, model.version) else [])
         self._unloaded(dropped)
         return old
@@ -200,12 +309,15 @@ class Registry:
             self._latest.pop(name, None)
             self._versions.pop(name, None)
             self._errors.pop(name, None)
+            for key in [k for k in self._failed if k[0] == name]:
+                del self._failed[key]
             dropped = self._retire([k for k in self._loaded if k[0] == name])
         self._unloaded(dropped)
 
     def record_error(self, name: str, version: int, reason: str) -> None:
+        """Remember why `version` was refused; callers see it (load_errors) without the server's paths."""
         with self._lock:
-            self._errors.setdefault(name, {})[version] = reason
+            self._errors.setdefault(name, {})[version] = self._public(name, version, reason)
 
     def load_errors(self, name: str) -> dict[int, str]:
         """Versions of `name` that were refused, with the reason, ascending."""
@@ -232,6 +344,9 @@ class Registry:
             model = self._loaded.get((name, chosen))
             if model is not None:
                 self._in_flight[id(model)] = self._in_flight.get(id(model), 0) + 1
+                if (name, chosen) in self._recent:  # in flight now: retirement protects it from here on
+                    self._recent.move_to_end((name, chosen))
+                    self._handed.pop((name, chosen), None)
             return model
 
     def release(self, model: LoadedModel) -> None:
@@ -246,6 +361,7 @@ class Registry:
                 self._in_flight.pop(id(model), None)
                 retired = self._retiring.get(id(model)) is model
                 dropped = self._retire_object(model) if retired else []
+            dropped += self._evict_beyond_cap()  # a version over the cap may be idle now
         self._unloaded(dropped)
 
     def _install(self, model: LoadedModel) -> list[LoadedModel]:

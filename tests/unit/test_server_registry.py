@@ -1,4 +1,5 @@
-"""server.registry with a fake loader: on-demand versions load once, outside the lock that `cached` takes."""
+"""server.registry with a fake loader: on-demand versions load once, outside the lock that `cached` takes;
+at most --max-loaded-versions of them stay loaded; a broken one is read once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from nextchar.server.core.artifact import ArtifactError
 from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
 
 
@@ -64,3 +66,121 @@ def test_unknown_names_and_versions(tmp_path: Path) -> None:
         registry.get("m", 9)
     (tmp_path / "m" / "9").mkdir()
     assert registry.get("m", 9).version == 9  # exported after start: found by the rescan
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _capped(tmp_path: Path, cap: int, versions: int = 5) -> tuple[Registry, list[int], Clock]:
+    """A registry over m/1..m/`versions` (default: the highest) keeping `cap` other versions loaded;
+    the versions it unloaded, in order."""
+    for version in range(1, versions + 1):
+        (tmp_path / "m" / str(version)).mkdir(parents=True)
+    clock = Clock()
+    registry = Registry(tmp_path, SlowLoader(held=set()), max_loaded_versions=cap, clock=clock)
+    registry.load_latest()
+    unloaded: list[int] = []
+    registry.on_unload = lambda m: unloaded.append(m.version)
+    return registry, unloaded, clock
+
+
+def _call(registry: Registry, version: int) -> None:
+    """One request pinned to `version`, as the servicer makes it: look up, acquire, release."""
+    model = registry.get("m", version)
+    held = registry.acquire("m", model.version)
+    assert held is model
+    registry.release(held)
+
+
+def _loaded(registry: Registry) -> list[int]:
+    return sorted(v for _, v in registry.loaded_versions())
+
+
+def test_versions_named_by_requests_beyond_the_cap_unload_least_recently_used_first(tmp_path: Path) -> None:
+    registry, unloaded, _ = _capped(tmp_path, cap=2)
+    for version in (1, 2, 1, 3):
+        _call(registry, version)
+    assert unloaded == [2] and _loaded(registry) == [1, 3, 5]  # 1 was used again after 2
+    _call(registry, 4)
+    _call(registry, 2)  # loaded again from disk
+    assert unloaded == [2, 1, 3] and _loaded(registry) == [2, 4, 5]
+
+
+def test_the_default_version_stays_whatever_the_cap(tmp_path: Path) -> None:
+    registry, unloaded, _ = _capped(tmp_path, cap=0)
+    _call(registry, 1)
+    _call(registry, 5)
+    assert unloaded == [1] and _loaded(registry) == [5]
+
+
+def test_an_evicted_version_with_a_call_in_flight_unloads_when_the_call_ends(tmp_path: Path) -> None:
+    registry, unloaded, _ = _capped(tmp_path, cap=1)
+    held = registry.acquire("m", registry.get("m", 1).version)
+    _call(registry, 2)
+    _call(registry, 3)
+    assert unloaded == [2] and _loaded(registry) == [1, 3, 5]  # 1 retired, not cut
+    assert registry.acquire("m", 1) is held  # still reachable while it drains
+    registry.release(held)
+    registry.release(held)
+    assert unloaded == [2, 1] and _loaded(registry) == [3, 5]
+
+
+def test_a_version_looked_up_is_not_evicted_before_its_call_acquires_it(tmp_path: Path) -> None:
+    registry, unloaded, clock = _capped(tmp_path, cap=0)
+    first = registry.get("m", 1)
+    second = registry.get("m", 2)  # loaded before the first request acquired its version
+    assert unloaded == [] and registry.acquire("m", first.version) is first
+    registry.release(first)
+    assert unloaded == [1] and _loaded(registry) == [2, 5]  # 2 is still between lookup and call
+    clock.now += 10  # a lookup never followed by a call (GetModel) protects it only briefly
+    _call(registry, 5)
+    assert unloaded == [1, 2] and second.version == 2
+
+
+def test_a_failed_on_demand_load_is_remembered_until_its_files_change(tmp_path: Path) -> None:
+    _repo(tmp_path)
+    calls: list[int] = []
+
+    def loader(version_dir: Path) -> LoadedModel:
+        calls.append(int(version_dir.name))
+        if (version_dir / "model.onnx").read_text() == "broken":
+            raise ArtifactError(f"{version_dir / 'model.onnx'}: size is 6 bytes but the manifest says 9 "
+                                f"(truncated or replaced); [Errno 13] '{tmp_path}'")
+        artifact = SimpleNamespace(name=version_dir.parent.name, version=int(version_dir.name),
+                                   model_path=version_dir)
+        return LoadedModel(artifact, engine=object())
+
+    for version in (1, 2, 3):
+        (tmp_path / "m" / str(version) / "model.onnx").write_text("broken" if version == 2 else "good")
+    registry = Registry(tmp_path, loader)
+    registry.load_latest()
+    for _ in range(3):
+        with pytest.raises(ArtifactError) as refused:
+            registry.get("m", 2)
+        assert str(refused.value) == ("m/2/model.onnx: size is 6 bytes but the manifest says 9 (truncated or "
+                                      "replaced); [Errno 13] '<model repository>'")
+    assert calls == [3, 2]  # read once, not once per request
+    (tmp_path / "m" / "2" / "model.onnx").write_text("fixed")
+    assert registry.get("m", 2).version == 2 and calls == [3, 2, 2]
+
+
+def test_load_errors_name_files_without_the_servers_paths(tmp_path: Path) -> None:
+    registry = Registry(_repo(tmp_path), SlowLoader(held=set()))
+    registry.load_latest()
+    registry.record_error("m", 2, f"{tmp_path / 'm' / '2' / 'manifest.json'}: missing")
+    assert registry.load_errors("m") == {2: "m/2/manifest.json: missing"}
+
+
+def test_an_evicted_version_looked_up_again_while_draining_stays(tmp_path: Path) -> None:
+    registry, unloaded, _ = _capped(tmp_path, cap=1)
+    held = registry.acquire("m", registry.get("m", 1).version)
+    _call(registry, 2)  # 1 is evicted, still draining
+    again = registry.cached("m", 1)  # a new request for it, before its last call ends
+    registry.release(held)
+    assert again is held and registry.acquire("m", 1) is held  # not unloaded under that request
+    assert unloaded == [2] and _loaded(registry) == [1, 5]
