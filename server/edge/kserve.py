@@ -27,6 +27,7 @@ from nextchar.server.core.sampling import InvalidParameterError
 from nextchar.server.edge import kserve_wire as kw
 from nextchar.server.edge.errors import bounded, mapped, status_code_for
 from nextchar.server.edge.servicer import NextCharServicer
+from nextchar.server.ops.config import ServerConfig
 from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError
 from nextchar.server.scheduling.runner import Outcome
 from nextchar.v1 import inference_pb2 as pb
@@ -66,9 +67,13 @@ def _renamed(exc: BaseException) -> BaseException:
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """Model lookup, admission and deadlines are nextchar.v1's (`v1`); readiness is the health service's."""
 
-    def __init__(self, v1: NextCharServicer, health: health_aio.HealthServicer) -> None:
+    def __init__(self, v1: NextCharServicer, health: health_aio.HealthServicer,
+                 max_message_bytes: int = ServerConfig.max_message_bytes) -> None:
+        """`max_message_bytes`: the server's gRPC send limit (--max-message-bytes), which a step's
+        response must fit: a larger one is refused before the model runs."""
         self.v1, self.health = v1, health
         self.registry, self.runner, self.limits = v1.registry, v1.runner, v1.limits
+        self.max_message_bytes = max_message_bytes
 
     def _face(self, name: str) -> tuple[str, bool]:
         """-> (model name, step face?)"""
@@ -194,7 +199,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         model, step = await self._model(request.model_name, request.model_version, context)
         final = True if streaming else None
         if step:
-            tokens, state, wanted = kw.step_args(request, model, self.limits)
+            tokens, state, wanted = kw.step_args(request, model, self.limits, self.max_message_bytes)
             # The same per-client and memory caps. A step holds its whole logits [B, T, V] (the client
             # asked for them) about three times over (engine, reply tensor, serialised), and its states.
             state_bytes = sum(s.nbytes for s in state) if state else 0

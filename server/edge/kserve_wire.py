@@ -50,6 +50,7 @@ _NONE = np.empty(0, dtype=object)
 
 MAX_VERSION = 2**63 - 1  # nextchar.v1's ModelRef.version is an int64
 MAX_ID_CHARS = 256  # a request id is echoed in every response of its request
+_RESPONSE_FIELDS = 1024  # a step response's bytes besides its tensors and echoed strings, with margin
 
 
 def model_version(text: str) -> int | None:
@@ -212,8 +213,9 @@ def text_response(request: kpb.ModelInferRequest, model: LoadedModel, text: str,
 # --- the raw step ---------------------------------------------------------------------------------
 
 def step_args(request: kpb.ModelInferRequest, model: LoadedModel, limits: wire.Limits,
-              ) -> tuple[np.ndarray, tuple[np.ndarray, ...], list[str]]:
-    """-> (tokens int64[B, T], state float32[L, B, H] each (zeros where not given), outputs wanted)."""
+              max_response_bytes: int) -> tuple[np.ndarray, tuple[np.ndarray, ...], list[str]]:
+    """-> (tokens int64[B, T], state float32[L, B, H] each (zeros where not given), outputs wanted).
+    The outputs wanted must fit in `max_response_bytes` (the server's gRPC send limit)."""
     e, io = model.engine, model.artifact.manifest.io
     state_in, state_out = _state_names(model)
     inputs = decode_inputs(request)
@@ -228,6 +230,7 @@ def step_args(request: kpb.ModelInferRequest, model: LoadedModel, limits: wire.L
     if tokens.size > limits.max_prompt_chars:
         raise InvalidParameterError(io.tokens, f"must have at most {limits.max_prompt_chars} elements "
                                     f"(batch x seq, the server's prompt limit), got {tokens.size}")
+    _check_response_size(request, model, tokens.shape, wanted, max_response_bytes)
     if tokens.min() < 0 or tokens.max() >= e.vocab_size:
         raise InvalidParameterError(io.tokens, f"ids must be in [0, {e.vocab_size}) (the vocabulary), got "
                                     f"[{tokens.min()}, {tokens.max()}]")
@@ -244,6 +247,30 @@ def step_args(request: kpb.ModelInferRequest, model: LoadedModel, limits: wire.L
                                               "NaN logits)")
         state.append(zero if given is None else given)
     return tokens, tuple(state), wanted
+
+
+def _check_response_size(request: kpb.ModelInferRequest, model: LoadedModel, shape: tuple[int, ...],
+                         wanted: list[str], limit: int) -> None:
+    """Refuse tokens of `shape` [B, T] whose outputs (FP32 logits [B, T, V] and states [L, B, H]) would
+    not fit in one message of `limit` bytes: gRPC would fail the call (and a whole ModelStreamInfer
+    stream) with RESOURCE_EXHAUSTED after the model had run."""
+    e, io = model.engine, model.artifact.manifest.io
+    per_position = 4 * e.vocab_size if io.logits in wanted else 0
+    per_row = 4 * e.num_layers * e.hidden_size * sum(n != io.logits for n in wanted)
+    # Everything but the tensors' bytes: echoed names, shapes, parameters, framing (a few hundred bytes).
+    room = limit - (_RESPONSE_FIELDS + len(request.model_name) + len(request.id) + sum(map(len, wanted)))
+    batch, seq = shape
+    size = batch * (seq * per_position + per_row)
+    if size <= room:
+        return
+    most_seq = (room - batch * per_row) // (batch * per_position) if per_position else 0
+    most_batch = max(room // (per_position + per_row), 0)
+    allowed = (f"with batch {batch}, seq must be in [1, {most_seq}]" if most_seq >= 1 else
+               f"batch must be in [1, {most_batch}]" + (" (at seq 1)" if per_position else ""))
+    raise InvalidParameterError(io.tokens, f"shape {list(shape)} asks for {size} bytes of outputs "
+                                f"({', '.join(wanted)}, FP32), more than one response may carry ({room} "
+                                f"of the server's {limit}-byte message limit, --max-message-bytes); "
+                                f"{allowed}" + (", or ask for fewer outputs" if len(wanted) > 1 else ""))
 
 
 def step_response(request: kpb.ModelInferRequest, model: LoadedModel, logits: np.ndarray,

@@ -20,6 +20,12 @@ def tight(make_server):
     return make_server(memory_budget_mb=BUDGET_MB, max_prompt_chars=100_000)
 
 
+@pytest.fixture(scope="module")
+def roomy(make_server):
+    """The default --max-message-bytes (4 MiB) and memory budget, with room for long token rows."""
+    return make_server(max_prompt_chars=100_000)
+
+
 def _engine(server):
     return server.server.servicer.registry.cached("lstm").engine
 
@@ -78,3 +84,37 @@ def test_cancelling_a_stream_ends_the_reservations_of_its_unsent_responses(tight
         call.cancel()
         wait_until(lambda: _reserved(tight) == 0, 10,
                    f"the cancelled stream's reservations to end (reserved: {_reserved(tight)} bytes)")
+
+
+def _refusal(stub, request: kpb.ModelInferRequest) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ModelInfer(request, timeout=60)
+    return refused.value
+
+
+def test_a_step_whose_response_would_pass_the_message_limit_is_refused_before_it_runs(roomy) -> None:
+    """--max-message-bytes (4 MiB here) bounds what a response may carry: a step whose logits would
+    not fit is INVALID_ARGUMENT naming tokens and the seq (or batch) that fits, and nothing is computed.
+    (The model ran, built the response, and gRPC then failed the call, or the whole ModelStreamInfer
+    stream, with RESOURCE_EXHAUSTED 'Sent message larger than max'.)"""
+    options = [("grpc.max_receive_message_length", 16 << 20)]
+    with grpc.insecure_channel(roomy.address, options=options) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        before = _steps_run(roomy)
+        error = _refusal(stub, _step("big", 1, 100_000))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert error.details().startswith("tokens: shape [1, 100000] asks for "), error.details()
+        assert "--max-message-bytes" in error.details()
+        most = int(error.details().split("with batch 1, seq must be in [1, ")[1].split("]")[0])
+        assert _steps_run(roomy) == before, "the model ran for a request it then refused"
+        # The range is exact: its end is answered whole, one past it is refused.
+        reply = stub.ModelInfer(_step("most", 1, most), timeout=60)
+        assert len(reply.raw_output_contents[0]) == 4 * most * _engine(roomy).vocab_size
+        assert _refusal(stub, _step("past", 1, most + 1)).code() is grpc.StatusCode.INVALID_ARGUMENT
+        wide = _refusal(stub, _step("wide", 100_000, 1))
+        assert "batch must be in [1, " in wide.details(), wide.details()
+        # In a stream the refusal is that request's error; the stream and its next request go on.
+        replies = list(stub.ModelStreamInfer(iter([_step("big", 1, 100_000), _step("most", 1, most)]),
+                                             timeout=60))
+    assert sorted((r.infer_response.id, r.error_message[:40]) for r in replies) == [
+        ("big", "INVALID_ARGUMENT: tokens: shape [1, 1000"), ("most", "")]
