@@ -5,15 +5,19 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -25,6 +29,13 @@ log = logging.getLogger(__name__)
 # Latency buckets from 50 µs (one small-model step) to 10 s (a long prompt on a loaded host).
 _LATENCY = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The endpoint serves each connection on a thread of its own, and a connection that sends nothing (or half
+# a request line) would hold its thread for ever: every read and write on a connection times out after
+# METRICS_TIMEOUT_S, and at most METRICS_MAX_CONNECTIONS are served at once (more are closed as they are
+# accepted), so callers cannot make it hold more threads than that. A scrape is one short request.
+METRICS_TIMEOUT_S = 10.0
+METRICS_MAX_CONNECTIONS = 64
+_REFUSED_LOG_EVERY_S = 60.0  # one warning per minute at most, however many connections are refused
 
 
 @dataclass(frozen=True)
@@ -203,14 +214,74 @@ class MetricsEndpoint:
 
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
         try:
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+            self._httpd = _BoundedServer(host, port, METRICS_MAX_CONNECTIONS)
         except OSError as e:
             raise OSError(f"cannot bind the metrics endpoint {host}:{port}: {e}") from None
+        self._httpd.set_app(make_wsgi_app(metrics.registry))
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="nextchar-metrics",
+                                        daemon=True)
+        self._thread.start()
         self.port = self._httpd.server_port
         log.info("metrics on http://%s:%d/metrics", host, self.port)
 
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
-        if isinstance(self._thread, threading.Thread):
-            self._thread.join(5)
+        self._thread.join(5)
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT_S  # StreamRequestHandler puts it on the connection: each read and write
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Nothing: a line per scrape would drown the log (prometheus_client's own handler is silent too)."""
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's threaded WSGI server, with a cap on the connections served at once."""
+
+    daemon_threads = True  # a connection still being served never holds up stop()
+    # socketserver's listen backlog is 5: a burst of connections beyond it waits out a 1 s SYN retry each.
+    # Those past the cap are better accepted and closed at once.
+    request_queue_size = METRICS_MAX_CONNECTIONS
+
+    def __init__(self, host: str, port: int, max_connections: int) -> None:
+        # IPv4 or IPv6, whichever `host` is (prometheus_client picks the family the same way).
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        self._refused, self._refused_logged = 0, float("-inf")  # only touched by the accepting thread
+        super().__init__((str(sockaddr[0]), port), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: close it now rather than start one more thread
+            self._log_refused()
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A caller that went quiet past the timeout, or went away, is not a fault of ours: no traceback.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+    def _log_refused(self) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= _REFUSED_LOG_EVERY_S:
+            log.warning("metrics endpoint: serving %d connections, the most at once; closed %d more at "
+                        "accept since the last such line", self._max_connections, self._refused)
+            self._refused, self._refused_logged = 0, now
