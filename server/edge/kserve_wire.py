@@ -8,6 +8,7 @@ text_input, max_tokens, temperature, top_k, top_p, random_seed, stop_words, stre
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,11 +16,12 @@ import numpy as np
 
 from nextchar.inference import grpc_service_pb2 as kpb
 from nextchar.server.core.generation import GenerationRequest
+from nextchar.server.core.limits import MAX_STOP_SEQUENCES
 from nextchar.server.core.sampling import InvalidParameterError
 from nextchar.server.core.vocab import OutOfVocabularyError
 from nextchar.server.edge import wire
 from nextchar.server.edge.errors import bounded
-from nextchar.server.edge.tensors import decode_inputs, encode_output
+from nextchar.server.edge.tensors import declared, decode_inputs, encode_output
 from nextchar.server.ops.registry import LoadedModel
 from nextchar.server.scheduling.runner import Outcome
 from nextchar.v1 import inference_pb2 as pb
@@ -40,6 +42,7 @@ TEXT_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "stop_words": ("BYTES", ("BYTES",)),
     "stream": ("BOOL", ("BOOL",)),
 }
+_TEXT_ACCEPTED = {name: accepted for name, (_, accepted) in TEXT_INPUTS.items()}
 TEXT_OUTPUT = "text_output"
 # nextchar.v1 field -> the generation face's input, so errors name what the client sent.
 _RENAMED = {"prompt": "text_input", "max_new_chars": "max_tokens", "seed": "random_seed",
@@ -105,6 +108,9 @@ def _checked_names(given: Mapping[str, Any], allowed: list[str], what: str, mode
 
 def _requested(request: kpb.ModelInferRequest, allowed: list[str], model: str) -> list[str]:
     """The outputs to return, in the model's order: those asked for, or all."""
+    if len(request.outputs) > len(allowed):  # before reading a million of them
+        raise InvalidParameterError("outputs", f"must name at most {len(allowed)} outputs (those of model "
+                                    f"{model!r}: {', '.join(allowed)}), got {len(request.outputs)}")
     asked = {o.name: None for o in request.outputs}
     _checked_names(asked, allowed, "an output", model)
     return [n for n in allowed if not asked or n in asked]
@@ -113,10 +119,7 @@ def _requested(request: kpb.ModelInferRequest, allowed: list[str], model: str) -
 # --- text generation ------------------------------------------------------------------------------
 
 def _one(inputs: Mapping[str, np.ndarray], name: str) -> Any:
-    value = inputs[name]
-    if value.size != 1:
-        raise InvalidParameterError(name, f"must have exactly one element, got shape {list(value.shape)}")
-    return value.reshape(-1)[0]
+    return inputs[name].reshape(-1)[0]  # one element: its declared shape was checked
 
 
 def _utf8(value: bytes, name: str) -> str:
@@ -138,18 +141,19 @@ def generation_request(request: kpb.ModelInferRequest, model: LoadedModel, limit
                        ) -> tuple[GenerationRequest, bool]:
     """-> (the request as nextchar.v1's GenerateRequest would make it, stream?). Validation, limits and
     the seed drawn when none is given are nextchar.v1's own (wire.generation_request)."""
-    inputs = decode_inputs(request)
-    _checked_names(inputs, list(TEXT_INPUTS), "an input", request.model_name)
+    shapes = declared(request, _TEXT_ACCEPTED)
     _requested(request, [TEXT_OUTPUT], request.model_name)
-    for tensor in request.inputs:
-        accepted = TEXT_INPUTS[tensor.name][1]
-        if tensor.datatype not in accepted:
-            raise InvalidParameterError(tensor.name, f"datatype must be one of {', '.join(accepted)}, "
-                                        f"got {tensor.datatype}")
-    if "text_input" not in inputs:
+    for name, shape in shapes.items():  # before decoding: what it reads is bounded by these
+        if name == "stop_words" and math.prod(shape) > MAX_STOP_SEQUENCES:
+            raise InvalidParameterError(name, f"must have at most {MAX_STOP_SEQUENCES} sequences, got "
+                                        f"{math.prod(shape)}")
+        if name != "stop_words" and math.prod(shape) != 1:
+            raise InvalidParameterError(name, f"must have exactly one element, got shape {list(shape)}")
+    if "text_input" not in shapes:
         raise InvalidParameterError("text_input", "is required: a BYTES tensor of one UTF-8 string")
-    if "max_tokens" not in inputs:
+    if "max_tokens" not in shapes:
         raise InvalidParameterError("max_tokens", "is required: how many characters to generate at most")
+    inputs = decode_inputs(request, _TEXT_ACCEPTED)
     fields: dict[str, Any] = {
         "prompt": _utf8(_one(inputs, "text_input"), "text_input"),
         "max_new_chars": _integer(_one(inputs, "max_tokens"), "max_tokens", (1, limits.max_new_chars)),
@@ -218,30 +222,33 @@ def step_args(request: kpb.ModelInferRequest, model: LoadedModel, limits: wire.L
     The outputs wanted must fit in `max_response_bytes` (the server's gRPC send limit)."""
     e, io = model.engine, model.artifact.manifest.io
     state_in, state_out = _state_names(model)
-    inputs = decode_inputs(request)
-    _checked_names(inputs, [io.tokens, *state_in], "an input", request.model_name)
+    accepted = {io.tokens: ("INT64",), **{name: ("FP32",) for name in state_in}}
+    shapes = declared(request, accepted)
     wanted = _requested(request, [io.logits, *state_out], request.model_name)
-    if io.tokens not in inputs:
+    # Declared shapes first: decoding then reads at most what these bounds allow.
+    if io.tokens not in shapes:
         raise InvalidParameterError(io.tokens, "is required: INT64 token ids of shape [batch, seq]")
-    tokens = inputs[io.tokens]
-    if tokens.dtype != np.int64 or tokens.ndim != 2 or 0 in tokens.shape:
+    shape = shapes[io.tokens]
+    if len(shape) != 2 or 0 in shape:
         raise InvalidParameterError(io.tokens, f"must be INT64 of shape [batch, seq], both >= 1; got "
-                                    f"{tokens.dtype} {list(tokens.shape)}")
-    if tokens.size > limits.max_prompt_chars:
+                                    f"{list(shape)}")
+    if math.prod(shape) > limits.max_prompt_chars:
         raise InvalidParameterError(io.tokens, f"must have at most {limits.max_prompt_chars} elements "
-                                    f"(batch x seq, the server's prompt limit), got {tokens.size}")
-    _check_response_size(request, model, tokens.shape, wanted, max_response_bytes)
+                                    f"(batch x seq, the server's prompt limit), got {math.prod(shape)}")
+    _check_response_size(request, model, shape, wanted, max_response_bytes)
+    want = (e.num_layers, shape[0], e.hidden_size)
+    for name in state_in:
+        if name in shapes and shapes[name] != want:
+            raise InvalidParameterError(name, f"must be FP32 of shape {list(want)} [num_layers, batch, "
+                                        f"hidden_size]; got {list(shapes[name])}")
+    inputs = decode_inputs(request, accepted)
+    tokens = inputs[io.tokens]
     if tokens.min() < 0 or tokens.max() >= e.vocab_size:
         raise InvalidParameterError(io.tokens, f"ids must be in [0, {e.vocab_size}) (the vocabulary), got "
                                     f"[{tokens.min()}, {tokens.max()}]")
-    want = (e.num_layers, tokens.shape[0], e.hidden_size)
-    zeros = e.initial_state(tokens.shape[0])
     state = []
-    for name, zero in zip(state_in, zeros, strict=True):
+    for name, zero in zip(state_in, e.initial_state(shape[0]), strict=True):
         given = inputs.get(name)
-        if given is not None and (given.dtype != np.float32 or given.shape != want):
-            raise InvalidParameterError(name, f"must be FP32 of shape {list(want)} [num_layers, batch, "
-                                        f"hidden_size]; got {given.dtype} {list(given.shape)}")
         if given is not None and not np.isfinite(given).all():
             raise InvalidParameterError(name, "must hold finite numbers (a state with NaN or Inf makes "
                                               "NaN logits)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -27,55 +28,94 @@ _LENGTH = struct.Struct("<I")  # BYTES elements in raw form: a 4-byte length, th
 MAX_DIMS = 8  # every tensor of both faces has at most 3; a bound keeps errors and numpy simple
 
 
-def decode_inputs(request: kpb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """The request's inputs by name, shaped; BYTES tensors are object arrays of `bytes`.
+def declared(request: kpb.ModelInferRequest, accepted: Mapping[str, tuple[str, ...]],
+             ) -> dict[str, tuple[int, ...]]:
+    """The request's inputs' declared shapes by name, checked without reading any contents: at most one
+    tensor per name of `accepted` (name -> the data types it may have), each of one of its types, with
+    at most MAX_DIMS non-negative dimensions and its contents in one form.
+
+    A request of a few MB can declare a million tiny tensors or elements: everything here costs time in
+    the number of tensors a model has, so the face can refuse such a request before anything is decoded.
+    """
+    tensors, raw = request.inputs, request.raw_input_contents
+    if len(tensors) > len(accepted):
+        raise InvalidParameterError("inputs", f"must have at most {len(accepted)} tensors (one per input of "
+                                    f"model {request.model_name!r}: {', '.join(accepted)}), got "
+                                    f"{len(tensors)}")
+    if raw and len(raw) != len(tensors):
+        raise InvalidParameterError("raw_input_contents", f"must have one entry per input "
+                                    f"({len(tensors)}), got {len(raw)}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, tensor in enumerate(tensors):
+        name, datatype = tensor.name, tensor.datatype
+        if not name or name in shapes:
+            raise InvalidParameterError(f"inputs[{i}].name", f"must be non-empty and unique, got {name!r}")
+        if name not in accepted:
+            raise InvalidParameterError(name, f"is not an input of model {request.model_name!r}; use "
+                                        f"{', '.join(accepted)}")
+        if datatype not in accepted[name]:
+            raise InvalidParameterError(name, f"datatype must be one of {', '.join(accepted[name])}, got "
+                                        f"{datatype!r}")
+        if len(tensor.shape) > MAX_DIMS:  # numpy refuses more than 64, as an error the table calls a bug
+            raise InvalidParameterError(name, f"shape must have at most {MAX_DIMS} dimensions, got "
+                                        f"{len(tensor.shape)}")
+        shape = tuple(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidParameterError(name, f"shape must have no negative dimension, got {list(shape)}")
+        if raw and tensor.HasField("contents"):
+            raise InvalidParameterError(name, "has both contents and raw_input_contents; send one")
+        shapes[name] = shape
+    return shapes
+
+
+def decode_inputs(request: kpb.ModelInferRequest, accepted: Mapping[str, tuple[str, ...]],
+                  ) -> dict[str, np.ndarray]:
+    """The request's inputs by name, shaped; BYTES tensors are object arrays of `bytes`. `declared`
+    first: callers check the declared shapes against their bounds before calling this.
 
     InvalidParameterError names the input whose type, shape or element count is wrong.
     """
+    shapes = declared(request, accepted)
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidParameterError("raw_input_contents", f"must have one entry per input "
-                                    f"({len(request.inputs)}), got {len(raw)}")
-    out: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        name = tensor.name
-        if not name or name in out:
-            raise InvalidParameterError(f"inputs[{i}].name", f"must be non-empty and unique, got {name!r}")
-        out[name] = _decode(tensor, raw[i] if raw else None)
-    return out
+    return {tensor.name: _decode(tensor, shapes[tensor.name], raw[i] if raw else None)
+            for i, tensor in enumerate(request.inputs)}
 
 
-def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
-    name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
-    if datatype not in DATATYPES:
-        raise InvalidParameterError(name, f"datatype must be one of {', '.join(DATATYPES)}, got {datatype!r}")
-    if len(shape) > MAX_DIMS:  # numpy refuses more than 64, as an error the table would call a bug
-        raise InvalidParameterError(name, f"shape must have at most {MAX_DIMS} dimensions, got {len(shape)}")
-    if any(d < 0 for d in shape):
-        raise InvalidParameterError(name, f"shape must have no negative dimension, got {list(shape)}")
+def _decode(tensor: kpb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...], raw: bytes | None,
+            ) -> np.ndarray:
+    """Contents of a tensor `declared` accepted; never more elements read than its shape holds."""
+    name, datatype = tensor.name, tensor.datatype
     count = math.prod(shape)
-    if raw is not None and tensor.HasField("contents"):
-        raise InvalidParameterError(name, "has both contents and raw_input_contents; send one")
-    if datatype == "BYTES":
-        values = _split_bytes(raw, name) if raw is not None else list(tensor.contents.bytes_contents)
-        array = np.empty(len(values), dtype=object)
-        array[:] = values
-    elif raw is not None:
+    if raw is None:  # typed contents: the count is known before anything is converted
+        values = getattr(tensor.contents, _CONTENTS[datatype])
+        if len(values) != count:
+            raise InvalidParameterError(name, f"shape {list(shape)} needs {count} elements, got "
+                                        f"{len(values)}")
+        if datatype == "BYTES":
+            array = np.empty(count, dtype=object)
+            array[:] = list(values)
+        else:
+            array = np.asarray(values, dtype=NUMPY[datatype])
+    elif datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = _split_bytes(raw, name, shape)
+    else:
         dtype = NUMPY[datatype]
         if len(raw) != count * dtype.itemsize:
             raise InvalidParameterError(name, f"raw contents must be {count * dtype.itemsize} bytes for "
                                         f"shape {list(shape)} of {datatype}, got {len(raw)}")
         array = np.frombuffer(raw, dtype=dtype)
-    else:
-        array = np.asarray(getattr(tensor.contents, _CONTENTS[datatype]), dtype=NUMPY[datatype])
-    if array.size != count:
-        raise InvalidParameterError(name, f"shape {list(shape)} needs {count} elements, got {array.size}")
     return array.reshape(shape)
 
 
-def _split_bytes(raw: bytes, name: str) -> list[bytes]:
-    values, at = [], 0
+def _split_bytes(raw: bytes, name: str, shape: tuple[int, ...]) -> list[bytes]:
+    count = math.prod(shape)
+    values: list[bytes] = []
+    at = 0
     while at < len(raw):
+        if len(values) == count:  # stop at once: the rest may be a million more elements
+            raise InvalidParameterError(name, f"raw BYTES contents hold more than the {count} elements of "
+                                        f"shape {list(shape)}")
         if at + _LENGTH.size > len(raw):
             raise InvalidParameterError(name, "raw BYTES contents end inside a 4-byte length prefix")
         (length,) = _LENGTH.unpack_from(raw, at)
@@ -84,6 +124,8 @@ def _split_bytes(raw: bytes, name: str) -> list[bytes]:
             raise InvalidParameterError(name, f"raw BYTES element of {length} bytes runs past the end")
         values.append(bytes(raw[at:at + length]))
         at += length
+    if len(values) != count:
+        raise InvalidParameterError(name, f"shape {list(shape)} needs {count} elements, got {len(values)}")
     return values
 
 
