@@ -70,7 +70,10 @@ class NextCharServicer(inference_pb2_grpc.NextCharServicer):
             raise DeadlineError("the call's deadline had passed when it arrived; nothing was computed")
         name, version = wire.model_ref(ref)
         loaded = self.registry.cached(name, version)
-        return loaded if loaded is not None else await self.runner.call(self.registry.get, name, version)
+        if loaded is not None:
+            return loaded
+        # A load (read, hash, warm up) may outlast a shutdown: on a daemon thread, not the pool's.
+        return await self.runner.call(self.registry.get, name, version, own_thread=True)
 
     @mapped
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):

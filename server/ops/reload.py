@@ -9,11 +9,10 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 from nextchar.server.core import artifact as art
 from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
-from nextchar.server.scheduling.runner import ShuttingDownError
+from nextchar.server.scheduling.runner import ShuttingDownError, detached
 
 log = logging.getLogger(__name__)
 
@@ -21,35 +20,6 @@ log = logging.getLogger(__name__)
 # once something in it changed, so a broken export costs one log line, not one per poll.
 Signature = tuple[tuple[str, int, int], ...]
 SetHealth = Callable[[str, bool], Awaitable[None]]
-T = TypeVar("T")
-
-
-async def detached(fn: Callable[..., T], *args: Any) -> T:
-    """`await fn(*args)` run on a daemon thread of its own. Not asyncio.to_thread: that runs on the
-    loop's default executor, which asyncio.run joins on its way out, so a model load still running at
-    shutdown (a slow disk, a large model's warm-up) kept the process alive after the drain was over."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if done.cancelled():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
-    def run() -> None:
-        result, error = None, None
-        try:
-            result = fn(*args)
-        except BaseException as e:  # delivered to the awaiting coroutine, as to_thread does
-            error = e
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name=f"nextchar-{getattr(fn, '__name__', 'change')}", daemon=True).start()
-    return await done
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -117,6 +118,31 @@ class _Job:
             core.fail_all(e)
 
 
+def daemon_thread(fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+    """`fn(*args)` on a daemon thread of its own; its future. For work that may outlast a shutdown (a
+    model load: a slow disk, a large model's warm-up): a pool's threads, asyncio's default executor's
+    included, are joined when the process exits, so a load still running kept a drained server alive."""
+    work: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not work.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn(*args)
+        except BaseException as e:  # the awaiting side gets it, as from a pool
+            work.set_exception(e)
+        else:
+            work.set_result(result)
+
+    threading.Thread(target=run, name=f"nextchar-{getattr(fn, '__name__', 'work')}", daemon=True).start()
+    return work
+
+
+async def detached(fn: Callable[..., T], *args: Any) -> T:
+    """`await fn(*args)` on a daemon thread of its own (daemon_thread); not asyncio.to_thread."""
+    return await asyncio.wrap_future(daemon_thread(fn, *args))
+
+
 class Runner:
     """Where requests meet threads. Every call holds one of `max_concurrent` slots (more are
     OverloadedError); while draining every new call is ShuttingDownError. Generations run either
@@ -135,6 +161,7 @@ class Runner:
         self._ids = itertools.count(1)
         self.in_flight = 0
         self.draining = False
+        self.closed = False  # close() was called: the server is stopping, calls waiting on threads let go
         self.cancelled_streams = 0  # generations stopped because the caller went away
         # Called with each generation's GenerationTrack as it starts (an injected observer: tests,
         # or an operator's probe); keep them cheap, they run on the event loop.
@@ -175,8 +202,9 @@ class Runner:
             if self.in_flight == 0 and self._idle is not None:
                 self._idle.set()
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, own_thread: bool = False) -> T:
         """Run blocking `fn(*args)` in a worker thread, holding a slot until the thread is done with it.
+        `own_thread`: on a daemon thread of its own instead of the pool (a model load: see daemon_thread).
 
         A cancelled caller (deadline, disconnect) whose `fn` already runs keeps its slot, and so the limits
         its own caller releases while unwinding (per-client slot, memory budget, model version), until
@@ -184,15 +212,18 @@ class Runner:
         computations past --max-concurrent and made a drain report done while they ran. An `fn` not
         started yet never runs."""
         with self._admit():
-            work = self._executor.submit(fn, *args)
+            work = daemon_thread(fn, *args) if own_thread else self._executor.submit(fn, *args)
             try:
                 return await asyncio.wrap_future(work)
             except asyncio.CancelledError:
-                if not work.cancel():  # running (or just done): wait for it, whatever else cancels us
+                if not work.cancel():  # running (or just done): wait for it, whatever else cancels us...
                     done = asyncio.wrap_future(work)
                     while not work.done():
-                        with contextlib.suppress(asyncio.CancelledError):
+                        try:
                             await asyncio.wait((done,))
+                        except asyncio.CancelledError:
+                            if self.closed:  # ...but shutdown's: the thread is left to end with the process
+                                break
                 raise
 
     async def generate(self, engine: ModelEngine, request: GenerationRequest, deadline_s: float | None = None,
@@ -314,6 +345,7 @@ class Runner:
             return False
 
     def close(self) -> None:
+        self.closed = True
         for batcher in self.batchers:
             batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)

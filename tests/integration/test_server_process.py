@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -13,7 +14,7 @@ import pytest
 from server_harness import ROOT, free_port, run_cli, wait_serving
 
 from nextchar.client.client import NextCharClient
-from nextchar.client.errors import Unavailable
+from nextchar.client.errors import NextCharError, Unavailable
 
 # Runs the real console entry point and reports, at exit, which heavy modules the process loaded.
 _SERVE = """
@@ -75,16 +76,16 @@ def test_sigint_stops_an_idle_server_with_exit_0(model_repo: Path) -> None:
     assert proc.returncode == 0
 
 
-# As _SERVE, with every model load of a version "2" stuck for a minute (it announces itself on stderr).
+# As _SERVE, with every load of the version $STUCK_VERSION (e.g. lstm/2) stuck for a minute (announced on stderr).
 _SERVE_STUCK_LOAD = """
-import sys, time
+import os, sys, time
 import nextchar.server.ops.registry as registry
 real = registry.engine_loader
 def stuck(*args, **kwargs):
     load = real(*args, **kwargs)
     def loader(version_dir):
-        if version_dir.name == "2":
-            print("LOADING 2", file=sys.stderr, flush=True)
+        if f"{version_dir.parent.name}/{version_dir.name}" == os.environ["STUCK_VERSION"]:
+            print("LOADING", version_dir, file=sys.stderr, flush=True)
             time.sleep(60)
         return load(version_dir)
     return loader
@@ -94,27 +95,49 @@ sys.exit(main(["serve"] + sys.argv[1:]))
 """
 
 
-def test_sigterm_exits_within_the_grace_period_while_a_model_load_is_stuck(model_repo_copy: Path) -> None:
-    """A watcher load still running at shutdown is abandoned: the process exits after the grace
-    period, not after the load (it ran on asyncio's default executor, which asyncio.run joins)."""
+def _add_version_2(repo: Path) -> None:
+    staging = repo / "lstm" / ".2"
+    shutil.copytree(repo / "lstm" / "1", staging)
+    manifest = staging / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"version": "1"', '"version": "2"'))
+    staging.rename(repo / "lstm" / "2")
+
+
+@pytest.mark.parametrize("load", ["watcher", "on-demand"])
+def test_sigterm_exits_within_the_grace_period_while_a_model_load_is_stuck(model_repo_copy: Path,
+                                                                           load: str) -> None:
+    """A model load still running at shutdown is abandoned: the process exits after the grace period,
+    not after the load. Both kinds ran on thread pools the interpreter joins at exit: the watcher's
+    on asyncio's default executor, a load a call triggers (a version not loaded yet) on the runner's."""
+    import os
+    import threading
     import time
 
+    if load == "on-demand":
+        _add_version_2(model_repo_copy)  # the default; version 1 loads when a call names it
     port = free_port()
+    stuck = "lstm/2" if load == "watcher" else "lstm/1"
     proc = subprocess.Popen(
         [sys.executable, "-c", _SERVE_STUCK_LOAD, "--model-repo", str(model_repo_copy), "--host", "127.0.0.1",
-         "--port", str(port), "--reload-interval", "0.1", "--grace-seconds", "1"],
+         "--port", str(port), "--admin-address", "127.0.0.1:0", "--grace-seconds", "1",
+         "--reload-interval", "0.1" if load == "watcher" else "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "STUCK_VERSION": stuck},
     )
     try:
-        wait_serving(f"127.0.0.1:{port}")
-        staging = model_repo_copy / "lstm" / ".2"
-        shutil.copytree(model_repo_copy / "lstm" / "1", staging)
-        manifest = staging / "manifest.json"
-        manifest.write_text(manifest.read_text().replace('"version": "1"', '"version": "2"'))
-        staging.rename(model_repo_copy / "lstm" / "2")
+        address = f"127.0.0.1:{port}"
+        wait_serving(address)
+        if load == "watcher":
+            _add_version_2(model_repo_copy)
+        else:  # a call for version 1, which its deadline ends while the load goes on
+            def call() -> None:
+                with NextCharClient(address, timeout=2) as c, contextlib.suppress(NextCharError):
+                    c.generate("lstm", "O say", 5, version=1)
+
+            threading.Thread(target=call, daemon=True).start()
         assert proc.stderr is not None
-        for line in proc.stderr:  # the watcher is inside the stuck load
-            if line.startswith("LOADING 2"):
+        for line in proc.stderr:  # the load is stuck now
+            if line.startswith("LOADING"):
                 break
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
