@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = _add(subparsers, "models", "list the server's models, or show one model's manifest", _models)
     _server_args(p)
     p.add_argument("name", nargs="?", help="show this model's manifest as JSON")
-    p.add_argument("--model-version", type=int, default=None, help="with NAME: this version (default: the server's default)")
+    p.add_argument("--model-version", type=int, default=None,
+                   help="with NAME: this version (default: the server's default)")
 
     p = _add(subparsers, "health", "exit 0 iff the server (or one model) is SERVING", _health)
     _server_args(p, timeout=3.0)

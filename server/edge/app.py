@@ -134,7 +134,8 @@ def build_server(config: ServerConfig) -> tuple[NextCharServer, int]:
     ])
     inference_pb2_grpc.add_NextCharServicer_to_server(servicer, grpc_server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        kserve.InferenceServicer(servicer, health), grpc_server)  # the Open Inference Protocol
+        # The Open Inference Protocol.
+        kserve.InferenceServicer(servicer, health, config.max_message_bytes), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     _add_reflection(grpc_server, (SERVICE_NAME, kserve.SERVICE_NAME,
                                   health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))

@@ -186,3 +186,17 @@ def test_inputs_are_counted_named_and_shaped_before_their_contents_are_decoded(r
             error = _refusal(stub, request)
             assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
             assert error.details().startswith(expected), (expected, error.details())
+
+
+def test_the_step_bound_is_the_configured_message_limit(make_server) -> None:
+    """The bound is the server's --max-message-bytes, not the default: at 1 MiB a step that fits in 4 MiB
+    but not in 1 is refused before it runs (it ran, then failed RESOURCE_EXHAUSTED on the way out)."""
+    server = make_server(max_prompt_chars=100_000, max_message_bytes=1 << 20)
+    seq = (2 << 20) // (4 * _engine(server).vocab_size)  # ~2 MiB of logits
+    with grpc.insecure_channel(server.address) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        before = _steps_run(server)
+        error = _refusal(stub, _step("two-mib", 1, seq))
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert "1048576" in error.details(), error.details()
+        assert _steps_run(server) == before

@@ -76,7 +76,7 @@ def test_sigint_stops_an_idle_server_with_exit_0(model_repo: Path) -> None:
     assert proc.returncode == 0
 
 
-# As _SERVE, with every load of the version $STUCK_VERSION (e.g. lstm/2) stuck for a minute (announced on stderr).
+# As _SERVE, with every load of the version $STUCK_VERSION (e.g. lstm/2) stuck for a minute (said on stderr).
 _SERVE_STUCK_LOAD = """
 import os, sys, time
 import nextchar.server.ops.registry as registry
