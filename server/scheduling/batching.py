@@ -195,16 +195,17 @@ class BatchCore:
         groups = prefill_groups(lengths, self.config.max_batch_size)
         started, decoding = self.clock(), bool(self.active)  # streams that were decoding before this tick
         for g, group in enumerate(groups):
-            if g and decoding and self.clock() - started >= self.config.max_call_s:
-                # Streams already decoding wait about one call for arrivals, not for all their
-                # prefills: the rest of the arrivals go first in the next tick.
+            others = decoding or self._inbox or self.waiting  # (a glance: the lock is not needed for it)
+            if g and others and self.clock() - started >= self.config.max_call_s:
+                # Streams already decoding, and callers still waiting, wait about one call for these
+                # arrivals, not for all their prefills: the rest go first in the next tick.
                 rest = sorted((admitted[i] for later in groups[g:] for i in later), key=lambda s: s.arrival)
                 with self._lock:
                     self._prefilling.difference_update(rest)
                     self.waiting = rest + self.waiting
                 break
             self._prefill([admitted[i] for i in group])
-        self.active = [s for s in self.active if not s.done]
+        self.active = [s for s in self.active if not self._left(s)]  # one gone during the prefills: no call
         size = self.config.max_batch_size
         for start in range(0, len(self.active), size):
             self._decode(self.active[start:start + size], now)
@@ -294,13 +295,16 @@ class BatchCore:
         return out
 
     def _prefill(self, group: list[_Stream]) -> None:
-        self.stats.prefill_calls += 1
-        tokens = np.stack([s.decoder.prompt_tokens for s in group])
-        out = self._step(group, tokens, self.engine.initial_state(len(group)), 1)
-        if out is not None:
-            self._scatter(group, out)
+        # A tick may run several prefill calls back to back: a caller gone meanwhile costs no call.
+        live = [s for s in group if not self._left(s)]
+        if live:
+            self.stats.prefill_calls += 1
+            tokens = np.stack([s.decoder.prompt_tokens for s in live])
+            out = self._step(live, tokens, self.engine.initial_state(len(live)), 1)
+            if out is not None:
+                self._scatter(live, out)
         with self._lock:
-            self.active.extend(s for s in group if not s.done)
+            self.active.extend(s for s in live if not s.done)
             self._prefilling.difference_update(group)
 
     def _resume(self, s: _Stream) -> None:

@@ -698,3 +698,49 @@ def test_a_failure_outside_an_engine_call_ends_every_stream_and_closes_the_batch
             batcher.submit(GenerationRequest("abc", 5, GREEDY), on_text=lambda _: None, on_end=on_end)
     finally:
         batcher.close()
+
+
+def test_callers_gone_during_a_ticks_prefills_cost_no_more_calls():
+    """An idle batcher's tick prefills every admitted prompt length, a call each: a caller gone by the
+    time its group's turn comes is not prefilled (it ends CANCELLED) and the tick's decode leaves it out."""
+    engine = FakeEngine()
+    core = make_core(engine, max_batch_size=8)
+    gone = [False]
+    sinks = [submit(core, "ab" + "a" * i, 5, cancelled=lambda: gone[0]) for i in range(4)]  # 4 lengths
+    generate = engine.generate
+
+    def first_call_then_everyone_leaves(*args):
+        gone[0] = True
+        return generate(*args)
+
+    engine.generate = first_call_then_everyone_leaves
+    core.tick(0.0)
+    assert engine.calls == [(1, 2)]  # the first prefill; the other three lengths and the decode skipped
+    assert all(s.end is not None and s.end.reason is FinishReason.CANCELLED for s in sinks[1:])
+    assert core.tick(0.0) is None  # nothing left
+    assert sinks[0].end is not None and sinks[0].end.reason is FinishReason.CANCELLED
+
+
+def test_a_long_run_of_prefills_lets_new_arrivals_in_after_max_call_s():
+    """The max_call_s break between prefill groups also holds for an idle batcher when more callers wait:
+    the rest of the admitted go first next tick, in arrival order, with the newcomers."""
+    clock = Clock()
+    engine = FakeEngine()
+    core = make_core(engine, clock=clock, max_batch_size=8, max_call_s=0.01)
+    generate = engine.generate
+
+    late: list[Sink] = []
+
+    def slow(*args):
+        clock.now += 0.02  # each call takes two max_call_s
+        if not late:
+            late.append(submit(core, "ab", 1))  # a caller arrives during the first prefill
+        return generate(*args)
+
+    engine.generate = slow
+    sinks = [submit(core, "ab" + "a" * i, 1) for i in range(3)]  # 3 lengths: 3 prefill calls
+    core.tick(clock.now)
+    assert len(engine.calls) == 1  # one prefill, then the other two went back to wait
+    assert [s.decoder.prompt_tokens.size for s in core.waiting] == [3, 4]  # in arrival order
+    drain(core, clock)
+    assert all(s.end is not None and s.end.reason is FinishReason.LENGTH for s in [*sinks, *late])
