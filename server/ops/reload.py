@@ -8,17 +8,13 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from nextchar.server.core import artifact as art
-from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
+from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry, Signature, signature
 from nextchar.server.scheduling.runner import ShuttingDownError, detached
 
 log = logging.getLogger(__name__)
 
-# (file name, size, mtime_ns) of a version directory's entries: a refused version is retried only
-# once something in it changed, so a broken export costs one log line, not one per poll.
-Signature = tuple[tuple[str, int, int], ...]
 SetHealth = Callable[[str, bool], Awaitable[None]]
 
 
@@ -32,14 +28,6 @@ class Change:
     reason: str = ""
 
 
-def _signature(version_dir: Path) -> Signature:
-    try:
-        entries = sorted(version_dir.iterdir())
-        return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in entries)
-    except OSError:
-        return ()
-
-
 class Reloader:
     """Keeps the registry in step with the repository. A new version is validated and warmed up
     (Registry.load) before it becomes the default (Registry.publish); a refused one is recorded with
@@ -51,6 +39,8 @@ class Reloader:
     def __init__(self, registry: Registry, set_health: SetHealth, interval_s: float) -> None:
         self.registry, self._set_health, self.interval_s = registry, set_health, interval_s
         self._lock = threading.Lock()                     # one rescan or Admin change at a time
+        # A refused version is retried only once something in it changed (its signature), so a broken
+        # export costs one log line, not one per poll.
         self._refused: dict[tuple[str, int], Signature] = {}
         self._unloaded: set[str] = set()                  # UnloadModel'd: the watcher leaves them alone
         self._pinned: dict[str, int] = {}                 # LoadModel with a version: served until unpinned
@@ -185,15 +175,15 @@ class Reloader:
         for version in candidates:
             if current is not None and version == current.version:
                 break
-            signature = _signature(self.registry.root / name / str(version))
-            if self._refused.get((name, version)) == signature:
+            files = signature(self.registry.root / name / str(version))
+            if self._refused.get((name, version)) == files:
                 continue  # refused before and unchanged since
             # A version already loaded (asked for by number earlier) is served as it is, not loaded twice.
             model = self.registry.cached(name, version) if current is not None else None
             try:
                 model = model or self._load(name, version)
             except art.ArtifactError as e:
-                self._refused[(name, version)] = signature
+                self._refused[(name, version)] = files
                 changes.append(Change(name, "failed", version, str(e)))
                 continue
             self._publish(model, versions)
