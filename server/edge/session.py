@@ -129,6 +129,8 @@ class SessionService:
         try:
             if kind in EDITS:
                 answer = await self._edit(live, request.id, self._prepare(live, request, kind))
+                if kind == "accept":  # only once committed: a failed step leaves it to accept again
+                    live.session.last_completion = ""
                 self.table.keystroke.observe(time.perf_counter() - arrived)
                 return answer
             if kind == "predict":
@@ -176,9 +178,7 @@ class SessionService:
         if kind == "accept":
             if not s.last_completion:
                 raise InvalidParameterError("accept", "there is no completion to accept (or it was empty)")
-            step = s.append(s.encode(s.last_completion, "accept"), "accept")
-            s.last_completion = ""
-            return step
+            return s.append(s.encode(s.last_completion, "accept"), "accept")
         live.opts = sw.options(request.options, live.model)
         return Step(np.zeros(0, np.int64), s.state, s.length, s.logits)
 
@@ -215,6 +215,9 @@ class SessionService:
                         finished = item.finished
                         break
                     pieces.append(item)
+                    # The client now sees this completion: should it fail from here, an accept must not
+                    # append an earlier one (until the first piece it changed nothing, as its error says).
+                    s.last_completion = ""
                     yield sw.completion_text(rid, s.length, item)
         assert finished is not None  # the runner ends every generation with one Outcome, or raises
         s.last_completion = "".join(pieces)
