@@ -21,7 +21,7 @@ from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Regist
 from nextchar.server.ops.sessions import SessionIdleError, SessionsClosedError, SessionTable
 from nextchar.server.scheduling.budget import MemoryBudget, call_bytes
 from nextchar.server.scheduling.clients import ClientSlots, client_key
-from nextchar.server.scheduling.runner import Outcome, Runner
+from nextchar.server.scheduling.runner import Outcome, Runner, ShuttingDownError
 from nextchar.server.scheduling.session_steps import StepCoalescer
 from nextchar.v1 import inference_pb2 as pb
 
@@ -112,7 +112,9 @@ class SessionService:
             except SessionIdleError:
                 reason = "idle"
                 raise
-            except SessionsClosedError:
+            # ShuttingDownError: a step or completion the runner refused once the drain had begun (it
+            # refuses calls before the table ends the sessions); the session ends by the drain all the same.
+            except (SessionsClosedError, ShuttingDownError):
                 reason = "drain"
                 raise
             except (asyncio.CancelledError, GeneratorExit):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
+from server_harness import wait_until
 
 from nextchar.client.client import NextCharClient
-from nextchar.client.errors import InvalidArgument, ResourceExhausted
+from nextchar.client.errors import InvalidArgument, ResourceExhausted, Unavailable
 from nextchar.server.scheduling.runner import OverloadedError
 
 
@@ -71,3 +75,41 @@ def test_a_completion_that_fails_partway_leaves_nothing_to_accept(make_server) -
         with pytest.raises(InvalidArgument, match="no completion to accept"):
             s.accept()
         assert s.append("y").text_chars == 15  # the session goes on
+
+
+def test_a_keystroke_refused_by_the_drain_ends_counted_as_drain(make_server) -> None:
+    """A keystroke waiting for the engine (behind another session's step, held) when the drain begins is
+    refused by the runner (UNAVAILABLE): its session is counted ended by the drain, as the session that
+    was waiting for its client is, and in nextchar_session_evictions{reason="drain"} (it was "error")."""
+    server = make_server(model_instances=1)
+    sessions = server.server.servicer.sessions
+    engine = server.server.servicer.registry.cached("lstm").engine
+    release, real = threading.Event(), engine.step
+
+    def held(tokens, state):
+        assert release.wait(30)
+        return real(tokens, state)
+
+    metrics = server.server.ops.metrics.registry
+    with NextCharClient(server.address, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+        a, b = c.session("lstm", n=1), c.session("lstm", n=1)
+        idle = c.session("lstm", n=1)
+        engine.step = held
+        try:
+            pasting = pool.submit(a.append, "O say can")  # on a worker (the engine is not measured yet)
+            wait_until(lambda: server.runner.in_flight == 1, 10, "a's step to run")
+            typing = pool.submit(b.append, "O")
+            wait_until(lambda: sessions.steps._waiting.get(id(engine)), 10, "b's step to queue")
+            drained = server.submit(server.server.shutdown(10.0))
+            wait_until(lambda: server.runner.draining, 10, "the drain to begin")
+        finally:
+            release.set()
+            engine.step = real
+        assert pasting.result(10).text_chars == 9  # admitted before the drain: it ran
+        with pytest.raises(Unavailable, match="shutting down"):
+            typing.result(10)
+        assert drained.result(20)
+        with pytest.raises(Unavailable):
+            idle.append("x")
+    assert sessions.table.ended == {"drain": 3}
+    assert metrics.get_sample_value("nextchar_session_evictions_total", {"reason": "drain"}) == 3
