@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nextchar.server.core.generation import GenerationRequest
+from nextchar.server.core.prefill import PREFILL_CHUNK
 from nextchar.server.core.sampling import InvalidParameterError, SamplingParams
 from nextchar.server.core.vocab import OovPolicy, decode, encode
 
@@ -47,12 +48,14 @@ class Step:
     T == 0 means nothing to run: `state` and `logits` (float32[V], None while the text is empty) are
     the result already (a delete that landed on a saved state). `length` is the text length once
     the result is committed; the text keeps its first `length - T` tokens and then `tokens`.
+    `keep` > 0: run `tokens[:keep]` first and commit the result after them too (a checkpoint).
     """
 
     tokens: np.ndarray
     state: State | None
     length: int
     logits: np.ndarray | None = None
+    keep: int = 0
 
 
 class TypingSession:
@@ -60,8 +63,11 @@ class TypingSession:
 
     Edits are prepared (`append`, `delete`, `reset` -> Step), stepped by the caller however it batches,
     then `commit`ted; so nothing here calls the engine and a failed step leaves the session as it was.
-    The states after the most recent `saved_states` lengths are kept, so deleting back to one of them
-    costs no engine call; a delete beyond them re-reads the text from the nearest saved state below.
+    The states after the most recent `saved_states` lengths are kept (a state read from again counts
+    as recent), so deleting back to one of them costs no engine call; a delete beyond them re-reads the
+    text from the nearest saved state below. A step over more than PREFILL_CHUNK characters also keeps
+    the state at the last multiple of PREFILL_CHUNK it passes: a delete a little way into a long paste
+    or re-read re-reads at most about that many characters, not the whole text again each time.
     """
 
     def __init__(self, vocab: tuple[str, ...], vocab_index: dict[str, int], limits: SessionLimits) -> None:
@@ -96,7 +102,7 @@ class TypingSession:
     def append(self, tokens: np.ndarray, field: str = "append") -> Step:
         """Step the new tokens only: int64[T] from the current state."""
         self._check_room(int(tokens.size), field)
-        return Step(tokens.astype(np.int64), self.state, self.length + int(tokens.size), self.logits)
+        return self._step(tokens.astype(np.int64), self.state, self.length + int(tokens.size), self.logits)
 
     def delete(self, n: int) -> Step:
         """Drop the last `n` characters: the saved state at the new end, or a re-read from the one below."""
@@ -106,20 +112,36 @@ class TypingSession:
         end = self.length - n
         base = max((k for k in self._saved if k <= end), default=0)
         state, logits = self._saved[base] if base else (None, None)
-        return Step(np.asarray(self.tokens[base:end], dtype=np.int64), state, end, logits)
+        return self._step(np.asarray(self.tokens[base:end], dtype=np.int64), state, end, logits)
+
+    def _step(self, tokens: np.ndarray, state: State | None, end: int, logits: np.ndarray | None) -> Step:
+        """The step to `end`, with a checkpoint at the last multiple of PREFILL_CHUNK when a whole chunk
+        or more lies before it (so it costs at most one engine call more; keystrokes never split)."""
+        start = end - int(tokens.size)
+        mark = end - end % PREFILL_CHUNK
+        keep = mark - start if mark - start >= PREFILL_CHUNK and mark < end else 0
+        # One saved state or none: the checkpoint would not outlive the commit.
+        return Step(tokens, state, end, logits, keep if self.limits.saved_states > 1 else 0)
 
     def reset(self) -> Step:
         return Step(np.zeros(0, np.int64), None, 0)
 
-    def commit(self, step: Step, logits: np.ndarray | None, state: State | None) -> None:
-        """Apply a prepared step with its engine result (`logits: float32[V]`, the state after it)."""
-        self.tokens[step.length - step.tokens.size:] = step.tokens.tolist()
+    def commit(self, step: Step, logits: np.ndarray | None, state: State | None,
+               kept: tuple[np.ndarray, State] | None = None) -> None:
+        """Apply a prepared step with its engine result (`logits: float32[V]`, the state after it);
+        `kept`: the (logits, state) after `step.tokens[:step.keep]`, when the step has a checkpoint."""
+        start = step.length - step.tokens.size
+        self.tokens[start:] = step.tokens.tolist()
         length = len(self.tokens)
         self.state, self.logits = (state, logits) if length else (None, None)
         for k in [k for k in self._saved if k > length]:
             del self._saved[k]
         if length and self.limits.saved_states:
             assert self.state is not None and self.logits is not None  # set above: tokens exist
+            if start in self._saved:  # read from again (a checkpoint under repeated deletes): keep it longer
+                self._saved.move_to_end(start)
+            if kept is not None:
+                self._saved[start + step.keep] = (kept[1], kept[0])
             self._saved[length] = (self.state, self.logits)
             self._saved.move_to_end(length)
             while len(self._saved) > self.limits.saved_states:

@@ -186,10 +186,14 @@ class SessionService:
 
     async def _edit(self, live: _Live, rid: int, step: Step) -> pb.SessionResponse:
         logits, state = step.logits, step.state
-        if step.tokens.size:
-            logits, state = await self.steps.step(live.model.engine, step.tokens, step.state,
-                                                  caller=live.session)
-        live.session.commit(step, logits, state)
+        tokens, kept = step.tokens, None
+        if step.keep:  # a long step: the state at its checkpoint first, kept for later deletes
+            kept = logits, state = await self.steps.step(live.model.engine, tokens[:step.keep], state,
+                                                         caller=live.session)
+            tokens = tokens[step.keep:]
+        if tokens.size:
+            logits, state = await self.steps.step(live.model.engine, tokens, state, caller=live.session)
+        live.session.commit(step, logits, state, kept)
         return self._predictions(live, rid, int(step.tokens.size), live.opts.n)
 
     def _predictions(self, live: _Live, rid: int, computed: int, n: int) -> pb.SessionResponse:

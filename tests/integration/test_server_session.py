@@ -74,6 +74,20 @@ def test_a_delete_beyond_the_saved_states_re_reads_the_text(make_server, model_r
         _same(far.predictions, c.predict_next("gru", TEXT[:8], 4))
 
 
+def test_repeated_small_deletes_after_a_paste_re_read_little(client: NextCharClient) -> None:
+    """After a 1,000-char paste, "delete 2, append 1" re-reads from the state kept at 768 (the last
+    multiple of PREFILL_CHUNK the paste passed), not the whole text each time (998, 997, ... before)."""
+    text = (TEXT * 30)[:1000]
+    with client.session("gru", n=4, text=text) as session:
+        for i in range(40):
+            deleted = session.delete(2)
+            assert deleted.computed_chars == 1000 - 2 - i - 768, i
+            session.append("O")
+            text = text[:-2] + "O"
+        assert session.text_chars == 960
+        _same(session.predict(4), client.predict_next("gru", text, 4))
+
+
 def test_a_completion_streams_and_leaves_the_session_unless_accepted(client: NextCharClient) -> None:
     with client.session("lstm", n=5, text="O say") as session:
         pieces = list(session.complete(40, temperature=0.8, top_k=10, seed=7))

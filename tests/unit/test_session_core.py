@@ -14,12 +14,16 @@ from nextchar.server.scheduling.session_steps import StepCoalescer
 
 
 def _apply(engine: FakeEngine, session: TypingSession, step) -> int:
-    """Run a prepared step on the engine directly; the characters it read."""
-    logits, state = step.logits, step.state
-    if step.tokens.size:
-        out, state = engine.step(step.tokens[None], state or engine.initial_state(1))
-        logits = out[0, -1]
-    session.commit(step, logits, state)
+    """Run a prepared step on the engine directly (its checkpoint first, as the edge does); the
+    characters it read."""
+    logits, state, kept = step.logits, step.state, None
+    for part in (step.tokens[:step.keep], step.tokens[step.keep:]):
+        if part.size:
+            out, state = engine.step(part[None], state or engine.initial_state(1))
+            logits = out[0, -1]
+            if kept is None and step.keep:
+                kept = logits, state
+    session.commit(step, logits, state, kept)
     return int(step.tokens.size)
 
 
@@ -53,6 +57,26 @@ def test_a_prepared_step_changes_nothing_until_committed_and_bounds_hold() -> No
     with pytest.raises(InvalidParameterError, match=r"\[1, 3\]"):
         s.delete(4)
     assert s.nbytes == 8 * 3 + s.state[0].nbytes + s.logits.nbytes  # the current state is also saved
+
+
+def test_a_long_step_keeps_a_checkpoint_so_repeated_deletes_re_read_little() -> None:
+    """A paste of 1,000 chars keeps the state at 768 (the last multiple of PREFILL_CHUNK): "delete 2,
+    append 1" over and over re-reads from there, not the whole text each time; within the same
+    `saved_states` bound. Below the checkpoint, one re-read from the start keeps the next one (512)."""
+    engine = FakeEngine()
+    s = TypingSession(engine.vocab, engine.vocab_index, SessionLimits(max_chars=2000, saved_states=4))
+    text = ("abcdefgh \n" * 100)[:1000]
+    paste = s.append(s.encode(text, "append"))
+    assert paste.keep == 768 and _apply(engine, s, paste) == 1000
+    read = []
+    for _ in range(240):
+        read.append(_apply(engine, s, s.delete(2)))
+        _apply(engine, s, s.append(s.encode("a", "append")))
+        assert len(s._saved) <= 4
+    assert read[:231] == list(range(230, -1, -1))  # from 768 (before: 998, 997, ... from the start)
+    assert read[231] == 767 and max(read[232:]) < 256  # under 768: once from the start, then from 512
+    np.testing.assert_allclose(s.logits, _full(engine, s.text), atol=1e-5)
+    assert s.append(s.encode("ab", "append")).keep == 0  # keystrokes are never split
 
 
 def test_concurrent_steps_of_equal_length_share_one_engine_call() -> None:
