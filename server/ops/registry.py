@@ -25,6 +25,10 @@ MAX_LOADED_VERSIONS = 4
 # (`acquire`, right after on the event loop): evicted in that gap, the call would fail NOT_FOUND for a
 # version that exists. A lookup never followed by a call (GetModel) stops protecting it after this.
 _HANDOUT_S = 2.0
+# A version that failed to load on demand is refused from memory for this long at most (unless its files
+# change first): long enough that a flood of requests naming it costs one read, short enough that a
+# passing cause (too many open files, memory) does not keep it refused.
+FAILED_RETRY_S = 30.0
 # (file name, size, mtime_ns) of a version directory's entries: a version that failed to load on
 # demand is read again only once something in it changed.
 Signature = tuple[tuple[str, int, int], ...]
@@ -106,9 +110,10 @@ class Registry:
         # Versions loaded on demand (not a default: Admin LoadModel's version is its model's default, so
         # it is never evicted here), least recently used first; and when a lookup last handed one out.
         self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
-        self._handed: dict[tuple[str, int], float] = {}
+        # Lookups not yet followed by their call's acquire: (when the last was, how many).
+        self._handed: dict[tuple[str, int], tuple[float, int]] = {}
         # Versions that failed to load on demand: the files as they were, and the caller's message.
-        self._failed: dict[tuple[str, int], tuple[Signature, str]] = {}
+        self._failed: dict[tuple[str, int], tuple[Signature, str, float]] = {}  # files, message, until
 
     def load_latest(self, allow_empty: bool = False) -> list[LoadedModel]:
         """Scan the repository and load the latest version of every model; ArtifactError if one is broken.
@@ -212,20 +217,22 @@ class Registry:
     def _load_on_demand(self, name: str, version: int) -> LoadedModel:
         """The loader's model, or ArtifactError with a message for the caller: it names files by model
         and version, never by the server's path (the log has that). A failure is remembered until the
-        version's files change, so requests naming a broken version do not read and hash it each time."""
+        version's files change (or FAILED_RETRY_S passed), so requests naming a broken version do not read
+        and hash it each time."""
         version_dir = self.root / name / str(version)
         files = signature(version_dir)
         with self._lock:
             failed = self._failed.get((name, version))
-        if failed is not None and failed[0] == files:
+        if failed is not None and failed[0] == files and self._clock() < failed[2]:
             raise art.ArtifactError(failed[1])
         try:
             model = self._loader(version_dir)
         except art.ArtifactError as e:
             log.warning("refused %s v%d on demand: %s", name, version, e)
             message = self._public(name, version, e)
+            # Until the files change; at most FAILED_RETRY_S, as the cause may pass (EMFILE, out of memory).
             with self._lock:
-                self._failed[(name, version)] = (files, message)
+                self._failed[(name, version)] = (files, message, self._clock() + FAILED_RETRY_S)
             raise art.ArtifactError(message) from None
         log.info("loaded %s v%d on demand", name, version)
         with self._lock:
@@ -256,7 +263,7 @@ class Registry:
                 del self._retiring[id(model)]
             self._recent[key] = None
             self._recent.move_to_end(key)
-            self._handed[key] = self._clock()
+            self._handed[key] = (self._clock(), self._handed.get(key, (0.0, 0))[1] + 1)
         return model
 
     def _evict_beyond_cap(self) -> list[LoadedModel]:
@@ -272,7 +279,7 @@ class Registry:
             if excess <= 0:
                 break
             handed = self._handed.get(key)
-            if handed is not None and now - handed < _HANDOUT_S:
+            if handed is not None and now - handed[0] < _HANDOUT_S:
                 continue
             excess -= 1
             del self._recent[key]
@@ -346,7 +353,13 @@ class Registry:
                 self._in_flight[id(model)] = self._in_flight.get(id(model), 0) + 1
                 if (name, chosen) in self._recent:  # in flight now: retirement protects it from here on
                     self._recent.move_to_end((name, chosen))
-                    self._handed.pop((name, chosen), None)
+                    # One lookup's call is in flight: its protection ends, not another's still on its way
+                    # (clearing them all let a quick acquire and release evict a version handed out).
+                    when, count = self._handed.get((name, chosen), (0.0, 1))
+                    if count > 1:
+                        self._handed[(name, chosen)] = (when, count - 1)
+                    else:
+                        self._handed.pop((name, chosen), None)
             return model
 
     def release(self, model: LoadedModel) -> None:

@@ -73,7 +73,8 @@ def test_a_call_past_its_deadline_keeps_its_share_while_the_model_still_works_fo
             with pytest.raises(grpc.RpcError) as late:
                 stub.PredictNext(request, timeout=0.2, metadata=who)
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            time.sleep(0.1)
+            # Letting go took the server a few ms after the deadline; the model works on for seconds.
+            time.sleep(1.0)
             assert server.runner.in_flight == 1  # the model still works for it
             with pytest.raises(grpc.RpcError) as refused:
                 stub.PredictNext(request, timeout=5, metadata=who)

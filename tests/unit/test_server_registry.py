@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from nextchar.server.core.artifact import ArtifactError
-from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry
+from nextchar.server.ops.registry import FAILED_RETRY_S, LoadedModel, ModelNotFoundError, Registry
 
 
 def _repo(tmp_path: Path) -> Path:
@@ -167,6 +167,40 @@ def test_a_failed_on_demand_load_is_remembered_until_its_files_change(tmp_path: 
     assert calls == [3, 2]  # read once, not once per request
     (tmp_path / "m" / "2" / "model.onnx").write_text("fixed")
     assert registry.get("m", 2).version == 2 and calls == [3, 2, 2]
+
+
+def test_a_failed_on_demand_load_is_tried_again_after_a_while(tmp_path: Path) -> None:
+    """The cause may pass without the files changing (too many open files, memory): a remembered
+    failure lasts FAILED_RETRY_S, not until the files change."""
+    _repo(tmp_path)
+    clock, failures = Clock(), [1]
+
+    def loader(version_dir: Path) -> LoadedModel:
+        if version_dir.name == "2" and failures:
+            failures.pop()
+            raise ArtifactError(f"{version_dir / 'model.onnx'}: unreadable: [Errno 24] Too many open files")
+        artifact = SimpleNamespace(name="m", version=int(version_dir.name), model_path=version_dir)
+        return LoadedModel(artifact, engine=object())
+
+    registry = Registry(tmp_path, loader, clock=clock)
+    registry.load_latest()
+    with pytest.raises(ArtifactError, match="Too many open files"):
+        registry.get("m", 2)
+    with pytest.raises(ArtifactError, match="Too many open files"):
+        registry.get("m", 2)  # remembered
+    clock.now += FAILED_RETRY_S
+    assert registry.get("m", 2).version == 2
+
+
+def test_anothers_acquire_and_release_do_not_end_a_handouts_protection(tmp_path: Path) -> None:
+    """Caller B looked version 2 up (not yet in flight) while caller A acquired and released it at once
+    (refused right after admission): 2 stays loaded for B."""
+    registry, unloaded, _ = _capped(tmp_path, cap=0)
+    b = registry.get("m", 2)
+    a = registry.acquire("m", registry.get("m", 2).version)  # A: its own lookup, then its call
+    registry.release(a)
+    assert unloaded == [] and registry.acquire("m", b.version) is b
+    registry.release(b)
 
 
 def test_load_errors_name_files_without_the_servers_paths(tmp_path: Path) -> None:

@@ -310,6 +310,7 @@ def test_a_cancelled_call_keeps_its_slot_until_its_thread_ends() -> None:
 
     asyncio.run(main())
     assert ran == ["a"]
+    runner.close()
 
     # Queued behind a busy pool, cancelled before it started: it never runs, and frees its slot at once.
     runner = Runner(max_concurrent=2, flush_s=0.005, flush_chars=64)
