@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(config.log_level, config.log_format)
 
     try:
-        return asyncio.run(serve(config))
+        status = asyncio.run(serve(config))
     except TokenError as e:
         print(f"nextchar serve: {e}", file=sys.stderr)
         return 2
@@ -46,3 +46,16 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"nextchar serve: {e}", file=sys.stderr)
         return 1
+    from nextchar.server.scheduling.runner import detached_running
+
+    if detached_running():
+        # A model load abandoned at shutdown is still inside onnxruntime: a normal exit would run C++
+        # static destructors under it (SIGABRT). Leave without them, the logs flushed.
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status

@@ -118,6 +118,14 @@ class _Job:
             core.fail_all(e)
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+DETACHED_PREFIX = "nextchar-detached-"  # daemon_thread's thread names
+
+
 def daemon_thread(fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
     """`fn(*args)` on a daemon thread of its own; its future. For work that may outlast a shutdown (a
     model load: a slow disk, a large model's warm-up): a pool's threads, asyncio's default executor's
@@ -134,8 +142,14 @@ def daemon_thread(fn: Callable[..., T], *args: Any) -> concurrent.futures.Future
         else:
             work.set_result(result)
 
-    threading.Thread(target=run, name=f"nextchar-{getattr(fn, '__name__', 'work')}", daemon=True).start()
+    name = f"{DETACHED_PREFIX}{getattr(fn, '__name__', 'work')}"
+    threading.Thread(target=run, name=name, daemon=True).start()
     return work
+
+
+def detached_running() -> bool:
+    """Is a daemon_thread still running (a model load abandoned at shutdown)?"""
+    return any(t.name.startswith(DETACHED_PREFIX) and t.is_alive() for t in threading.enumerate())
 
 
 async def detached(fn: Callable[..., T], *args: Any) -> T:
@@ -216,13 +230,14 @@ class Runner:
             try:
                 return await asyncio.wrap_future(work)
             except asyncio.CancelledError:
-                if not work.cancel():  # running (or just done): wait for it, whatever else cancels us...
+                if not work.cancel() and not self.closed:  # running: wait for it, whatever else cancels...
                     done = asyncio.wrap_future(work)
+                    done.add_done_callback(_retrieved)  # its outcome is nobody's now: not logged as lost
                     while not work.done():
                         try:
                             await asyncio.wait((done,))
                         except asyncio.CancelledError:
-                            if self.closed:  # ...but shutdown's: the thread is left to end with the process
+                            if self.closed:  # ...us but shutdown: the thread is left to end with the process
                                 break
                 raise
 

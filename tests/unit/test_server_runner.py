@@ -334,3 +334,32 @@ def test_a_cancelled_call_keeps_its_slot_until_its_thread_ends() -> None:
     asyncio.run(queued())
     assert ran == ["first"]
     runner.close()
+
+
+def test_a_cancelled_calls_later_error_is_not_logged_as_lost(caplog: pytest.LogCaptureFixture) -> None:
+    """The error of a call whose caller left (its thread raised after the cancel) is nobody's to read:
+    asyncio must not log it as 'Future exception was never retrieved'."""
+    import gc
+
+    runner = Runner(max_concurrent=2, flush_s=0.005, flush_chars=64)
+    started, release = threading.Event(), threading.Event()
+
+    def fails() -> None:
+        started.set()
+        release.wait(10)
+        raise ValueError("the load failed after its caller left")
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.call(fails))
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(main())
+        gc.collect()
+    runner.close()
+    assert "never retrieved" not in caplog.text
