@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
 import socket
@@ -214,7 +215,7 @@ class MetricsEndpoint:
 
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
         try:
-            self._httpd = _BoundedServer(host, port, METRICS_MAX_CONNECTIONS)
+            self._httpd = _BoundedServer(host, port, METRICS_MAX_CONNECTIONS, METRICS_TIMEOUT_S)
         except OSError as e:
             raise OSError(f"cannot bind the metrics endpoint {host}:{port}: {e}") from None
         self._httpd.set_app(make_wsgi_app(metrics.registry))
@@ -231,10 +232,14 @@ class MetricsEndpoint:
 
 
 class _Handler(WSGIRequestHandler):
-    timeout = METRICS_TIMEOUT_S  # StreamRequestHandler puts it on the connection: each read and write
 
     def log_message(self, format: str, *args: Any) -> None:
         """Nothing: a line per scrape would drown the log (prometheus_client's own handler is silent too)."""
+
+
+def _hang_up(connection: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class _BoundedServer(ThreadingMixIn, WSGIServer):
@@ -245,13 +250,13 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
     # Those past the cap are better accepted and closed at once.
     request_queue_size = METRICS_MAX_CONNECTIONS
 
-    def __init__(self, host: str, port: int, max_connections: int) -> None:
+    def __init__(self, host: str, port: int, max_connections: int, timeout_s: float) -> None:
         # IPv4 or IPv6, whichever `host` is (prometheus_client picks the family the same way).
         family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                        flags=socket.AI_PASSIVE)[0]
         self.address_family = family
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._max_connections = max_connections
+        self._max_connections, self._timeout_s = max_connections, timeout_s
         self._refused, self._refused_logged = 0, float("-inf")  # only touched by the accepting thread
         super().__init__((str(sockaddr[0]), port), _Handler)
 
@@ -267,9 +272,16 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # timeout_s bounds each read and write and the whole connection: a caller sending a byte now and
+        # then, each within the read timeout, would otherwise keep its slot (and the cap full) for ever.
+        request.settimeout(self._timeout_s)
+        deadline = threading.Timer(self._timeout_s, _hang_up, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
