@@ -133,28 +133,47 @@ def test_the_pre_stop_drain_lets_running_calls_finish_and_moves_clients_off(make
     """The Deployment's preStop hook, run for real against its Envoy while a stream is running: the
     stream finishes whole, the client's connection is told to go away (GOAWAY, with the answer to its
     next call) and later calls go out on a new connection, which the draining Envoy still accepts."""
+    import threading
+
     server = make_server()
     hook = k8s_envoy_container()["lifecycle"]["preStop"]["exec"]["command"]
     assert hook[:2] == ["python3", "-c"] and hook[3] == "15"
-    with run_envoy([server]) as (address, admin_port), grpc.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.NextCharStub(channel)
-        n = 3000
-        stream = stub.GenerateStream(pb.GenerateRequest(model=pb.ModelRef(name="rnn"), prompt="O say",
-                                                        max_new_chars=n, temperature=1.0, seed=5), timeout=60)
-        text = next(stream).text  # running
-        connections = client_connections(admin_port)
-        code = hook[2].replace("127.0.0.1:9901", f"127.0.0.1:{admin_port}")
-        assert code != hook[2]
-        drained = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True,
-                                 timeout=30)
-        assert drained.returncode == 0, drained.stderr
-        text += "".join(m.text for m in stream)
-        assert len(text) == n  # the running call finished, on the connection it had
-        request = pb.GenerateRequest(model=pb.ModelRef(name="lstm"), prompt="o say", max_new_chars=5)
-        # A call that starts on the old connection is served, and its answer carries the GOAWAY...
-        assert len(stub.Generate(request, timeout=30).text) == 5
-        wait_until(lambda: envoy_stats(admin_port, "http.grpc.downstream_cx_drain_close") == 1, 10,
-                   "Envoy to close the client's connection for the drain")
-        # ...so the next goes out on a new connection, which the draining Envoy still accepts.
-        assert len(stub.Generate(request, timeout=30).text) == 5
-        assert client_connections(admin_port) == connections + 1  # the client reconnected
+    engine = server.server.servicer.registry.cached("rnn").engine
+    generate, release, calls = engine.generate, threading.Event(), []
+
+    def held(*args):  # the stream's second engine call waits for the test: running during the drain
+        calls.append(1)
+        if len(calls) == 2:
+            release.wait(20)
+        return generate(*args)
+
+    engine.generate = held
+    try:
+        with run_envoy([server]) as (address, admin_port), grpc.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.NextCharStub(channel)
+            n = 3000
+            running = pb.GenerateRequest(model=pb.ModelRef(name="rnn"), prompt="O say", max_new_chars=n,
+                                         temperature=1.0, seed=5)
+            stream = stub.GenerateStream(running, timeout=60)
+            text = next(stream).text
+            wait_until(lambda: len(calls) == 2, 10, "the stream's second engine call")
+            connections = client_connections(admin_port)
+            code = hook[2].replace("127.0.0.1:9901", f"127.0.0.1:{admin_port}")
+            assert code != hook[2]
+            drained = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True,
+                                     timeout=30)
+            assert drained.returncode == 0, drained.stderr
+            assert len(text) < n  # still running when the drain began
+            release.set()
+            text += "".join(m.text for m in stream)
+            assert len(text) == n  # the running call finished, on the connection it had
+            request = pb.GenerateRequest(model=pb.ModelRef(name="lstm"), prompt="o say", max_new_chars=5)
+            # A call that starts on the old connection is served, and its answer carries the GOAWAY...
+            assert len(stub.Generate(request, timeout=30).text) == 5
+            wait_until(lambda: envoy_stats(admin_port, "http.grpc.downstream_cx_drain_close") == 1, 10,
+                       "Envoy to close the client's connection for the drain")
+            # ...so the next goes out on a new connection, which the draining Envoy still accepts.
+            assert len(stub.Generate(request, timeout=30).text) == 5
+            assert client_connections(admin_port) == connections + 1  # the client reconnected
+    finally:
+        release.set()  # never leave the batcher waiting

@@ -19,21 +19,29 @@ def _same(session_preds, full_preds) -> None:
         assert abs(a.probability - b.probability) <= 1e-5
 
 
+def _occupy(server, n: int) -> None:
+    """Take (n > 0) or give back (n < 0) n of the runner's slots, on the server's own loop: the count is
+    the loop's, and a change from this thread could lose one of its own updates."""
+    async def change() -> None:
+        server.runner.in_flight += n
+
+    server.run(change())
+
+
 def test_an_accept_whose_step_fails_keeps_the_completion(make_server) -> None:
     """An accept refused RESOURCE_EXHAUSTED (--max-concurrent taken: its 20 chars step on a worker) changes
     nothing, as its answer says: the retry appends the completion (it was cleared before the step ran,
     and the retry was INVALID_ARGUMENT 'no completion to accept')."""
     server = make_server(max_concurrent=1)
-    runner = server.runner
     with NextCharClient(server.address, timeout=30) as c, c.session("lstm", n=3, text="O sa") as s:
         text = "".join(s.complete(20, temperature=0.0))
         assert len(text) == 20
-        runner.in_flight += 1  # as if another call held the only slot
+        _occupy(server, 1)  # as if another call held the only slot
         try:
             with pytest.raises(ResourceExhausted, match="max_concurrent=1"):
                 s.accept()
         finally:
-            runner.in_flight -= 1
+            _occupy(server, -1)
         accepted = s.accept()
         assert accepted.text_chars == 4 + 20
         _same(accepted.predictions, c.predict_next("lstm", "O sa" + text, 3))
@@ -55,12 +63,12 @@ def test_a_completion_that_fails_partway_leaves_nothing_to_accept(make_server) -
 
     with NextCharClient(server.address, timeout=30) as c, c.session("lstm", n=0, text="O sa") as s:
         a = "".join(s.complete(10, temperature=0.0))
-        server.runner.in_flight += server.runner.max_concurrent  # B refused at admission: nothing seen
+        _occupy(server, server.runner.max_concurrent)  # B refused at admission: nothing seen
         try:
             with pytest.raises(ResourceExhausted, match="max_concurrent"):
                 list(s.complete(10))
         finally:
-            server.runner.in_flight -= server.runner.max_concurrent
+            _occupy(server, -server.runner.max_concurrent)
         assert s.accept().text_chars == 4 + len(a) == 14  # A, still
         assert "".join(s.complete(10, temperature=0.0))
         engine.generate = fails_on_its_second_call
