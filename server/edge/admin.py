@@ -8,7 +8,7 @@ from nextchar.server.edge import wire
 from nextchar.server.edge.errors import mapped
 from nextchar.server.ops.registry import Registry
 from nextchar.server.ops.reload import Change, Reloader
-from nextchar.server.scheduling.runner import detached
+from nextchar.server.scheduling.threads import detached
 from nextchar.v1 import admin_pb2 as pb
 from nextchar.v1 import admin_pb2_grpc
 

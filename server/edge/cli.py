@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"nextchar serve: {e}", file=sys.stderr)
         return 1
-    from nextchar.server.scheduling.runner import detached_running
+    from nextchar.server.scheduling.threads import detached_running
 
     if detached_running():
         # A model load abandoned at shutdown is still inside onnxruntime: a normal exit would run C++

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from nextchar.server.core import artifact as art
 from nextchar.server.ops.registry import LoadedModel, ModelNotFoundError, Registry, Signature, signature
-from nextchar.server.scheduling.runner import ShuttingDownError, detached
+from nextchar.server.scheduling.runner import ShuttingDownError
+from nextchar.server.scheduling.threads import detached
 
 log = logging.getLogger(__name__)
 

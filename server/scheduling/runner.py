@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -21,6 +20,7 @@ from nextchar.server.scheduling.batcher import Batcher
 from nextchar.server.scheduling.batching import BatchCore, Start, check_capacity
 from nextchar.server.scheduling.channel import Channel
 from nextchar.server.scheduling.policy import BatchingConfig
+from nextchar.server.scheduling.threads import daemon_thread, retrieved
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -118,45 +118,6 @@ class _Job:
             core.fail_all(e)
 
 
-def _retrieved(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-DETACHED_PREFIX = "nextchar-detached-"  # daemon_thread's thread names
-
-
-def daemon_thread(fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
-    """`fn(*args)` on a daemon thread of its own; its future. For work that may outlast a shutdown (a
-    model load: a slow disk, a large model's warm-up): a pool's threads, asyncio's default executor's
-    included, are joined when the process exits, so a load still running kept a drained server alive."""
-    work: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        if not work.set_running_or_notify_cancel():
-            return
-        try:
-            result = fn(*args)
-        except BaseException as e:  # the awaiting side gets it, as from a pool
-            work.set_exception(e)
-        else:
-            work.set_result(result)
-
-    name = f"{DETACHED_PREFIX}{getattr(fn, '__name__', 'work')}"
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return work
-
-
-def detached_running() -> bool:
-    """Is a daemon_thread still running (a model load abandoned at shutdown)?"""
-    return any(t.name.startswith(DETACHED_PREFIX) and t.is_alive() for t in threading.enumerate())
-
-
-async def detached(fn: Callable[..., T], *args: Any) -> T:
-    """`await fn(*args)` on a daemon thread of its own (daemon_thread); not asyncio.to_thread."""
-    return await asyncio.wrap_future(daemon_thread(fn, *args))
-
-
 class Runner:
     """Where requests meet threads. Every call holds one of `max_concurrent` slots (more are
     OverloadedError); while draining every new call is ShuttingDownError. Generations run either
@@ -232,7 +193,7 @@ class Runner:
             except asyncio.CancelledError:
                 if not work.cancel() and not self.closed:  # running: wait for it, whatever else cancels...
                     done = asyncio.wrap_future(work)
-                    done.add_done_callback(_retrieved)  # its outcome is nobody's now: not logged as lost
+                    done.add_done_callback(retrieved)  # its outcome is nobody's now: not logged as lost
                     while not work.done():
                         try:
                             await asyncio.wait((done,))
