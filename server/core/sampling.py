@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,12 +24,19 @@ class InvalidParameterError(ValueError):
         self.field = field
 
 
+_F32 = struct.Struct("<f")
+
+
 def _float32(value: object) -> object:
-    """A number as the float32 the wire carries (widened back to a Python float); others unchanged."""
+    """A number as the float32 the wire carries (widened back to a Python float); others unchanged.
+    struct's C cast rounds as numpy's does (to nearest, ties to even); ~13x cheaper than np.float32
+    under np.errstate, which was a few percent of the event loop's time per request (py-spy)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         return value
-    with np.errstate(over="ignore"):  # too large -> inf, which validation then refuses
-        return float(np.float32(value))
+    try:
+        return float(_F32.unpack(_F32.pack(float(value)))[0])
+    except OverflowError:  # too large for a float32 (or a double): inf, which validation then refuses
+        return math.inf if value > 0 else -math.inf
 
 
 @dataclass(frozen=True)

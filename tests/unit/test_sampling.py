@@ -263,3 +263,25 @@ def test_log_softmax_is_stable_and_normalised():
     assert np.isfinite(ls).all()
     assert np.allclose(np.exp(ls).sum(axis=-1), 1.0)
     assert np.allclose(ls[1], -np.log(3.0))
+
+
+def test_float32_rounding_is_numpys_everywhere():
+    """The wire's float32 rounding, done without numpy on the request path, equals numpy's cast for
+    doubles of every magnitude: subnormals, ties, the overflow edge, infinities, NaN, ints and numpy types."""
+    from nextchar.server.core.sampling import _float32
+
+    rng = np.random.default_rng(11)
+    values = list(rng.normal(0, 1, 2000) * 10.0 ** rng.integers(-50, 50, 2000))
+    values += list(np.frombuffer(rng.bytes(8 * 2000), np.float64))  # any bit pattern
+    f32_max = float(np.finfo(np.float32).max)
+    values += [0.0, -0.0, 1e-46, -1e-46, 1.4e-45, f32_max, np.nextafter(f32_max, np.inf),
+               3.4028235677973366e38, 3.4028236e38, 1e39, -1e39, np.inf, -np.inf, 1 + 2.0**-24,
+               1 + 3 * 2.0**-24, 0.8, 2**100, -(2**200), np.int64(7), np.float32(0.9), np.float16(0.1)]
+
+    def same(a: float, b: float) -> bool:
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+
+    with np.errstate(over="ignore"):
+        for v in values:
+            assert same(_float32(v), float(np.float32(float(v)))), v
+    assert _float32(10**400) == math.inf and _float32(-(10**400)) == -math.inf  # past even a double
