@@ -191,14 +191,14 @@ class Runner:
             try:
                 return await asyncio.wrap_future(work)
             except asyncio.CancelledError:
-                if not work.cancel() and not self.closed:  # running: wait for it, whatever else cancels...
+                if not work.cancel() and not self.closed:  # running: wait for it, through later cancels
                     done = asyncio.wrap_future(work)
                     done.add_done_callback(retrieved)  # its outcome is nobody's now: not logged as lost
                     while not work.done():
                         try:
                             await asyncio.wait((done,))
                         except asyncio.CancelledError:
-                            if self.closed:  # ...us but shutdown: the thread is left to end with the process
+                            if self.closed:  # but not shutdown's: the thread is left to end with the process
                                 break
                 raise
 
