@@ -33,6 +33,9 @@ def _float32(value: object) -> object:
     under np.errstate, which was a few percent of the event loop's time per request (py-spy)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         return value
+    if isinstance(value, (np.integer, np.floating)) and not isinstance(value, np.float64):
+        with np.errstate(over="ignore"):  # wider than a double (int64 past 2^53, longdouble): one rounding
+            return float(np.float32(value))
     try:
         return float(_F32.unpack(_F32.pack(float(value)))[0])
     except OverflowError:  # too large for a float32 (or a double): inf, which validation then refuses

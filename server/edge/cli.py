@@ -39,18 +39,33 @@ def run(args: argparse.Namespace) -> int:
         status = asyncio.run(serve(config))
     except TokenError as e:
         print(f"nextchar serve: {e}", file=sys.stderr)
-        return 2
+        status = 2
     except ArtifactError as e:
         print(f"nextchar serve: cannot serve {config.model_repo}: {e}", file=sys.stderr)
-        return 1
+        status = 1
     except OSError as e:
         print(f"nextchar serve: {e}", file=sys.stderr)
-        return 1
+        status = 1
+    except BaseException:  # a bug: its traceback as usual, unless it has to leave the quick way
+        from nextchar.server.scheduling.threads import detached_running
+
+        if detached_running():
+            import traceback
+
+            traceback.print_exc()
+            _leave_if_threads_in_onnxruntime(1)
+        raise
+    _leave_if_threads_in_onnxruntime(status)
+    return status
+
+
+def _leave_if_threads_in_onnxruntime(status: int) -> None:
+    """A model load abandoned at shutdown, or a batcher whose engine call outlasted its close, may still be
+    inside onnxruntime: a normal exit would run C++ static destructors under it (SIGABRT). Leave without
+    them, the logs flushed."""
     from nextchar.server.scheduling.threads import detached_running
 
     if detached_running():
-        # A model load abandoned at shutdown is still inside onnxruntime: a normal exit would run C++
-        # static destructors under it (SIGABRT). Leave without them, the logs flushed.
         import logging
         import os
 
@@ -58,4 +73,3 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
-    return status

@@ -237,9 +237,26 @@ class _Handler(WSGIRequestHandler):
         """Nothing: a line per scrape would drown the log (prometheus_client's own handler is silent too)."""
 
 
-def _hang_up(connection: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # already closed
-        connection.shutdown(socket.SHUT_RDWR)
+class _Deadline:
+    """Hangs up `connection` after `seconds` unless `end()` came first; `end()` waits for a hang-up under
+    way, so the socket is never shut down after it was closed (its descriptor may be another's by then)."""
+
+    def __init__(self, connection: socket.socket, seconds: float) -> None:
+        self._connection, self._lock, self._open = connection, threading.Lock(), True
+        self._timer = threading.Timer(seconds, self._hang_up)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _hang_up(self) -> None:
+        with self._lock:
+            if self._open:
+                with contextlib.suppress(OSError):  # the caller went away meanwhile
+                    self._connection.shutdown(socket.SHUT_RDWR)
+
+    def end(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._open = False
 
 
 class _BoundedServer(ThreadingMixIn, WSGIServer):
@@ -275,14 +292,17 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
         # timeout_s bounds each read and write and the whole connection: a caller sending a byte now and
         # then, each within the read timeout, would otherwise keep its slot (and the cap full) for ever.
         request.settimeout(self._timeout_s)
-        deadline = threading.Timer(self._timeout_s, _hang_up, (request,))
-        deadline.daemon = True
-        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
-            deadline.cancel()
             self._slots.release()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        deadline = _Deadline(request, self._timeout_s)
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            deadline.end()  # before socketserver closes the socket: a late hang-up never meets a reused fd
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A caller that went quiet past the timeout, or went away, is not a fault of ours: no traceback.

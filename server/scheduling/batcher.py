@@ -18,6 +18,7 @@ from nextchar.server.core.generation import (
 )
 from nextchar.server.scheduling.batching import BatchCore, BatcherClosedError, OnEnd, OnText, Start
 from nextchar.server.scheduling.policy import BatchingConfig
+from nextchar.server.scheduling.threads import BATCHER_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class Batcher:
                         "differ with its batch mates", name)
         self._wake = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name=f"nextchar-batcher-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{BATCHER_PREFIX}{name}", daemon=True)
         self._thread.start()
 
     def submit(self, request: GenerationRequest, *, on_text: OnText, on_end: OnEnd,

@@ -20,6 +20,7 @@ def retrieved(future: asyncio.Future) -> None:
 
 
 DETACHED_PREFIX = "nextchar-detached-"  # daemon_thread's thread names
+BATCHER_PREFIX = "nextchar-batcher-"  # scheduling.batcher's
 
 
 def daemon_thread(fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
@@ -44,8 +45,10 @@ def daemon_thread(fn: Callable[..., T], *args: Any) -> concurrent.futures.Future
 
 
 def detached_running() -> bool:
-    """Is a daemon_thread still running (a model load abandoned at shutdown)?"""
-    return any(t.name.startswith(DETACHED_PREFIX) and t.is_alive() for t in threading.enumerate())
+    """Is a thread that may be inside onnxruntime still running: a daemon_thread (a model load abandoned at
+    shutdown) or a batcher whose engine call outlasted its close?"""
+    return any(t.is_alive() and t.daemon and t.name.startswith((DETACHED_PREFIX, BATCHER_PREFIX))
+               for t in threading.enumerate())
 
 
 async def detached(fn: Callable[..., T], *args: Any) -> T:

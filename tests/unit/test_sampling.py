@@ -285,3 +285,8 @@ def test_float32_rounding_is_numpys_everywhere():
         for v in values:
             assert same(_float32(v), float(np.float32(float(v)))), v
     assert _float32(10**400) == math.inf and _float32(-(10**400)) == -math.inf  # past even a double
+    # numpy scalars wider than a double are rounded once, as numpy does (not through a double first)
+    with np.errstate(over="ignore"):
+        wide = np.longdouble(1) + np.longdouble(2.0**-24) + np.longdouble(2.0**-60)
+        for v in (np.int64(2**60 + 2**36 + 1), np.uint64(2**63 + 2**39 + 1), wide):
+            assert _float32(v) == float(np.float32(v)), v
