@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = _add(subparsers, "type", "the likely next characters as you type (a typing session; "
              "reads a pipe too: one line per character)", _type)
-    _model_args(p, offline=False)
+    _model_args(p, offline=False, timeout=3600.0)  # the whole session's deadline (client.SESSION_TIMEOUT_S)
     p.add_argument("-n", type=int, default=5, help="how many candidates (default 5)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default 1)")
     _oov_args(p)
@@ -89,13 +89,14 @@ def _server_args(p: argparse.ArgumentParser, timeout: float = 30.0) -> None:
     p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
 
 
-def _model_args(p: argparse.ArgumentParser, offline: bool) -> None:
-    _server_args(p)
+def _model_args(p: argparse.ArgumentParser, offline: bool, timeout: float = 30.0) -> None:
+    _server_args(p, timeout)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="model name on the server")
     if offline:
         which.add_argument("--model-file", help="run this model.onnx in-process instead (no server)")
-    p.add_argument("--model-version", type=int, default=None, help="model version (default latest)")
+    p.add_argument("--model-version", type=int, default=None,
+                   help="model version (default: the server's default)")
 
 
 def _oov_args(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import queue
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,9 @@ class TypingSession(_Protocol):
         super().__init__()
         self._outbox: queue.Queue[pb.SessionRequest | None] = queue.Queue()
         self._call = stub.Session(iter(self._outbox.get, None), timeout=timeout, metadata=metadata)
+        # Dropped without close(): grpc's request thread waits on the queue for good; end it then (the
+        # request iterator holds the queue, not the session, so the session can be collected).
+        weakref.finalize(self, self._outbox.put, None)
         self._n = open_.options.n
         first = self._send(open=open_)
         try:

@@ -19,7 +19,7 @@ def run(client: Any, args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout
 
     live = stdin.isatty()
     opened = client.session(args.model, version=args.model_version, n=args.n, temperature=args.temperature,
-                            oov_policy=args.oov, oov_replacement=args.oov_replacement)
+                            oov_policy=args.oov, oov_replacement=args.oov_replacement, timeout=args.timeout)
     with opened as session, _raw(stdin, live):
         text, best = "", list[Any]()
         for key in _keys(stdin):
@@ -32,7 +32,9 @@ def run(client: Any, args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout
                     update, text = session.delete(1), text[:-1]
                 else:
                     key = best[0].char if live and key == ACCEPT and best else key
-                    update, text = session.append(key), text + key
+                    update = session.append(key)
+                    if update.text_chars > len(text):  # not a key --oov skip left out
+                        text += key
             except (InvalidArgument, ResourceExhausted) as e:  # the session goes on without the key
                 print(f"nextchar type: {e}", file=sys.stderr)
                 continue

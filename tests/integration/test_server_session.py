@@ -362,3 +362,37 @@ def test_sessions_that_failed_while_reading_leak_no_request_threads(make_server)
             del s
         gc.collect()
         wait_until(lambda: readers() <= before, 10, f"request threads to end ({readers()} > {before})")
+
+
+def test_the_typing_cli_follows_what_the_server_holds_when_it_skips_keys(server) -> None:
+    """`nextchar type --oov skip`: a key the server leaves out is not in the CLI's text either, so a
+    backspace after it erases what the server holds (it asked the server to delete from an empty text)."""
+    import subprocess
+
+    from server_harness import ROOT, nextchar_cmd
+
+    keys = "z\x7fO\x01 s"  # skipped, a backspace with nothing held, a key, skipped, two keys
+    done = subprocess.run(nextchar_cmd("type", "--server", server.address, "--model", "gru", "-n", "2",
+                                       "--oov", "skip"),
+                          input=keys, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert [int(line.split("\t")[0]) for line in done.stdout.splitlines()] == [0, 1, 1, 2, 3]
+    assert "nextchar type" not in done.stderr, done.stderr  # no refused delete
+
+
+def test_a_sync_session_dropped_without_close_ends_its_request_thread(server) -> None:
+    """grpc's request thread of a sync typing session waits on the session's queue: a session dropped
+    without close() ends it once collected (it waited for good, one thread per session)."""
+    import gc
+    import threading
+
+    from server_harness import wait_until
+
+    with NextCharClient(server.address, timeout=60) as c:
+        with c.session("lstm", n=1, text="O sa") as warm:  # grpc starts threads of its own at the first
+            warm.append("y")
+        before = threading.active_count()
+        for _ in range(3):
+            c.session("lstm", n=1, text="O sa").append("y")  # never closed
+        gc.collect()
+        wait_until(lambda: threading.active_count() <= before, 10, "the dropped sessions' threads to end")
