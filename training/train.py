@@ -216,6 +216,8 @@ def _loop(config: TrainConfig, model: CharModel, average: AveragedModel | None, 
         stop = f"reached --max-steps {config.max_steps}"
     elif budget and p.train_seconds >= budget:
         stop = f"reached --max-minutes {config.max_minutes:g}"
+    elif config.patience and p.evals_since_best >= config.patience:
+        stop = f"no val improvement in {config.patience} evaluations (--patience)"
     while not stop:
         epoch, k = streams.position(p.step)
         if k == 0:
@@ -277,9 +279,12 @@ def _loop(config: TrainConfig, model: CharModel, average: AveragedModel | None, 
             record = _record(model, average, opt, config, corpus, p, state, epoch, rt)
             if rt.is_main:
                 _report(evaluated, config, vocab, val_tokens, p, epoch, improved, chars_s, bar, log)
-                save_checkpoint(out / LAST, record)
+                # best.pt first: a kill between the two leaves last.pt one evaluation behind, so a resume
+                # redoes it and writes best.pt again. The other order left best.pt at an older model for
+                # good, last.pt already recording the better val that no later evaluation may beat.
                 if improved:
                     save_checkpoint(out / BEST, record)
+                save_checkpoint(out / LAST, record)
                 write_metrics(out, p.metrics)
                 plot_losses(out / "loss.png", p.metrics, "step", {"train_loss": "train", "val_loss": "val"},
                             f"{corpus.name}: {config.cell} {config.num_layers}x{config.hidden_size}")

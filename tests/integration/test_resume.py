@@ -72,3 +72,51 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(corpus: Path, tmp_path
         return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows]
     assert losses(a) == losses(b)
     assert [r[0] for r in losses(b)] == list(range(20, 121, 20))
+
+
+def _small(corpus: Path, **overrides):
+    from nextchar.training.config import TrainConfig
+
+    settings = dict(corpus=str(corpus), hidden_size=24, num_layers=1, embedding_dim=8, batch_size=8,
+                    seq_len=12, lr=3e-3, max_steps=40, eval_every=20, patience=0, sample_chars=0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_a_kill_between_the_checkpoint_writes_leaves_best_pt_right_after_resume(corpus: Path, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """Interrupted after one checkpoint of an improving evaluation and before the other: once resumed,
+    best.pt holds the model of the best val that last.pt records (it kept an older one for good when
+    last.pt was written first)."""
+    import nextchar.training.train as t
+
+    real = t.save_checkpoint
+
+    def interrupted(path, ckpt):  # the second write of step 40 never happens
+        if ckpt.step == 40 and (path.parent / f".wrote-{ckpt.step}").exists():
+            raise KeyboardInterrupt
+        real(path, ckpt)
+        if ckpt.step == 40:
+            (path.parent / f".wrote-{ckpt.step}").touch()
+
+    config = _small(corpus)
+    monkeypatch.setattr(t, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.train(config, tmp_path / "run", progress=False, log=lambda line: None)
+    monkeypatch.setattr(t, "save_checkpoint", real)
+    t.train(config, tmp_path / "run", resume=True, progress=False, log=lambda line: None)
+    last, best = load_checkpoint(tmp_path / "run" / "last.pt"), load_checkpoint(tmp_path / "run" / "best.pt")
+    best_step = min(last.metrics, key=lambda m: m["val_loss"])["step"]
+    assert best.step == best_step and best.metrics[-1]["val_loss"] == last.best_val
+
+
+def test_resuming_a_run_its_patience_stopped_trains_no_more(corpus: Path, tmp_path: Path) -> None:
+    from nextchar.training.train import train
+
+    config = _small(corpus, lr=1e-12, max_steps=400, eval_every=5, patience=3, schedule="constant")
+    train(config, tmp_path / "run", progress=False, log=lambda line: None)
+    stopped = load_checkpoint(tmp_path / "run" / "last.pt").step
+    lines: list[str] = []
+    train(config, tmp_path / "run", resume=True, progress=False, log=lines.append)
+    assert load_checkpoint(tmp_path / "run" / "last.pt").step == stopped < 400
+    assert any("--patience" in line for line in lines)
