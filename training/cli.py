@@ -82,8 +82,10 @@ def train_command(args: argparse.Namespace) -> int:
     if args.preset in RECIPES:
         given = {**RECIPES[args.preset], **given}
     elif args.preset is not None:
-        if given or args.resume:
-            flags = [FLAGS[f] for f in given] + (["--resume"] if args.resume else [])
+        device = args.device not in ("auto", "cpu")  # the seminar's runs are CPU runs
+        if given or args.resume or device:
+            flags = [FLAGS[f] for f in given] + (["--resume"] if args.resume else []) + (
+                [f"--device {args.device}"] if device else [])
             return _fail("train", f"--preset fixes corpus, model and schedule; drop {', '.join(flags)}", 2)
         return _run_preset(args)
     if "corpus" not in given:

@@ -110,7 +110,13 @@ def _record(model: CharModel, average: AveragedModel | None, opt: torch.optim.Op
 
 
 def _check_resumable(ckpt: Checkpoint, config: TrainConfig, corpus: TokenCorpus, path: Path) -> None:
-    saved = TrainConfig.from_dict(ckpt.train_config).to_dict()
+    if "preset" in ckpt.train_config:  # a seminar preset's run: a fixed recipe, not a TrainConfig
+        raise ConfigError(f"--resume: {path} is a run of --preset {ckpt.train_config['preset']}, which is "
+                          "not resumable; train it again, or start a --corpus run in another --out")
+    try:
+        saved = TrainConfig.from_dict(ckpt.train_config).to_dict()
+    except (TypeError, ConfigError) as e:  # written by another version, or edited
+        raise ConfigError(f"--resume: {path} records settings this trainer does not know: {e}") from None
     # A longer budget cannot alter what was already computed, unless it is the schedule's horizon
     # (--max-steps for cosine, --max-minutes for cosine-time: the lr would jump back up).
     horizon = {"cosine": "max_steps", "cosine-time": "max_minutes"}.get(config.schedule)

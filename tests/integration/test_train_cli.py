@@ -38,6 +38,10 @@ def test_preset_prints_the_seminar_progress_and_saves_a_checkpoint(tmp_path: Pat
     assert ckpt.model_config.hidden_size == len(ckpt.vocab) and ckpt.model_config.cell == "rnn"
     assert ckpt.reconstruction == lines[-2]  # the last block is the trained model's reconstruction
     assert {p.name for p in out.iterdir()} >= {"last.pt", "metrics.jsonl", "metrics.csv", "loss.png"}
+    # Not resumable as a --corpus run: a plain refusal naming the preset (it was a traceback).
+    again = run("train", "--corpus", "goethe", "--seq", "5", "--batch", "2", "--out", str(out), "--resume",
+                "--max-steps", "10", "--threads", "1", "--no-progress")
+    assert again.returncode == 2 and "--preset seed-rnn" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_char_rnn_run_from_the_command_line(tmp_path: Path) -> None:
@@ -106,6 +110,8 @@ def test_unknown_names_and_conflicting_flags(tmp_path: Path, capsys: pytest.Capt
     assert "unknown corpus 'faust'" in capsys.readouterr().err
     assert main(["train", "--preset", "seed-rnn", "--hidden", "64", "--out", out]) == 2
     assert "drop --hidden" in capsys.readouterr().err
+    assert main(["train", "--preset", "seed-rnn", "--device", "cuda", "--out", out]) == 2  # it ignored it
+    assert "drop --device cuda" in capsys.readouterr().err
     assert main(["train", "--max-steps", "5", "--out", out]) == 2
     assert "--preset NAME or --corpus" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
