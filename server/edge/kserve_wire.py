@@ -153,7 +153,7 @@ def generation_request(request: kpb.ModelInferRequest, model: LoadedModel, limit
         raise InvalidParameterError("text_input", "is required: a BYTES tensor of one UTF-8 string")
     if "max_tokens" not in shapes:
         raise InvalidParameterError("max_tokens", "is required: how many characters to generate at most")
-    inputs = decode_inputs(request, _TEXT_ACCEPTED)
+    inputs = decode_inputs(request, shapes)
     fields: dict[str, Any] = {
         "prompt": _utf8(_one(inputs, "text_input"), "text_input"),
         "max_new_chars": _integer(_one(inputs, "max_tokens"), "max_tokens", (1, limits.max_new_chars)),
@@ -241,7 +241,7 @@ def step_args(request: kpb.ModelInferRequest, model: LoadedModel, limits: wire.L
         if name in shapes and shapes[name] != want:
             raise InvalidParameterError(name, f"must be FP32 of shape {list(want)} [num_layers, batch, "
                                         f"hidden_size]; got {list(shapes[name])}")
-    inputs = decode_inputs(request, accepted)
+    inputs = decode_inputs(request, shapes)
     tokens = inputs[io.tokens]
     if tokens.min() < 0 or tokens.max() >= e.vocab_size:
         raise InvalidParameterError(io.tokens, f"ids must be in [0, {e.vocab_size}) (the vocabulary), got "

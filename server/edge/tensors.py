@@ -68,14 +68,13 @@ def declared(request: kpb.ModelInferRequest, accepted: Mapping[str, tuple[str, .
     return shapes
 
 
-def decode_inputs(request: kpb.ModelInferRequest, accepted: Mapping[str, tuple[str, ...]],
+def decode_inputs(request: kpb.ModelInferRequest, shapes: Mapping[str, tuple[int, ...]],
                   ) -> dict[str, np.ndarray]:
-    """The request's inputs by name, shaped; BYTES tensors are object arrays of `bytes`. `declared`
-    first: callers check the declared shapes against their bounds before calling this.
+    """The request's inputs by name, shaped; BYTES tensors are object arrays of `bytes`. `shapes` is
+    what `declared` returned: callers check the declared shapes against their bounds before this.
 
-    InvalidParameterError names the input whose type, shape or element count is wrong.
+    InvalidParameterError names the input whose element count or contents are wrong.
     """
-    shapes = declared(request, accepted)
     raw = request.raw_input_contents
     return {tensor.name: _decode(tensor, shapes[tensor.name], raw[i] if raw else None)
             for i, tensor in enumerate(request.inputs)}

@@ -7,7 +7,7 @@ import pytest
 
 from nextchar.inference import grpc_service_pb2 as kpb
 from nextchar.server.core.sampling import InvalidParameterError
-from nextchar.server.edge.tensors import DATATYPES, decode_inputs, encode_output
+from nextchar.server.edge.tensors import DATATYPES, declared, decode_inputs, encode_output
 
 Tensor = kpb.ModelInferRequest.InferInputTensor
 ANY = {name: DATATYPES for name in ("tokens", "text", "h0", "s", "x")}
@@ -27,7 +27,7 @@ def test_typed_and_raw_contents_decode_to_the_same_arrays() -> None:
     raw.raw_input_contents.extend([encode_output("tokens", tokens, "INT64")[1],
                                    encode_output("text", text, "BYTES")[1]])
     for request in (typed, raw):
-        got = decode_inputs(request, ANY)
+        got = decode_inputs(request, declared(request, ANY))
         assert got["tokens"].dtype == np.int64 and np.array_equal(got["tokens"], tokens)
         assert got["text"].tolist() == text.tolist()
 
@@ -43,7 +43,7 @@ def test_typed_and_raw_contents_decode_to_the_same_arrays() -> None:
 def test_a_bad_tensor_is_refused_naming_it(tensor, raw: bytes, says: str) -> None:
     request = kpb.ModelInferRequest(inputs=[tensor], raw_input_contents=[raw])
     with pytest.raises(InvalidParameterError, match=says) as refused:
-        decode_inputs(request, ANY)
+        decode_inputs(request, declared(request, ANY))
     assert refused.value.field == tensor.name
 
 
@@ -52,15 +52,15 @@ def test_contents_and_raw_together_or_duplicate_names_are_refused() -> None:
                                                 contents=kpb.InferTensorContents(int_contents=[1]))],
                                  raw_input_contents=[b"\1\0\0\0"])
     with pytest.raises(InvalidParameterError, match="both contents and raw"):
-        decode_inputs(both, ANY)
+        declared(both, ANY)
     twice = kpb.ModelInferRequest(inputs=[Tensor(name="x", datatype="BOOL", shape=[0])] * 2)
     with pytest.raises(InvalidParameterError, match="unique") as refused:
-        decode_inputs(twice, ANY)
+        declared(twice, ANY)
     assert refused.value.field == "inputs[1].name"
 
 
 def test_more_inputs_than_names_are_refused_before_any_is_read() -> None:
     tensors = [Tensor(name=f"i{i}", datatype="BOOL", shape=[1]) for i in range(len(ANY) + 1)]
     with pytest.raises(InvalidParameterError, match=f"at most {len(ANY)} tensors") as refused:
-        decode_inputs(kpb.ModelInferRequest(model_name="m", inputs=tensors), ANY)
+        declared(kpb.ModelInferRequest(model_name="m", inputs=tensors), ANY)
     assert refused.value.field == "inputs"
