@@ -270,6 +270,8 @@ class Registry:
         """Under the lock: retire the least recently used versions loaded on demand while more than the
         cap are; an evicted version with calls in flight unloads once they end (`_retire_object`), so
         no running call is cut. Versions just handed out are skipped, so the cap may be passed briefly."""
+        if len(self._recent) <= self._max_on_demand:  # every call's release comes here: nothing to do
+            return []
         for key in [k for k in self._recent if not self._on_demand(k)]:
             del self._recent[key]
             self._handed.pop(key, None)
