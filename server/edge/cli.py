@@ -47,28 +47,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"nextchar serve: {e}", file=sys.stderr)
         status = 1
     except BaseException:  # a bug: its traceback as usual, unless it has to leave the quick way
-        from nextchar.server.scheduling.threads import detached_running
-
-        if detached_running():
-            import traceback
-
-            traceback.print_exc()
-            _leave_if_threads_in_onnxruntime(1)
+        _leave_if_threads_in_onnxruntime(1, with_traceback=True)
         raise
     _leave_if_threads_in_onnxruntime(status)
     return status
 
 
-def _leave_if_threads_in_onnxruntime(status: int) -> None:
+def _leave_if_threads_in_onnxruntime(status: int, *, with_traceback: bool = False) -> None:
     """A model load abandoned at shutdown, or a batcher whose engine call outlasted its close, may still be
     inside onnxruntime: a normal exit would run C++ static destructors under it (SIGABRT). Leave without
-    them, the logs flushed."""
+    them, the logs flushed (and the exception being handled printed, `with_traceback`)."""
     from nextchar.server.scheduling.threads import detached_running
 
     if detached_running():
         import logging
         import os
 
+        if with_traceback:
+            import traceback
+
+            traceback.print_exc()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
